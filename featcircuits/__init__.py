@@ -1,0 +1,47 @@
+"""featcircuits: sparse-feature circuit discovery in transformers.
+
+Public names are re-exported here. Those whose modules import TransformerLens are resolved lazily
+(``_LAZY``) so that ``import featcircuits`` and the command line start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .dictionaries import (  # noqa: E402
+    SAE,
+    Dictionary,
+    DictionaryConfig,
+    SkipTranscoder,
+    Transcoder,
+    load_dictionaries,
+    load_dictionary,
+    save_dictionary,
+)
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "load_model": "featcircuits.models",
+}
+
+__all__ = [
+    "__version__",
+    "SAE",
+    "Dictionary",
+    "DictionaryConfig",
+    "SkipTranscoder",
+    "Transcoder",
+    "load_dictionaries",
+    "load_dictionary",
+    "save_dictionary",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featcircuits' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""One module per ``featcircuits`` sub-command (see ``featcircuits.cli``)."""

@@ -1,0 +1,74 @@
+"""The one configuration every dictionary carries, whatever its kind, activation or file format."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .activations import ACTIVATIONS
+
+__all__ = ["DictionaryConfig", "KINDS"]
+
+KINDS = ("sae", "transcoder", "skip_transcoder")
+
+
+@dataclass
+class DictionaryConfig:
+    """Shape, placement and provenance of a dictionary.
+
+    ``norm_scale`` is the activation normalisation factor: inputs are multiplied by it before encoding
+    and reconstructions divided by it after decoding. ``Dictionary.fold_norm_scale`` folds it into the
+    weights (and sets it back to 1), which is how dictionaries are saved for inference.
+    """
+
+    d_in: int
+    d_sae: int
+    d_out: int | None = None
+    kind: str = "sae"
+    activation: str = "relu"
+    k: int | None = None
+    hook_in: str = ""
+    hook_out: str = ""
+    layer: int | None = None
+    model_name: str = ""
+    model_revision: str | None = None
+    apply_b_dec_to_input: bool = False
+    norm_scale: float = 1.0
+    dataset: str = ""
+    training_tokens: int = 0
+    dtype: str = "float32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if not self.hook_out:
+            self.hook_out = self.hook_in
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown dictionary kind {self.kind!r}; expected one of {KINDS}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"Unknown architecture/activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}."
+            )
+        if self.kind == "sae" and self.d_out != self.d_in:
+            raise ValueError(f"An SAE reconstructs its input: d_out={self.d_out} must equal d_in={self.d_in}.")
+        if self.kind != "sae" and self.apply_b_dec_to_input:
+            raise ValueError("apply_b_dec_to_input needs d_out == d_in; transcoders cannot subtract b_dec.")
+        for name in ("d_in", "d_sae", "d_out"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DictionaryConfig:
+        """Build a config from a dict, ignoring keys this version does not know (kept in ``extra``)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [name for name in ("d_in", "d_sae") if name not in data]
+        if missing:
+            raise ValueError(f"{source} lacks required field(s) {missing}.")
+        extra = dict(data.get("extra") or {})
+        extra.update({key: value for key, value in data.items() if key not in known})
+        return cls(**{key: value for key, value in data.items() if key in known and key != "extra"}, extra=extra)

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real stories260k checkpoint and tiny config-built models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+STORIES260K = SHARED / "models" / "stories260k"
+TINYSTORIES = SHARED / "data" / "tinystories"
+
+TINY_GPT2_CONFIG = dict(
+    n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=97,
+    act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+)
+TINY_LLAMA_CONFIG = dict(
+    n_layers=2, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48, n_ctx=64, d_vocab=97,
+    act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+    gated_mlp=True, final_rms=True, rotary_adjacent_pairs=False,
+)
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not (STORIES260K / "config.json").exists():
+        pytest.fail(f"stories260k is expected at {STORIES260K} (the shared/ folder beside the checkout).")
+    return STORIES260K
+
+
+@pytest.fixture(scope="session")
+def stories_model(stories_path):
+    from featcircuits import load_model
+
+    return load_model(stories_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from featcircuits import load_model
+
+    return load_model(TINY_GPT2_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from featcircuits import load_model
+
+    return load_model(TINY_LLAMA_CONFIG, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
