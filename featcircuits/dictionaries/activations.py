@@ -7,7 +7,7 @@ the file formats and the trainer by name.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
