@@ -25,6 +25,10 @@ from .dictionaries import (  # noqa: E402
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "load_model": "featcircuits.models",
+    "ReplacementModel": "featcircuits.graph.replacement",
+    "CleanRun": "featcircuits.graph.replacement",
+    "Node": "featcircuits.graph.nodes",
+    "parse_node_id": "featcircuits.graph.nodes",
 }
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Exact linear attribution graphs over sparse dictionary features (ReplacementModel, build_graph, ...)."""

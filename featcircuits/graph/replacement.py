@@ -1,0 +1,391 @@
+"""ReplacementModel: a HookedTransformer with dictionaries spliced in and explicit error terms.
+
+Each dictionary becomes a *site* (named by :func:`featcircuits.graph.nodes.site_name`): a transcoder
+reads ``hook_in`` (usually ``blocks.L.ln2.hook_normalized``) and replaces ``blocks.L.hook_mlp_out``; an
+SAE replaces the activation at its own hook (attention output or residual stream). At every site
+
+    output = decode(feature_acts, x_in) + error,      error = original_output - decode(encode(x_in), x_in)
+
+so with unpatched features the replaced model reproduces the original output. Every MLP without a
+transcoder is a *bare* site: no features, its whole output is the error term.
+
+Two ways to run (both batched over a leading batch of patch patterns, tokens shared):
+
+* :meth:`ReplacementModel.run` without ``clean``: the live replacement model. Features are computed
+  from each site's input; ``feature_acts`` / ``errors`` patches edit them (ablations, ACDC). The error
+  term is recomputed from the live input unless patched.
+* :meth:`ReplacementModel.run` with ``clean=`` a :class:`CleanRun`: the *frozen* local replacement model.
+  Attention patterns and normalisation scales are the clean run's (as constants, so no gradient flows
+  through them, the way circuit-tracer detaches them); feature activations and errors are inputs
+  (clean unless patched), not recomputed. The map from (feature activations, errors, embeddings) to
+  every site's encoder pre-activations and to the logits is then affine, hence edge weights are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformer_lens import HookedTransformer
+
+from ..dictionaries import Dictionary
+from ..models import check_hook_name, mlp_out
+from .nodes import hook_order_key, site_name
+
+__all__ = ["Site", "CleanRun", "ReplacementOutput", "ReplacementModel", "Patch"]
+
+# A patch is a replacement tensor ([pos, d] or [batch, pos, d]) or a function of the current value.
+Patch = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Site:
+    """One spliced place: ``dictionary`` reads ``hook_in`` and replaces ``hook_out`` (None: bare MLP)."""
+
+    name: str
+    hook_in: str
+    hook_out: str
+    layer: int
+    dictionary: Dictionary | None
+
+    @property
+    def d_sae(self) -> int:
+        return self.dictionary.cfg.d_sae if self.dictionary is not None else 0
+
+
+@dataclass
+class CleanRun:
+    """Everything the frozen replacement model needs from one clean forward pass of one prompt.
+
+    Tensors carry no batch axis: ``tokens [pos]``, ``logits [pos, d_vocab]``, ``embeddings [pos, d_model]``
+    (resid_pre of block 0), per site ``inputs [pos, d_in]``, ``pre_acts``/``feature_acts [pos, d_sae]``,
+    ``recon_features [pos, d_out]`` (decoder part without the skip path), ``errors [pos, d_out]``;
+    ``patterns`` per layer ``[1, n_heads, pos, pos]`` and ``scales`` per hook ``[1, pos, 1]``.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    pre_acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    recon_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    patterns: dict[str, torch.Tensor] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class ReplacementOutput:
+    """``logits [batch, pos, d_vocab]``; per site ``inputs [batch, pos, d_in]`` (frozen runs), ``pre_acts``
+    and ``feature_acts [batch, pos, d_sae]`` (when asked for); ``final [batch, pos, d_model]`` is the
+    unembedding's input."""
+
+    logits: torch.Tensor
+    final: torch.Tensor
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    pre_acts: dict[str, torch.Tensor] = field(default_factory=dict)
+    feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _apply_patch(value: torch.Tensor, patch: Patch | None) -> torch.Tensor:
+    if patch is None:
+        return value
+    if callable(patch):
+        return patch(value)
+    return patch.to(value.dtype).expand_as(value) if patch.dim() < value.dim() else patch.to(value.dtype)
+
+
+class ReplacementModel:
+    """A HookedTransformer plus dictionaries, each spliced in at its own site with an error term.
+
+    Args:
+        model: the transformer (any TransformerLens ``HookedTransformer``; weights unprocessed).
+        dictionaries: transcoders (``hook_out = blocks.L.hook_mlp_out``) for any subset of layers and
+            SAEs on ``hook_attn_out`` / ``hook_resid_*`` hooks. At most one dictionary per ``hook_out``.
+
+    Attributes:
+        sites: every site in forward order, bare MLP sites included.
+    """
+
+    def __init__(self, model: HookedTransformer, dictionaries: Sequence[Dictionary]) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        sites: dict[str, Site] = {}
+        for dictionary in dictionaries:
+            site = self._make_site(dictionary)
+            if site.name in sites:
+                raise ValueError(
+                    f"Two dictionaries write {site.hook_out!r}; give at most one dictionary per site."
+                )
+            sites[site.name] = site
+        for layer in range(self.cfg.n_layers):
+            name = site_name(mlp_out(layer))
+            if name not in sites:
+                sites[name] = Site(name, mlp_out(layer), mlp_out(layer), layer, None)
+        self.sites: list[Site] = sorted(sites.values(), key=lambda s: hook_order_key(s.hook_out, self.cfg.n_layers))
+        self.site_index = {site.name: index for index, site in enumerate(self.sites)}
+
+    def _make_site(self, dictionary: Dictionary) -> Site:
+        cfg = dictionary.cfg
+        name = site_name(cfg.hook_out)
+        for hook in (cfg.hook_in, cfg.hook_out):
+            check_hook_name(self.model, hook)
+        layer = int(cfg.hook_out.split(".")[1])
+        if layer >= self.cfg.n_layers:
+            raise ValueError(f"Dictionary writes {cfg.hook_out!r} but the model has {self.cfg.n_layers} layers.")
+        if cfg.kind == "sae" and cfg.hook_in != cfg.hook_out:
+            raise ValueError(f"An SAE reads and writes one hook; got hook_in={cfg.hook_in!r}, hook_out={cfg.hook_out!r}.")
+        if cfg.kind != "sae" and hook_order_key(cfg.hook_in, self.cfg.n_layers) >= hook_order_key(
+            cfg.hook_out, self.cfg.n_layers
+        ):
+            raise ValueError(f"Transcoder hook_in {cfg.hook_in!r} must come before its hook_out {cfg.hook_out!r}.")
+        d_in_model = self._hook_width(cfg.hook_in)
+        dictionary.check_input_width(d_in_model, f"hook {cfg.hook_in!r} of {self.cfg.model_name}")
+        if cfg.d_out != self.cfg.d_model:
+            raise ValueError(
+                f"Dictionary for {cfg.hook_out!r} writes width d_out={cfg.d_out} but the model's d_model is "
+                f"{self.cfg.d_model}: it was trained for another model. Load the dictionaries that match."
+            )
+        return Site(name, cfg.hook_in, cfg.hook_out, layer, dictionary.to(self.cfg.device))
+
+    def _hook_width(self, hook: str) -> int:
+        if hook.endswith(("hook_normalized", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+                          "hook_attn_out", "hook_mlp_out", "hook_mlp_in")):
+            return self.cfg.d_model
+        with torch.no_grad():
+            cache: dict[str, int] = {}
+            self.model.run_with_hooks(
+                torch.zeros(1, 1, dtype=torch.long, device=self.cfg.device),
+                fwd_hooks=[(hook, lambda x, hook: cache.setdefault("w", x.shape[-1]))],
+                return_type=None,
+            )
+        return cache["w"]
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    @property
+    def dictionaries(self) -> list[Dictionary]:
+        return [site.dictionary for site in self.sites if site.dictionary is not None]
+
+    def site(self, name: str) -> Site:
+        if name not in self.site_index:
+            raise KeyError(f"No site {name!r}; sites are {[s.name for s in self.sites]}.")
+        return self.sites[self.site_index[name]]
+
+    def to_tokens(self, prompt: str | torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Token ids ``[pos]`` of a prompt (text gets the model's BOS), checked against vocab and context."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("The prompt is empty; give some text (or token ids) to attribute.")
+            tokens = self.model.to_tokens(prompt)[0]
+        else:
+            tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+            if tokens.numel() == 0:
+                raise ValueError("The prompt has no tokens; give at least one token id.")
+        bad = (tokens < 0) | (tokens >= self.cfg.d_vocab)
+        if bad.any():
+            raise ValueError(
+                f"Token id(s) {tokens[bad].tolist()[:5]} are outside the vocabulary [0, {self.cfg.d_vocab})."
+            )
+        if tokens.numel() > self.cfg.n_ctx:
+            raise ValueError(
+                f"The prompt has {tokens.numel()} tokens but the model's context is {self.cfg.n_ctx}; shorten it."
+            )
+        return tokens.to(self.cfg.device)
+
+    def _scale_hooks(self) -> list[str]:
+        return [name for name in self.model.hook_dict if name.endswith("hook_scale")]
+
+    def _pattern_hooks(self) -> list[str]:
+        return [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.cfg.n_layers)]
+
+    @staticmethod
+    def _feature_part(dictionary: Dictionary, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Decoder output without the skip path ``[..., d_out]`` (skip(0) = 0)."""
+        zeros = torch.zeros(*feature_acts.shape[:-1], dictionary.cfg.d_in, device=feature_acts.device,
+                            dtype=feature_acts.dtype) if dictionary.W_skip is not None else None
+        return dictionary.decode(feature_acts, zeros)
+
+    @staticmethod
+    def _skip_part(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor | float:
+        if dictionary.W_skip is None:
+            return 0.0
+        return dictionary.skip(x) / dictionary.cfg.norm_scale
+
+    # ---- the clean run -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clean_run(self, prompt: str | torch.Tensor | Sequence[int]) -> CleanRun:
+        """Run the original model once on one prompt and record what the frozen model needs."""
+        tokens = self.to_tokens(prompt)
+        run = CleanRun(tokens=tokens, logits=torch.empty(0), embeddings=torch.empty(0))
+
+        def keep(store: dict, key: str) -> Callable:
+            def hook(value: torch.Tensor, hook) -> None:
+                store[key] = value.detach().clone()
+            return hook
+
+        raw: dict[str, torch.Tensor] = {}
+        hooks = [(name, keep(run.patterns, name)) for name in self._pattern_hooks()]
+        hooks += [(name, keep(run.scales, name)) for name in self._scale_hooks()]
+        hooks.append(("blocks.0.hook_resid_pre", keep(raw, "embed")))
+        for site in self.sites:
+            hooks.append((site.hook_in, keep(raw, "in:" + site.hook_in)))
+            hooks.append((site.hook_out, keep(raw, "out:" + site.hook_out)))
+        logits = self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)
+        run.logits = logits[0]
+        run.embeddings = raw["embed"][0]
+        for site in self.sites:
+            original = raw["out:" + site.hook_out][0]
+            if site.dictionary is None:
+                run.errors[site.name] = original
+                continue
+            x_in = raw["in:" + site.hook_in][0]
+            d = site.dictionary
+            run.inputs[site.name] = x_in
+            run.pre_acts[site.name] = d.pre_acts(x_in)
+            run.feature_acts[site.name] = d.encode(x_in)
+            run.recon_features[site.name] = self._feature_part(d, run.feature_acts[site.name])
+            run.errors[site.name] = original - (run.recon_features[site.name] + self._skip_part(d, x_in))
+        return run
+
+    # ---- running with patches ------------------------------------------------------------------
+
+    def run(
+        self,
+        tokens: str | torch.Tensor | Sequence[int],
+        *,
+        feature_acts: dict[str, Patch] | None = None,
+        errors: dict[str, Patch] | None = None,
+        embeddings: Patch | None = None,
+        clean: CleanRun | None = None,
+        batch_size: int | None = None,
+        return_acts: bool = False,
+        output_deltas: dict[str, torch.Tensor] | None = None,
+    ) -> ReplacementOutput:
+        """Run the replacement model, optionally patched, over a batch of patch patterns.
+
+        Args:
+            tokens: one prompt (text or ids ``[pos]``); shared by every batch row.
+            feature_acts: per site name, new feature activations ``[pos, d_sae]`` / ``[batch, pos, d_sae]``
+                or a function mapping the current ones ``[batch, pos, d_sae]`` to new ones.
+            errors: per site name, the same for the error term ``[.., pos, d_model]``.
+            embeddings: the same for the embeddings (resid_pre of block 0).
+            clean: a :class:`CleanRun` of the same tokens: run the frozen (linear) replacement model.
+            batch_size: number of patterns; default: the largest leading axis among the patch tensors.
+            return_acts: also return every site's ``pre_acts`` and ``feature_acts``.
+            output_deltas: (frozen runs) per site name or ``"embed"``, a tensor ``[batch, pos, d_model]``
+                added to the site output; build_graph takes gradients with respect to these.
+        """
+        feature_acts, errors, output_deltas = feature_acts or {}, errors or {}, output_deltas or {}
+        for name in (*feature_acts, *errors):
+            self.site(name)
+        tokens = clean.tokens if clean is not None else self.to_tokens(tokens)
+        if batch_size is None:
+            tensors = [p for p in (*feature_acts.values(), *errors.values(), embeddings) if torch.is_tensor(p)]
+            batch_size = max([p.shape[0] for p in tensors if p.dim() == 3] + [1])
+        state: dict[str, torch.Tensor] = {}
+        out = ReplacementOutput(logits=torch.empty(0), final=torch.empty(0))
+        hooks = (self._frozen_hooks if clean is not None else self._live_hooks)(
+            clean, batch_size, feature_acts, errors, embeddings, output_deltas, out, return_acts, state
+        )
+        with self.model.hooks(fwd_hooks=hooks):
+            resid = self.model(tokens[None].expand(batch_size, -1), stop_at_layer=self.cfg.n_layers)
+            final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
+        out.final = final
+        out.logits = self.model.unembed(final)
+        return out
+
+    def _live_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):
+        """Hooks of the live replacement model: features from the live input, error recomputed live."""
+        hooks: list[tuple[str, Callable]] = []
+        if embed_patch is not None:
+            hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: _apply_patch(x, embed_patch)))
+        for site in self.sites:
+            name, d = site.name, site.dictionary
+            if d is None:
+                if name in error_patch:
+                    hooks.append((site.hook_out, lambda x, hook, p=error_patch[name]: _apply_patch(x, p)))
+                continue
+            patched = name in feature_patch or name in error_patch
+            if not (patched or return_acts):
+                continue  # untouched site: the original activation flows on, bit for bit
+
+            def read(x, hook, name=name, d=d):
+                state["x:" + name] = x
+                pre = d.pre_acts(x)
+                state["acts:" + name] = d.activation(pre)
+                if return_acts:
+                    out.pre_acts[name] = pre
+                    out.feature_acts[name] = _apply_patch(state["acts:" + name], feature_patch.get(name))
+                return x
+
+            def write(value, hook, name=name, d=d, patched=patched):
+                x, acts = state.pop("x:" + name), state.pop("acts:" + name)
+                if not patched:
+                    return value
+                skip = self._skip_part(d, x)
+                error = _apply_patch(value - (self._feature_part(d, acts) + skip), error_patch.get(name))
+                new_acts = _apply_patch(acts, feature_patch.get(name))
+                return self._feature_part(d, new_acts) + skip + error
+
+            hooks.append((site.hook_in, read))
+            hooks.append((site.hook_out, write))
+        return hooks
+
+    def _frozen_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):
+        """Hooks of the frozen replacement model: clean patterns and scales, features and errors as inputs."""
+        if clean.logits.shape[0] != clean.n_pos:
+            raise ValueError("The CleanRun is incomplete; build it with ReplacementModel.clean_run.")
+
+        def constant(value: torch.Tensor) -> Callable:
+            return lambda x, hook: value.expand(batch, *value.shape[1:])
+
+        hooks: list[tuple[str, Callable]] = [(n, constant(v)) for n, v in clean.patterns.items()]
+        hooks += [(n, constant(v)) for n, v in clean.scales.items()]
+
+        def embed(x, hook):
+            x = _apply_patch(clean.embeddings.expand(batch, -1, -1), embed_patch)
+            return x + deltas["embed"] if "embed" in deltas else x
+
+        hooks.append(("blocks.0.hook_resid_pre", embed))
+        for site in self.sites:
+            name, d = site.name, site.dictionary
+
+            def error_of(name=name):
+                return _apply_patch(clean.errors[name].expand(batch, -1, -1), error_patch.get(name))
+
+            if d is None:
+                def write_bare(value, hook, name=name, error_of=error_of):
+                    error = error_of()
+                    return error + deltas[name] if name in deltas else error
+
+                hooks.append((site.hook_out, write_bare))
+                continue
+
+            def read(x, hook, name=name, d=d):
+                out.inputs[name] = x
+                if return_acts:
+                    out.pre_acts[name] = d.pre_acts(x)
+                return x
+
+            def write(value, hook, name=name, d=d, error_of=error_of):
+                if name in feature_patch:
+                    acts = _apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
+                    recon = self._feature_part(d, acts)
+                else:
+                    acts, recon = clean.feature_acts[name], clean.recon_features[name].expand(batch, -1, -1)
+                if return_acts:
+                    out.feature_acts[name] = acts.expand(batch, -1, -1)
+                result = recon + self._skip_part(d, out.inputs[name]) + error_of()
+                return result + deltas[name] if name in deltas else result
+
+            hooks.append((site.hook_in, read))
+            hooks.append((site.hook_out, write))
+        return hooks
