@@ -12,11 +12,17 @@ from types import ModuleType
 import torch
 
 from ..base import Dictionary
-from . import native
+from . import circuit_tracer, native, saelens, sparsify
 
 __all__ = ["FORMATS", "register_format", "detect_format", "load_dictionary", "load_dictionaries", "save_dictionary"]
 
-FORMATS: dict[str, ModuleType] = {"native": native}
+# Detection tries these in order; each looks for its own file names (cfg.json + which weights file).
+FORMATS: dict[str, ModuleType] = {
+    "native": native,
+    "saelens": saelens,
+    "sparsify": sparsify,
+    "circuit_tracer": circuit_tracer,
+}
 
 
 def register_format(name: str, module: ModuleType) -> None:
@@ -71,6 +77,7 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu", format
 
 def save_dictionary(dictionary: Dictionary | list[Dictionary], path: str | Path, format: str = "native") -> None:
     """Write one dictionary (or, for multi-dictionary formats such as circuit-tracer, a list)."""
+    format = format.replace("-", "_")  # "circuit-tracer" as on the command line
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; known: {sorted(FORMATS)}.")
     dictionaries = dictionary if isinstance(dictionary, list) else [dictionary]
