@@ -1,0 +1,211 @@
+"""Read an attribution graph in the circuit-tracer / Neuronpedia JSON format and shape it for drawing.
+
+That format is the viewer's input, so graphs exported by this library and by circuit-tracer alike can be
+viewed::
+
+    {"metadata": {"prompt_tokens": [...], "prompt": ..., ...}, "qParams": {...},
+     "nodes": [{"node_id": "layer_feature_position", "feature", "layer", "ctx_idx", "feature_type",
+                "clerp", "influence", "activation", "is_target_logit", "token_prob", ...}],
+     "links": [{"source": node_id, "target": node_id, "weight": float}]}
+
+``feature_type`` is "cross layer transcoder" (or any name containing transcoder/sae/feature), "mlp
+reconstruction error", "embedding" or "logit". :func:`graph_payload` turns it into the compact structure
+the page's script reads: node kinds, rows (embeddings at the bottom, one row per layer, logits on top),
+columns (token positions) and links as index triples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_graph_json", "graph_payload", "node_kind", "dashboard_key", "layout_positions"]
+
+KINDS = ("feature", "error", "embedding", "logit")
+
+
+def load_graph_json(graph: Any) -> dict[str, Any]:
+    """The graph as a JSON dict, from a dict, a path to a ``.json`` file, or an object exporting one.
+
+    Objects are accepted when they offer ``to_graph_json()`` / ``to_json_dict()`` / ``to_dict()``
+    returning the format above (the adapters for ``AttributionGraph`` and ``Circuit``).
+    """
+    if isinstance(graph, dict):
+        return graph
+    if isinstance(graph, (str, os.PathLike)):
+        path = Path(graph)
+        if not path.exists():
+            raise FileNotFoundError(f"No graph file at {path}; pass a graph JSON path, dict or graph object.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); re-export the graph.") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a graph object with nodes/links.")
+        return data
+    for method in ("to_graph_json", "to_json_dict", "to_dict"):
+        if callable(getattr(graph, method, None)):
+            return load_graph_json(getattr(graph, method)())
+    raise TypeError(
+        f"Cannot view a {type(graph).__name__}: pass a graph JSON dict, a path to one, or an object "
+        "with to_graph_json()."
+    )
+
+
+def node_kind(feature_type: str, node_id: str = "?") -> str:
+    """One of ``KINDS`` for a node's ``feature_type`` string."""
+    text = str(feature_type).lower()
+    if "error" in text:
+        return "error"
+    if "embed" in text:
+        return "embedding"
+    if "logit" in text:
+        return "logit"
+    if any(word in text for word in ("transcoder", "sae", "feature", "dictionary", "latent")):
+        return "feature"
+    raise ValueError(
+        f"Node {node_id!r} has feature_type {feature_type!r}; expected a feature type (cross layer "
+        "transcoder, transcoder, sae), 'mlp reconstruction error', 'embedding' or 'logit'."
+    )
+
+
+def dashboard_key(layer: Any, feature: int) -> str:
+    """Key of a feature in dashboard files: ``"<layer>_<feature index within its dictionary>"``."""
+    return f"{layer}_{int(feature)}"
+
+
+def _feature_index(node: dict[str, Any]) -> int:
+    # node_id is "layer_feature_position": its middle part is the index within the layer's dictionary,
+    # whereas circuit-tracer's "feature" field may add a per-layer offset.
+    parts = str(node["node_id"]).split("_")
+    if len(parts) == 3 and parts[1].lstrip("-").isdigit():
+        return int(parts[1])
+    return int(node.get("feature", -1))
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[str, Any]:
+    """The page's data: ``{"tokens", "rows", "nodes", "links", ...}`` with links as ``[src, dst, weight]``.
+
+    Raises ``ValueError`` naming the node or link for a missing field, a duplicate node id, a link to an
+    unknown node or a non-finite weight.
+    """
+    if not isinstance(graph_json, dict) or "nodes" not in graph_json:
+        raise ValueError("A graph JSON needs a 'nodes' list (and 'links'); got keys "
+                         f"{sorted(graph_json) if isinstance(graph_json, dict) else type(graph_json).__name__}.")
+    metadata = graph_json.get("metadata") or {}
+    tokens = [str(token) for token in metadata.get("prompt_tokens") or []]
+    raw_nodes, raw_links = graph_json.get("nodes") or [], graph_json.get("links") or []
+
+    nodes, index_of = [], {}
+    for position, node in enumerate(raw_nodes):
+        missing = [key for key in ("node_id", "layer", "ctx_idx", "feature_type") if key not in node]
+        if missing:
+            raise ValueError(f"Node #{position} ({node.get('node_id', 'no id')}) lacks {missing}.")
+        node_id = str(node["node_id"])
+        if node_id in index_of:
+            raise ValueError(f"Node id {node_id!r} appears twice; node ids must be unique.")
+        kind = node_kind(node["feature_type"], node_id)
+        layer, ctx_idx = str(node["layer"]), int(node["ctx_idx"])
+        feature = _feature_index(node) if kind == "feature" else None
+        token = tokens[ctx_idx] if 0 <= ctx_idx < len(tokens) else ""
+        clerp = str(node.get("clerp") or "")
+        if kind == "feature":
+            label = clerp or f"L{layer} #{feature}"
+        elif kind == "error":
+            label = clerp or f"error L{layer} @{ctx_idx}"
+        elif kind == "embedding":
+            label = clerp or token
+        else:
+            label = clerp or f"logit {node.get('feature', '')}"
+        index_of[node_id] = len(nodes)
+        nodes.append({
+            "id": node_id, "kind": kind, "layer": layer, "pos": ctx_idx, "feature": feature,
+            "label": label, "token": token,
+            "activation": _finite_or_none(node.get("activation")),
+            "influence": _finite_or_none(node.get("influence")),
+            "token_prob": _finite_or_none(node.get("token_prob")),
+            "is_target": bool(node.get("is_target_logit", False)),
+            "dash_key": dashboard_key(layer, feature) if kind == "feature" else None,
+        })
+
+    links = []
+    for position, link in enumerate(raw_links):
+        try:
+            source, target, weight = str(link["source"]), str(link["target"]), float(link["weight"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"Link #{position} needs 'source', 'target' and a numeric 'weight'; got {link!r}.")
+        for end in (source, target):
+            if end not in index_of:
+                raise ValueError(f"Link #{position} ({source} -> {target}) refers to unknown node {end!r}.")
+        if not math.isfinite(weight):
+            raise ValueError(f"Link #{position} ({source} -> {target}) has non-finite weight {weight}.")
+        links.append([index_of[source], index_of[target], weight])
+
+    rows = _assign_rows(nodes)
+    n_columns = max([len(tokens)] + [node["pos"] + 1 for node in nodes])
+    return {
+        "mode": "graph",
+        "title": title or str(metadata.get("slug") or metadata.get("prompt") or "attribution graph"),
+        "prompt": str(metadata.get("prompt") or ""),
+        "tokens": tokens + [""] * (n_columns - len(tokens)),
+        "rows": rows,
+        "nodes": nodes,
+        "links": links,
+        "n_feature_nodes": sum(node["kind"] == "feature" for node in nodes),
+    }
+
+
+def _layer_order(layer: str) -> float:
+    try:
+        return float(layer)
+    except ValueError:
+        return -1.0  # "E" and other non-numeric layers go below the numbered ones
+
+
+def _assign_rows(nodes: list[dict[str, Any]]) -> list[str]:
+    """Set ``node["row"]`` (0 = bottom) and return the row labels, bottom first."""
+    middle_layers = sorted({node["layer"] for node in nodes if node["kind"] in ("feature", "error")},
+                           key=_layer_order)
+    labels = ["tokens"] + [f"L{layer}" for layer in middle_layers] + ["logits"]
+    row_of_layer = {layer: row + 1 for row, layer in enumerate(middle_layers)}
+    for node in nodes:
+        if node["kind"] == "embedding":
+            node["row"] = 0
+        elif node["kind"] == "logit":
+            node["row"] = len(labels) - 1
+        else:
+            node["row"] = row_of_layer[node["layer"]]
+    return labels
+
+
+def layout_positions(payload: dict[str, Any]) -> tuple[list[tuple[float, float]], list[float]]:
+    """Node centres ``(x, y)`` in column/row units (y = row, 0 at the bottom) and each column's centre.
+
+    Columns widen to fit their most crowded cell, so nodes sharing a layer and position sit side by side:
+    the same rule the page's script uses.
+    """
+    n_columns = len(payload["tokens"])
+    cells: dict[tuple[int, int], list[int]] = {}
+    for index, node in enumerate(payload["nodes"]):
+        cells.setdefault((node["row"], node["pos"]), []).append(index)
+    widths = [1.0] * n_columns
+    for (_, column), members in cells.items():
+        widths[column] = max(widths[column], 0.35 * len(members) + 0.3)
+    starts = [sum(widths[:column]) for column in range(n_columns)]
+    positions: list[tuple[float, float]] = [(0.0, 0.0)] * len(payload["nodes"])
+    for (row, column), members in cells.items():
+        spacing = widths[column] / len(members)
+        for slot, index in enumerate(members):
+            positions[index] = (starts[column] + spacing * (slot + 0.5), float(row))
+    centres = [start + width / 2 for start, width in zip(starts, widths)]
+    return positions, centres
