@@ -29,6 +29,10 @@
     return text.replace(/\u2581/g, " ").replace(/ /g, "\u2423").replace(/\n/g, "\u23ce")
       .replace(/\t/g, "\u21e5").replace(/\r/g, "\u240d");
   }
+  // Inside running text spaces read better as spaces; only line breaks and tabs get stand-ins.
+  function contextToken(token) {
+    return String(token).replace(/\u2581/g, " ").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5");
+  }
   function fmt(value) {
     if (value === null || value === undefined) return "\u2013";
     var magnitude = Math.abs(value);
@@ -70,7 +74,7 @@
     var row = el("div", "fc-context");
     (context.tokens || []).forEach(function (token, index) {
       var act = (context.acts || [])[index] || 0;
-      var span = el("span", "fc-tok" + (index === context.focus ? " fc-focus" : ""), showToken(token));
+      var span = el("span", "fc-tok" + (index === context.focus ? " fc-focus" : ""), contextToken(token));
       var alpha = maxAct > 0 ? clamp01(act / maxAct) : 0;
       if (alpha > 0) span.style.backgroundColor = "rgba(234, 88, 12, " + (0.12 + 0.78 * alpha).toFixed(3) + ")";
       span.setAttribute("title", "act " + fmt(act) + "  |  " + JSON.stringify(String(token)));
