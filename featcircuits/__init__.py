@@ -29,6 +29,9 @@ _LAZY: dict[str, str] = {
     "CleanRun": "featcircuits.graph.replacement",
     "Node": "featcircuits.graph.nodes",
     "parse_node_id": "featcircuits.graph.nodes",
+    "push_to_hub": "featcircuits.hub.publish",
+    "check_dictionaries_match_model": "featcircuits.hub.checks",
+    "list_releases": "featcircuits.hub.registry",
 }
 
 __all__ = [

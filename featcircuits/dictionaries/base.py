@@ -161,6 +161,16 @@ class Dictionary(nn.Module):
 
         return load_dictionary(path, device=device)
 
+    @staticmethod
+    def from_pretrained(
+        release: str, id: str | int, revision: str | None = None, device: str | torch.device = "cpu"
+    ) -> Dictionary:
+        """One dictionary of a pretrained release (pretrained/registry.yaml or any SAELens release id),
+        fetched through huggingface_hub's cache; ``revision`` pins a branch, tag or commit."""
+        from ..hub.loading import from_pretrained
+
+        return from_pretrained(release, id, revision=revision, device=device)
+
 
 class SAE(Dictionary):
     """Sparse autoencoder: reconstructs the activation at ``hook_in`` (== ``hook_out``)."""

@@ -43,8 +43,17 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def load_dictionaries(path: str | Path, device: str | torch.device = "cpu", format: str | None = None) -> list[Dictionary]:
-    """All dictionaries under ``path``: one format directory, or a directory of such sub-directories."""
+def load_dictionaries(path: str | Path, device: str | torch.device = "cpu", format: str | None = None,
+                      revision: str | None = None) -> list[Dictionary]:
+    """All dictionaries under ``path``: one format directory, or a directory of such sub-directories.
+
+    ``path`` may also name a pretrained release (e.g. ``"gpt2-small-res-jb"``), fetched through the
+    Hugging Face Hub cache at ``revision``.
+    """
+    if isinstance(path, str) and "/" not in path and not path.startswith((".", "~")) and not Path(path).exists():
+        from ...hub.loading import load_release
+
+        return load_release(path, revision=revision, device=device)
     path = Path(path)
     if format is None:
         try:

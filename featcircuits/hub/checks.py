@@ -1,0 +1,49 @@
+"""Does a set of dictionaries belong to a model? Width and hook names, checked before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..dictionaries.base import Dictionary
+
+__all__ = ["check_dictionaries_match_model", "hook_width"]
+
+
+def hook_width(model: Any, hook_name: str) -> int:
+    """Width of the activation at ``hook_name`` in a HookedTransformer (last dimension)."""
+    cfg = model.cfg
+    name = hook_name.rsplit(".", 1)[-1]
+    if ".mlp." in hook_name and name in ("hook_pre", "hook_post", "hook_pre_linear"):
+        return cfg.d_mlp
+    if ".attn." in hook_name and name in ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result"):
+        return cfg.d_head if name != "hook_result" else cfg.d_model  # per head
+    return cfg.d_model
+
+
+def check_dictionaries_match_model(model: Any, dictionaries: Iterable[Dictionary]) -> None:
+    """Raise ``ValueError`` naming the dictionaries' model and the given one when they do not fit.
+
+    Checks that every ``hook_in``/``hook_out`` is a hook point of ``model`` and that ``d_in``/``d_out``
+    equal the widths of the activations there.
+    """
+    model_name = getattr(model.cfg, "model_name", "") or "the given model"
+    hooks = model.hook_dict
+    for dictionary in dictionaries:
+        cfg = dictionary.cfg
+        trained_on = cfg.model_name or "an unnamed model"
+        what = f"Dictionary {cfg.hook_in!r} (trained on {trained_on})"
+        fix = f"Load the dictionaries made for {model_name}, or the model these were trained on ({trained_on})."
+        for role, hook, width in (("reads", cfg.hook_in, cfg.d_in), ("writes", cfg.hook_out, cfg.d_out)):
+            if not hook:
+                continue
+            if hook not in hooks:
+                raise ValueError(
+                    f"{what} {role} hook {hook!r}, which {model_name} (n_layers={model.cfg.n_layers}) does not have. {fix}"
+                )
+            expected = hook_width(model, hook)
+            if width != expected:
+                raise ValueError(
+                    f"{what} {role} width {width} at {hook!r}, but {model_name} has width {expected} there "
+                    f"(d_model={model.cfg.d_model}): these dictionaries are for a different model. {fix}"
+                )
