@@ -71,4 +71,7 @@ class DictionaryConfig:
             raise ValueError(f"{source} lacks required field(s) {missing}.")
         extra = dict(data.get("extra") or {})
         extra.update({key: value for key, value in data.items() if key not in known})
-        return cls(**{key: value for key, value in data.items() if key in known and key != "extra"}, extra=extra)
+        try:
+            return cls(**{key: value for key, value in data.items() if key in known and key != "extra"}, extra=extra)
+        except ValueError as err:  # name the file the bad value came from
+            raise ValueError(f"{source}: {err}") from None

@@ -51,7 +51,7 @@ def detect(path: Path) -> bool:
     try:
         config = yaml.safe_load((path / CONFIG_FILE).read_text())
     except yaml.YAMLError:
-        return False
+        return True  # ours to read: load() then reports the corrupt file by name
     return isinstance(config, dict) and ("transcoders" in config or config.get("model_kind") == "transcoder_set")
 
 
@@ -63,7 +63,8 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{source} is not valid YAML ({err}); the file is corrupt or truncated.") from None
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{source} is not valid YAML ({reason}); the file is corrupt or truncated.") from None
     if not isinstance(config, dict):
         raise ValueError(f"{source} should be a mapping with feature_input_hook, feature_output_hook, transcoders.")
     kind = config.get("model_kind", "transcoder_set")
