@@ -1,0 +1,15 @@
+"""Circuit discovery: contrastive tasks and metrics, component and feature nodes, batched ablations,
+attribution patching (AtP, AtP-IG), ACDC, the Circuit type and its evaluation."""
+
+from .acdc import acdc
+from .circuit import Circuit
+from .components import ComponentGraph
+from .discovery import evaluate, find_circuit, make_graph
+from .evaluate import evaluate_circuit, roc_auc
+from .features import FeatureGraph
+from .tasks import METRICS, ContrastiveTask, load_task
+
+__all__ = [
+    "Circuit", "ComponentGraph", "ContrastiveTask", "FeatureGraph", "METRICS", "acdc", "evaluate",
+    "evaluate_circuit", "find_circuit", "load_task", "make_graph", "roc_auc",
+]

@@ -1,0 +1,284 @@
+"""Component nodes (attention heads, MLPs) of a HookedTransformer, patched through hooks, batched.
+
+Node ids: ``"L{layer}.H{head}"`` for a head, ``"L{layer}.MLP"`` for an MLP; edges run from a sender
+(``"embed"``, a head, an MLP) to a receiver (a later head or MLP, or ``"logits"``) through the residual
+stream. A node is ablated at its output (``hook_z`` per head, ``hook_mlp_out``); an edge is ablated by
+taking the sender's contribution out of that one receiver's input (``hook_attn_in`` per head,
+``hook_mlp_in``, the final residual) and putting the ablation value in its place: receiver input
+``-= sender_out - sender_ablated``. Every copy in the batch has its own mask, so one forward scores
+many patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from .ablation import ablation_value, check_ablation, mix, repeat_copies
+from .tasks import ContrastiveTask, get_metric
+
+__all__ = ["ComponentGraph"]
+
+
+@contextmanager
+def _edge_hooks_enabled(model):
+    cfg = model.cfg
+    saved = (cfg.use_attn_result, cfg.use_attn_in, cfg.use_hook_mlp_in)
+    model.set_use_attn_result(True)
+    model.set_use_attn_in(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        model.set_use_attn_result(saved[0])
+        model.set_use_attn_in(saved[1])
+        model.set_use_hook_mlp_in(saved[2])
+
+
+class ComponentGraph:
+    """Heads and MLPs of ``model`` as circuit nodes for ``task`` under one ablation.
+
+    Args:
+        model: a HookedTransformer.
+        task: the contrastive task (its clean prompts are the ones run).
+        ablation: ``zero``, ``mean`` (over the task's clean prompts) or ``patch`` (from the corrupt run).
+        metric: ``logit_diff``, ``prob_diff``, ``kl`` or a function ``(task, last_logits [copies, n, vocab], clean_last [n, vocab]) -> [copies]``.
+        max_copies: most ablation patterns per forward (bounds memory).
+    """
+
+    def __init__(self, model, task: ContrastiveTask, ablation: str = "patch",
+                 metric: str | Callable = "logit_diff", max_copies: int = 64) -> None:
+        self.model, self.task, self.ablation = model, task, check_ablation(ablation)
+        self.metric_fn, self.max_copies = get_metric(metric), max_copies
+        cfg = model.cfg
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.has_mlp = not cfg.attn_only
+        self.node_ids: list[str] = []
+        for layer in range(self.n_layers):
+            self.node_ids += [f"L{layer}.H{head}" for head in range(self.n_heads)]
+            if self.has_mlp:
+                self.node_ids.append(f"L{layer}.MLP")
+        self.per_layer = self.n_heads + int(self.has_mlp)
+        self.sender_ids = ["embed", *self.node_ids]
+        # Edges grouped by receiver in topological order; each receiver reads a prefix of the senders.
+        self.edge_ids: list[tuple[str, str]] = []
+        self._receiver_groups: list[tuple[str, int, int, int]] = []  # (hook, first edge, n receivers, n senders)
+        for layer in range(self.n_layers):
+            n_senders = 1 + layer * self.per_layer
+            self._add_receivers(f"blocks.{layer}.hook_attn_in", [f"L{layer}.H{h}" for h in range(self.n_heads)],
+                                n_senders)
+            if self.has_mlp:
+                self._add_receivers(f"blocks.{layer}.hook_mlp_in", [f"L{layer}.MLP"], n_senders + self.n_heads)
+        self._add_receivers(f"blocks.{self.n_layers - 1}.hook_resid_post", ["logits"], len(self.sender_ids))
+        self.forwards = 0
+        with torch.no_grad():
+            self.clean_last = task.last_logits(self._run(task.clean_tokens, []))[0]
+            self.full_metric = float(self.metric_fn(task, self.clean_last[None], self.clean_last)[0])
+        self._node_values: dict[str, torch.Tensor] | None = None
+        self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _add_receivers(self, hook: str, receivers: list[str], n_senders: int) -> None:
+        self._receiver_groups.append((hook, len(self.edge_ids), len(receivers), n_senders))
+        self.edge_ids += [(sender, receiver) for receiver in receivers for sender in self.sender_ids[:n_senders]]
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _run(self, tokens: torch.Tensor, hooks: list) -> torch.Tensor:
+        self.forwards += 1
+        return self.model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    def _tokens(self, copies: int) -> torch.Tensor:
+        return self.task.clean_tokens.repeat(copies, 1)
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.metric_fn(self.task, self.task.last_logits(logits), self.clean_last)
+
+    def node_values(self) -> dict[str, torch.Tensor]:
+        """Clean and ablated ``hook_z`` ``[n, pos, head, d_head]`` and ``hook_mlp_out`` per layer."""
+        if self._node_values is None:
+            names = [f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)]
+            if self.has_mlp:
+                names += [f"blocks.{layer}.hook_mlp_out" for layer in range(self.n_layers)]
+            with torch.no_grad():
+                _, clean = self.model.run_with_cache(self.task.clean_tokens, names_filter=names)
+                corrupt = None
+                if self.ablation == "patch":
+                    _, corrupt = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names)
+            self.forwards += 1 + int(corrupt is not None)
+            self._node_values = {}
+            for name in names:
+                self._node_values[name] = clean[name]
+                self._node_values[name + ".ablated"] = ablation_value(
+                    self.ablation, clean[name], None if corrupt is None else corrupt[name])
+        return self._node_values
+
+    def _sender_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and ablated sender outputs, each ``[n | 1, senders, pos, d_model]``."""
+        if self._sender_values is None:
+            names = ["blocks.0.hook_resid_pre"]
+            for layer in range(self.n_layers):
+                names.append(f"blocks.{layer}.attn.hook_result")
+                if self.has_mlp:
+                    names.append(f"blocks.{layer}.hook_mlp_out")
+
+            def stack(cache) -> torch.Tensor:
+                parts = []
+                for name in names:
+                    value = cache[name]
+                    parts.append(value.permute(0, 2, 1, 3) if value.dim() == 4 else value.unsqueeze(1))
+                return torch.cat(parts, dim=1)
+
+            with torch.no_grad(), _edge_hooks_enabled(self.model):
+                _, cache = self.model.run_with_cache(self.task.clean_tokens, names_filter=names)
+                clean = stack(cache)
+                corrupt = None
+                if self.ablation == "patch":
+                    _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names)
+                    corrupt = stack(cache)
+            self.forwards += 1 + int(corrupt is not None)
+            self._sender_values = (clean, ablation_value(self.ablation, clean, corrupt))
+        return self._sender_values
+
+    # -- node ablation ------------------------------------------------------------------------
+
+    def node_metric(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep [copies, n_nodes]`` (1 keeps, 0 ablates) -> metric ``[copies]``, ``max_copies`` per forward."""
+        keep = keep.to(self.task.clean_tokens.device, torch.float32)
+        return torch.cat([self._node_metric_chunk(chunk) for chunk in keep.split(self.max_copies)])
+
+    @torch.no_grad()
+    def _node_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
+        copies, n = keep.shape[0], len(self.task)
+        values = self.node_values()
+        per_prompt = keep.repeat_interleave(n, dim=0).view(copies * n, self.n_layers, self.per_layer)
+        hooks = []
+        for layer in range(self.n_layers):
+            name = f"blocks.{layer}.attn.hook_z"
+            ablated = repeat_copies(values[name + ".ablated"], copies, n)
+            head_keep = per_prompt[:, layer, : self.n_heads].view(-1, 1, self.n_heads, 1)
+            hooks.append((name, lambda z, hook, a=ablated, k=head_keep: mix(z, a, k)))
+            if self.has_mlp:
+                name = f"blocks.{layer}.hook_mlp_out"
+                ablated = repeat_copies(values[name + ".ablated"], copies, n)
+                mlp_keep = per_prompt[:, layer, self.n_heads].view(-1, 1, 1)
+                hooks.append((name, lambda out, hook, a=ablated, k=mlp_keep: mix(out, a, k)))
+        return self._score(self._run(self._tokens(copies), hooks))
+
+    def node_attribution(self, steps: int = 1) -> torch.Tensor:
+        """AtP (``steps=1``) or AtP-IG (``steps`` midpoints) node scores ``[n_nodes]``.
+
+        Every node's value is set to ``clean + alpha * (ablated - clean)`` while gradients flow through
+        it as through the identity, so each node's gradient includes its paths through later nodes.
+        Score = ``(ablated - clean) . mean_alpha grad``: the first-order estimate of the metric change.
+        """
+        values, n = self.node_values(), len(self.task)
+        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
+        alphas = alphas.to(self.task.clean_tokens.device)
+        leaves, hooks = {}, []
+        for name in [k for k in values if not k.endswith(".ablated")]:
+            clean = values[name]
+            delta = repeat_copies(values[name + ".ablated"], 1, n) - clean
+            shape = (-1,) + (1,) * (clean.dim() - 1)
+            target = (clean.repeat(steps, *[1] * (clean.dim() - 1))
+                      + alphas.repeat_interleave(n).view(shape) * delta.repeat(steps, *[1] * (clean.dim() - 1)))
+            leaves[name] = (target.requires_grad_(), delta)
+            hooks.append((name, lambda x, hook, t=target: x - x.detach() + t))
+        with torch.enable_grad():
+            logits = self._run(self._tokens(steps), hooks)
+            total = self._score(logits).sum() / steps
+            grads = torch.autograd.grad(total, [leaf for leaf, _ in leaves.values()])
+        scores = torch.zeros(self.n_layers, self.per_layer, device=logits.device)
+        for (name, (_, delta)), grad in zip(leaves.items(), grads, strict=False):
+            layer = int(name.split(".")[1])
+            contribution = (delta.repeat(steps, *[1] * (delta.dim() - 1)) * grad)
+            if name.endswith("hook_z"):
+                scores[layer, : self.n_heads] = contribution.sum(dim=(0, 1, 3))
+            else:
+                scores[layer, self.n_heads] = contribution.sum()
+        return scores.flatten()
+
+    # -- edge ablation ------------------------------------------------------------------------
+
+    def edge_metric(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep [copies, n_edges]`` -> metric ``[copies]``, ``max_copies`` per forward."""
+        keep = keep.to(self.task.clean_tokens.device, torch.float32)
+        return torch.cat([self._edge_metric_chunk(chunk) for chunk in keep.split(self.max_copies)])
+
+    @torch.no_grad()
+    def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
+        copies, n = keep.shape[0], len(self.task)
+        _, ablated = self._sender_outputs()
+        ablated = repeat_copies(ablated, copies, n)
+        removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
+        diffs = torch.zeros_like(ablated)  # sender output minus its ablation, filled as the forward runs
+
+        def record(start: int, width: int):
+            def hook(x, hook):
+                value = x.permute(0, 2, 1, 3) if x.dim() == 4 else x.unsqueeze(1)
+                diffs[:, start:start + width] = value - ablated[:, start:start + width]
+                return x
+            return hook
+
+        def receive(first: int, n_receivers: int, n_senders: int):
+            def hook(x, hook):
+                off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
+                if x.dim() == 4:
+                    return x - torch.einsum("brs,bspd->bprd", off, diffs[:, :n_senders])
+                return x - torch.einsum("bs,bspd->bpd", off[:, 0], diffs[:, :n_senders])
+            return hook
+
+        hooks = [("blocks.0.hook_resid_pre", record(0, 1))]
+        for layer in range(self.n_layers):
+            start = 1 + layer * self.per_layer
+            hooks.append((f"blocks.{layer}.attn.hook_result", record(start, self.n_heads)))
+            if self.has_mlp:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads, 1)))
+        hooks += [(hook, receive(first, n_r, n_s)) for hook, first, n_r, n_s in self._receiver_groups]
+        with _edge_hooks_enabled(self.model):
+            return self._score(self._run(self._tokens(copies), hooks))
+
+    def edge_attribution(self, steps: int = 1) -> torch.Tensor:
+        """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
+
+        For IG every sender's output is moved along ``clean + alpha * (ablated - clean)`` (gradients pass
+        through as the identity) and receiver-input gradients are averaged over the ``steps`` midpoints.
+        """
+        clean, ablated = self._sender_outputs()
+        n = len(self.task)
+        delta = repeat_copies(ablated, 1, n) - clean  # [n, senders, pos, d_model]
+        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
+        alphas = alphas.to(delta.device).repeat_interleave(n).view(-1, 1, 1, 1)
+        targets = (clean.repeat(steps, 1, 1, 1) + alphas * delta.repeat(steps, 1, 1, 1)).requires_grad_()
+
+        def move(start: int, width: int):
+            def hook(x, hook):
+                target = targets[:, start:start + width]
+                target = target.permute(0, 2, 1, 3) if x.dim() == 4 else target[:, 0]
+                return x - x.detach() + target
+            return hook
+
+        receiver_inputs: list[torch.Tensor] = []
+
+        def watch(x, hook):
+            probe = torch.zeros_like(x, requires_grad=True)
+            receiver_inputs.append(probe)
+            return x + probe
+
+        hooks = [("blocks.0.hook_resid_pre", move(0, 1))]
+        for layer in range(self.n_layers):
+            start = 1 + layer * self.per_layer
+            hooks.append((f"blocks.{layer}.attn.hook_result", move(start, self.n_heads)))
+            if self.has_mlp:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", move(start + self.n_heads, 1)))
+        hooks += [(hook, watch) for hook, *_ in self._receiver_groups]
+        with torch.enable_grad(), _edge_hooks_enabled(self.model):
+            total = self._score(self._run(self._tokens(steps), hooks)).sum() / steps
+            grads = torch.autograd.grad(total, receiver_inputs)
+        delta = delta.repeat(steps, 1, 1, 1)
+        scores = []
+        for (_, _, _n_receivers, n_senders), grad in zip(self._receiver_groups, grads, strict=False):
+            grad = grad if grad.dim() == 4 else grad.unsqueeze(2)  # [batch, pos, receivers, d_model]
+            scores.append(torch.einsum("bspd,bprd->rs", delta[:, :n_senders], grad).flatten())
+        return torch.cat(scores)

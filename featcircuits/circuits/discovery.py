@@ -1,0 +1,151 @@
+"""``find_circuit`` and ``evaluate``: the notebook-facing entry points of circuit discovery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .acdc import acdc, check_tau
+from .circuit import Circuit
+from .components import ComponentGraph
+from .evaluate import evaluate_circuit
+from .features import FeatureGraph
+from .tasks import ContrastiveTask, load_task
+
+__all__ = ["find_circuit", "evaluate", "make_graph", "METHODS"]
+
+METHODS = ("atp", "ig", "acdc")
+
+
+def _as_task(model: Any, task: ContrastiveTask | str | Path | Sequence[dict]) -> ContrastiveTask:
+    if isinstance(task, ContrastiveTask):
+        return task
+    if isinstance(task, (str, Path)):
+        return load_task(task, model)
+    return ContrastiveTask.from_pairs(model, list(task))
+
+
+def make_graph(model: Any, task: Any, dictionaries: Any = None, ablation: str = "patch",
+               metric: str | Callable = "logit_diff", positions: str = "each",
+               sites: Sequence[str] | None = None, max_copies: int = 64) -> ComponentGraph | FeatureGraph:
+    """The patchable graph a method runs on: feature/error nodes when dictionaries are given (a list of
+    ``Dictionary`` or a ``ReplacementModel`` as ``model``), else heads and MLPs."""
+    from ..graph.replacement import ReplacementModel
+
+    if isinstance(model, ReplacementModel):
+        replacement = model
+    elif dictionaries is not None:
+        replacement = ReplacementModel(model, list(dictionaries))
+    else:
+        replacement = None
+    base = replacement.model if replacement is not None else model
+    task = _as_task(base, task)
+    if replacement is None:
+        if sites is not None:
+            raise ValueError(f"sites={list(sites)} needs dictionaries; without them the nodes are heads and MLPs.")
+        return ComponentGraph(model, task, ablation=ablation, metric=metric, max_copies=max_copies)
+    return FeatureGraph(replacement, task, ablation=ablation, metric=metric, sites=sites, positions=positions,
+                        max_copies=max_copies)
+
+
+def find_circuit(
+    model: Any,
+    task: Any,
+    method: str = "atp",
+    *,
+    dictionaries: Any = None,
+    level: str = "nodes",
+    ablation: str = "patch",
+    metric: str | Callable = "logit_diff",
+    tau: float = 0.01,
+    steps: int = 8,
+    top_k: int | None = None,
+    prefilter: int | None = None,
+    positions: str = "each",
+    sites: Sequence[str] | None = None,
+    batch_size: int = 64,
+    graph: ComponentGraph | FeatureGraph | None = None,
+) -> Circuit:
+    """Find a circuit for ``task`` and return it scored and selected.
+
+    Args:
+        model: a HookedTransformer (component nodes, or feature nodes with ``dictionaries``) or a
+            ``ReplacementModel`` (feature and error nodes).
+        task: a :class:`ContrastiveTask`, a task JSON path, or a list of pair dicts.
+        method: ``atp`` (attribution patching), ``ig`` (AtP with integrated gradients, ``steps``
+            midpoints) or ``acdc``.
+        level: ``nodes`` or ``edges`` (edges: component graphs only).
+        tau: in [0, 1], a fraction of the gap ``|m(model) - m(all ablated)|``: ACDC removes a unit whose
+            removal changes the metric by less than that; AtP/IG keep units whose estimated effect is at
+            least that (unless ``top_k`` is given).
+        top_k: select the ``k`` best-scored units instead (AtP/IG).
+        prefilter: ACDC only tries the ``prefilter`` units with the largest AtP scores; the rest start removed.
+        batch_size: ablation patterns per forward (ACDC's speculative chain length).
+        graph: reuse a graph from :func:`make_graph` (then model/task/ablation/... are taken from it).
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    if level not in ("nodes", "edges"):
+        raise ValueError(f"level={level!r}; choose 'nodes' or 'edges'.")
+    check_tau(tau)
+    if steps < 1:
+        raise ValueError(f"steps={steps}; integrated gradients needs at least 1 step.")
+    if graph is None:
+        graph = make_graph(model, task, dictionaries, ablation, metric, positions, sites, max_copies=batch_size)
+    if level == "edges" and not isinstance(graph, ComponentGraph):
+        raise ValueError("Edge-level circuits are available for component graphs; use level='nodes' for features.")
+    units = graph.node_ids if level == "nodes" else graph.edge_ids
+    run = graph.node_metric if level == "nodes" else graph.edge_metric
+    attribute = graph.node_attribution if level == "nodes" else graph.edge_attribution
+    n_units = len(units)
+    forwards_before = graph.forwards
+    with torch.no_grad():
+        ends = run(torch.stack([torch.ones(n_units), torch.zeros(n_units)])).cpu()
+    gap = float((ends[0] - ends[1]).abs())
+    params: dict[str, Any] = {"ablation": graph.ablation, "tau": tau, "metric": getattr(graph.metric_fn, "__name__", "")}
+    if method in ("atp", "ig"):
+        scores = attribute(steps=1 if method == "atp" else steps).detach().cpu()
+        if method == "ig":
+            params["steps"] = steps
+        if top_k is not None:
+            chosen = scores.abs().argsort(descending=True)[:top_k]
+            params["top_k"] = top_k
+        else:
+            chosen = (scores.abs() >= tau * gap).nonzero()[:, 0]
+    else:
+        initial = None
+        # AtP estimates guide the speculative chain (fewer forwards, same circuit) and the pre-filter.
+        estimate = attribute(steps=1).detach().cpu().abs()
+        if prefilter is not None:
+            initial = torch.zeros(n_units, dtype=torch.bool)
+            initial[estimate.argsort(descending=True)[:prefilter]] = True
+            params["prefilter"] = prefilter
+        result = acdc(run, list(reversed(range(n_units))), n_units, tau, batch_size=batch_size,
+                      initial_keep=initial, reference_gap=gap, predicted_keep=estimate >= tau * gap)
+        scores = result.scores.clone()
+        if initial is not None:
+            scores[~initial] = 0.0  # never tried: the pre-filter judged them unimportant
+        chosen = result.keep.nonzero()[:, 0]
+        params["batch_size"] = batch_size
+    params["forwards"] = graph.forwards - forwards_before
+    score_list = [float(s) for s in scores]
+    circuit = Circuit(method, level, list(graph.node_ids), score_list if level == "nodes" else None,
+                      list(graph.edge_ids), score_list if level == "edges" else None, params=params)
+    circuit = circuit._with_selection(sorted(chosen.tolist()), {"tau": tau} if top_k is None else {"top_k": top_k})
+    circuit.params.update(params)
+    circuit.graph = graph  # not saved; lets evaluate() reuse the graph
+    return circuit
+
+
+def evaluate(circuit: Circuit, graph: ComponentGraph | FeatureGraph | None = None,
+             sizes: Sequence[int] | None = None) -> dict[str, Any]:
+    """Faithfulness, completeness, the size sweep curve, CPR and CMD of ``circuit`` (see
+    :func:`featcircuits.circuits.evaluate.evaluate_circuit`). ``graph`` defaults to the one the circuit
+    was found on."""
+    graph = graph if graph is not None else getattr(circuit, "graph", None)
+    if graph is None:
+        raise ValueError("This circuit carries no graph (it was loaded from a file); pass graph=make_graph(...).")
+    return evaluate_circuit(graph, circuit, sizes)

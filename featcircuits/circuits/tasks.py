@@ -1,0 +1,205 @@
+"""Contrastive tasks and the metrics circuits are judged by.
+
+A task is a list of pairs ``{"clean", "corrupt", "answer", "distractor"}``: text (tokenised with the
+model's tokenizer, BOS prepended) or token ids. ``answer`` and ``distractor`` must each be one token.
+Pairs are right-padded to one length so they batch; the model is causal, so padding after a prompt
+changes nothing before it, and every metric reads each prompt at its own last token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["ContrastiveTask", "load_task", "METRICS", "logit_diff", "prob_diff", "kl_to_clean"]
+
+ALIGNMENTS = (None, "start")
+
+
+def _tokenize(model: Any, value: str | Sequence[int], what: str, prepend_bos: bool) -> list[int]:
+    if isinstance(value, str):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(f"{what} is text but the model has no tokenizer; give token ids (a list of ints).")
+        return [int(t) for t in model.to_tokens(value, prepend_bos=prepend_bos)[0].tolist()]
+    if not isinstance(value, Sequence) or not value or not all(isinstance(t, int) for t in value):
+        raise ValueError(f"{what} must be text or a non-empty list of token ids, got {value!r}.")
+    return [int(t) for t in value]
+
+
+def _single_token(model: Any, value: str | int | Sequence[int], what: str) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 1:
+            raise ValueError(f"{what} {value!r} is {len(value)} tokens; it must be a single token id.")
+        return int(value[0])
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"{what} is text but the model has no tokenizer; give a token id.")
+    ids = model.to_tokens(value, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        pieces = [model.tokenizer.convert_ids_to_tokens(i) for i in ids]
+        raise ValueError(
+            f"{what} {value!r} is not a single token: it tokenises to {len(ids)} tokens {pieces}. "
+            "Choose an answer that is one token (for SentencePiece tokenizers write it without the leading "
+            "space, e.g. 'Tom' rather than ' Tom')."
+        )
+    return int(ids[0])
+
+
+@dataclass
+class ContrastiveTask:
+    """A batch of clean/corrupt prompt pairs with an answer and a distractor token each.
+
+    Attributes (``n`` pairs, ``pos`` the longest prompt):
+        clean_tokens, corrupt_tokens: ``[n, pos]`` right-padded token ids.
+        clean_last, corrupt_last: ``[n]`` index of each prompt's last real token.
+        answers, distractors: ``[n]`` token ids (``distractors`` is ``None`` when no pair has one).
+    """
+
+    clean_tokens: torch.Tensor
+    corrupt_tokens: torch.Tensor
+    clean_last: torch.Tensor
+    corrupt_last: torch.Tensor
+    answers: torch.Tensor
+    distractors: torch.Tensor | None
+    pairs: list[dict[str, Any]]
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: Any,
+        pairs: Sequence[dict[str, Any]],
+        alignment: str | None = None,
+        prepend_bos: bool = True,
+        pad_token: int = 0,
+        source: str = "task",
+    ) -> ContrastiveTask:
+        """Tokenise ``pairs``; with ``alignment=None`` clean and corrupt prompts must match in length.
+
+        ``alignment="start"`` accepts unequal lengths: prompts are aligned at their first token and
+        patching maps position ``p`` of the corrupt run onto position ``p`` of the clean run.
+        """
+        if alignment not in ALIGNMENTS:
+            raise ValueError(f"alignment={alignment!r}; choose one of {ALIGNMENTS}.")
+        if not pairs:
+            raise ValueError(f"{source} has no pairs; a task needs at least one clean/corrupt pair.")
+        clean, corrupt, answers, distractors = [], [], [], []
+        for index, pair in enumerate(pairs):
+            where = f"{source} pair {index}"
+            missing = [key for key in ("clean", "corrupt", "answer") if key not in pair]
+            if missing:
+                raise ValueError(f"{where} lacks {missing}; each pair needs clean, corrupt, answer (and distractor).")
+            clean_ids = _tokenize(model, pair["clean"], f"{where} clean", prepend_bos)
+            corrupt_ids = _tokenize(model, pair["corrupt"], f"{where} corrupt", prepend_bos)
+            if len(clean_ids) != len(corrupt_ids) and alignment is None:
+                raise ValueError(
+                    f"{where}: clean prompt {pair['clean']!r} is {len(clean_ids)} tokens but corrupt prompt "
+                    f"{pair['corrupt']!r} is {len(corrupt_ids)}; position-wise patching needs equal lengths. "
+                    "Reword one of them, or pass alignment='start' to align the prompts at their first token."
+                )
+            clean.append(clean_ids)
+            corrupt.append(corrupt_ids)
+            answers.append(_single_token(model, pair["answer"], f"{where} answer"))
+            if pair.get("distractor") is not None:
+                distractors.append(_single_token(model, pair["distractor"], f"{where} distractor"))
+        if distractors and len(distractors) != len(pairs):
+            raise ValueError(f"{source}: either every pair has a distractor or none does.")
+        width = max(max(map(len, clean)), max(map(len, corrupt)))
+
+        def pad(rows: list[list[int]]) -> torch.Tensor:
+            return torch.tensor([row + [pad_token] * (width - len(row)) for row in rows], dtype=torch.long)
+
+        device = getattr(getattr(model, "cfg", None), "device", None) or "cpu"
+        return cls(
+            clean_tokens=pad(clean).to(device),
+            corrupt_tokens=pad(corrupt).to(device),
+            clean_last=torch.tensor([len(r) - 1 for r in clean], device=device),
+            corrupt_last=torch.tensor([len(r) - 1 for r in corrupt], device=device),
+            answers=torch.tensor(answers, device=device),
+            distractors=torch.tensor(distractors, device=device) if distractors else None,
+            pairs=[dict(p) for p in pairs],
+        )
+
+    def __len__(self) -> int:
+        return self.clean_tokens.shape[0]
+
+    def last_logits(self, logits: torch.Tensor, corrupt: bool = False) -> torch.Tensor:
+        """``[copies * n, pos, vocab] -> [copies, n, vocab]`` at each prompt's last token.
+
+        The batch may hold several copies of the task (one per ablation pattern), copy-major.
+        """
+        n = len(self)
+        copies = logits.shape[0] // n
+        last = (self.corrupt_last if corrupt else self.clean_last).repeat(copies)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, last].reshape(copies, n, -1)
+
+
+# ---- metrics: (task, last_logits [copies, n, vocab], clean_last [n, vocab] | None) -> [copies] ----
+
+
+def _gather(last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return last.gather(-1, ids.view(1, -1, 1).expand(last.shape[0], -1, 1))[..., 0]
+
+
+def logit_diff(task: ContrastiveTask, last: torch.Tensor, clean_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over pairs of answer logit minus distractor logit (just the answer logit without distractors)."""
+    value = _gather(last, task.answers)
+    if task.distractors is not None:
+        value = value - _gather(last, task.distractors)
+    return value.mean(-1)
+
+
+def prob_diff(task: ContrastiveTask, last: torch.Tensor, clean_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over pairs of p(answer) - p(distractor) at the last token."""
+    probs = last.softmax(-1)
+    value = _gather(probs, task.answers)
+    if task.distractors is not None:
+        value = value - _gather(probs, task.distractors)
+    return value.mean(-1)
+
+
+def kl_to_clean(task: ContrastiveTask, last: torch.Tensor, clean_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over pairs of KL(clean model || this run) at the last token (0 for the full model)."""
+    if clean_last is None:
+        raise ValueError("The KL metric needs the clean model's logits.")
+    log_q = last.log_softmax(-1)
+    log_p = clean_last.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+
+
+Metric = Callable[[ContrastiveTask, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "prob_diff": prob_diff, "kl": kl_to_clean}
+
+
+def get_metric(metric: str | Metric) -> Metric:
+    if callable(metric):
+        return metric
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a function.")
+    return METRICS[metric]
+
+
+def load_task(path: str | Path, model: Any, alignment: str | None = None) -> ContrastiveTask:
+    """Read a task JSON file: a list of pairs, or ``{"pairs": [...], "alignment": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No task file at {path}; write a JSON list of clean/corrupt/answer pairs.")
+    text = path.read_text().strip()
+    if not text:
+        raise ValueError(f"Task file {path} is empty; write a JSON list of clean/corrupt/answer pairs.")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Task file {path} is not valid JSON: {err}.") from err
+    if isinstance(data, dict):
+        alignment = data.get("alignment", alignment)
+        data = data.get("pairs")
+    if not isinstance(data, list):
+        raise ValueError(f"Task file {path} must hold a list of pairs (or an object with a 'pairs' list).")
+    return ContrastiveTask.from_pairs(model, data, alignment=alignment, source=f"task file {path}")
