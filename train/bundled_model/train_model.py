@@ -1,0 +1,219 @@
+"""Train the bundled model: a 4-layer Llama-architecture transformer on the standard library's source.
+
+Plain torch training loop over ``transformers.LlamaForCausalLM`` built from a config. Training windows
+are random slices of the tokenized training split, each starting with BOS (as every prompt does at
+inference). Deterministic for a given seed and thread count; checkpoints (model, optimizer, step, RNG
+state) are written atomically every ``--ckpt-every`` steps so an interrupted or longer run resumes.
+
+Usage (CPU, one thread, in the background)::
+
+    nohup python -m train.bundled_model.train_model --out pretrained/bundled > /tmp/bundled/train.log 2>&1 &
+
+``--out`` must already hold the tokenizer (see train_tokenizer.py); the model is saved beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train.bundled_model.build_corpus import FILE_SEPARATOR
+
+
+@dataclass
+class TrainConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_mlp: int = 384
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 3000
+    lr: float = 3e-3
+    min_lr_frac: float = 0.05
+    decay_frac: float = 0.25
+    warmup: int = 150
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 1
+    eval_every: int = 250
+    ckpt_every: int = 250
+    eval_batches: int = 20
+
+
+def llama_config(vocab_size: int, bos_id: int, cfg: TrainConfig):
+    """The Hugging Face config of the bundled model (tied input/output embeddings to save space)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=bos_id,
+        pad_token_id=bos_id,
+    )
+
+
+def tokenize_split(tokenizer, text_file: Path, cache: Path) -> torch.Tensor:
+    """Token ids of a whole split, ``[n_tokens]`` int16-safe ``int32``; cached beside the text."""
+    if cache.exists():
+        return torch.load(cache)
+    text = text_file.read_text(encoding="utf-8")
+    ids: list[int] = []
+    # Encode file by file (the separator is the BOS token) so no token crosses a file boundary.
+    bos = tokenizer.convert_tokens_to_ids(FILE_SEPARATOR)
+    for doc in text.split(FILE_SEPARATOR):
+        ids.append(bos)
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    tokens = torch.tensor(ids, dtype=torch.int32)
+    torch.save(tokens, cache)
+    return tokens
+
+
+def sample_batch(tokens: torch.Tensor, bos: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """``[batch, seq_len]`` windows at random offsets, each with BOS in front of ``seq_len - 1`` tokens."""
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=gen)
+    offsets = torch.arange(cfg.seq_len - 1)
+    body = tokens[starts[:, None] + offsets].long()
+    return torch.cat([torch.full((cfg.batch_size, 1), bos), body], dim=1)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warmup-stable-decay: linear warmup, constant ``lr``, then linear decay to ``min_lr_frac * lr``
+    over the last ``decay_frac`` of ``steps``.
+
+    The constant phase does not depend on ``steps``, so a run resumed with a different ``--steps``
+    (before its decay began) follows exactly the schedule a fresh run with that ``--steps`` would.
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, cfg.steps - decay_start))
+    return cfg.lr * (1 - (1 - cfg.min_lr_frac) * progress)
+
+
+@torch.no_grad()
+def eval_loss(model, tokens: torch.Tensor, bos: int, cfg: TrainConfig) -> float:
+    """Mean next-token loss on ``eval_batches`` fixed windows of ``tokens`` (same windows every call)."""
+    gen = torch.Generator().manual_seed(1234)
+    model.eval()
+    losses = [model(input_ids=(b := sample_batch(tokens, bos, cfg, gen)), labels=b).loss.item()
+              for _ in range(cfg.eval_batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
+    """Train (or resume) and save the model to ``out_dir``; return the final metrics."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    bos = tokenizer.convert_tokens_to_ids(FILE_SEPARATOR)
+    train_tokens = tokenize_split(tokenizer, corpus / "train.txt", work / "train_tokens.pt")
+    valid_tokens = tokenize_split(tokenizer, corpus / "valid.txt", work / "valid_tokens.pt")
+    print(f"tokens: train {len(train_tokens):,} valid {len(valid_tokens):,}", flush=True)
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(llama_config(len(tokenizer), bos, cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed, history = 0, 0.0, []
+    ckpt_path = work / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        step, elapsed, history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
+        if step > int(cfg.steps * (1 - cfg.decay_frac)) and ckpt["steps"] != cfg.steps:
+            raise ValueError(f"{ckpt_path} is at step {step}, inside the decay phase of a {ckpt['steps']}-step "
+                             f"run; resume it with --steps {ckpt['steps']}, or with --steps large enough "
+                             "that decay starts after this step.")
+        print(f"resumed at step {step}", flush=True)
+    print(f"params {n_params:,}; config {json.dumps(asdict(cfg))}", flush=True)
+
+    model.train()
+    t0 = time.time() - elapsed
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = sample_batch(train_tokens, bos, cfg, gen)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            print(f"step {step} loss {loss.item():.4f} lr {lr_at(step, cfg):.2e} "
+                  f"elapsed {time.time() - t0:.0f}s", flush=True)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v = eval_loss(model, valid_tokens, bos, cfg)
+            history.append({"step": step, "train_loss": loss.item(), "valid_loss": v,
+                            "elapsed_s": time.time() - t0})
+            print(f"eval step {step} valid_loss {v:.4f}", flush=True)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                          "step": step, "steps": cfg.steps, "elapsed": time.time() - t0, "history": history}, ckpt_path)
+
+    model.eval()
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    metrics = {
+        "params": n_params, "steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+        "train_tokens": len(train_tokens), "valid_tokens": len(valid_tokens),
+        "final_valid_loss": history[-1]["valid_loss"] if history else None,
+        "wall_s": time.time() - t0, "threads": cfg.threads, "config": asdict(cfg), "history": history,
+    }
+    (work / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}), flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("pretrained/bundled"))
+    parser.add_argument("--corpus", type=Path, default=Path("/tmp/bundled/corpus"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bundled/run"), help="token cache, checkpoints")
+    for name, field in TrainConfig.__dataclass_fields__.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
+    if not (args.out / "tokenizer.json").exists():
+        parser.error(f"{args.out} has no tokenizer.json; run train.bundled_model.train_tokenizer first.")
+    train(args.out, args.corpus, args.work, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
