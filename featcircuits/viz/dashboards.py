@@ -189,7 +189,7 @@ def _logit_effects(model: Any, dictionary: Any, feature_ids: torch.Tensor, n_log
             directions = directions * gain.detach()
         effects = directions @ W_U  # [chunk, d_vocab]
         top, bottom = effects.topk(n_logits, dim=-1), effects.topk(n_logits, dim=-1, largest=False)
-        for store, value in zip(results, (top.values, top.indices, bottom.values, bottom.indices)):
+        for store, value in zip(results, (top.values, top.indices, bottom.values, bottom.indices), strict=True):
             store.append(value)
     return tuple(torch.cat(store) for store in results)  # type: ignore[return-value]
 
@@ -301,8 +301,9 @@ def _entries_for(key: str, running: _RunningFeatureStats, logits: Any, vocabular
         }
         if logit_lists is not None:
             top_values, top_ids, bottom_values, bottom_ids = (lst[column] for lst in logit_lists)
-            entry["top_logits"] = [[vocabulary[t], round(v, 5)] for t, v in zip(top_ids, top_values)]
-            entry["bottom_logits"] = [[vocabulary[t], round(v, 5)] for t, v in zip(bottom_ids, bottom_values)]
+            entry["top_logits"] = [[vocabulary[t], round(v, 5)] for t, v in zip(top_ids, top_values, strict=True)]
+            entry["bottom_logits"] = [[vocabulary[t], round(v, 5)]
+                                      for t, v in zip(bottom_ids, bottom_values, strict=True)]
         else:
             entry["logit_note"] = "This dictionary does not write the residual stream's width; no logit effects."
         entries[dashboard_key(key, feature)] = entry

@@ -24,17 +24,19 @@ from typing import Any
 
 __all__ = ["load_graph_json", "graph_payload", "node_kind", "dashboard_key", "layout_positions"]
 
-KINDS = ("feature", "error", "embedding", "logit")
+KINDS = ("feature", "error", "embedding", "logit", "component")
 
 
 def load_graph_json(graph: Any) -> dict[str, Any]:
     """The graph as a JSON dict, from a dict, a path to a ``.json`` file, or an object exporting one.
 
-    Objects are accepted when they offer ``to_graph_json()`` / ``to_json_dict()`` / ``to_dict()``
-    returning the format above (the adapters for ``AttributionGraph`` and ``Circuit``).
+    Accepted: graph JSON (dict or file); a ``Circuit`` or its saved JSON (converted by
+    :func:`featcircuits.viz.adapters.circuit_to_graph_json`); any object with ``to_graph_json()``.
     """
+    from .adapters import circuit_to_graph_json, is_circuit_dict
+
     if isinstance(graph, dict):
-        return graph
+        return circuit_to_graph_json(graph) if is_circuit_dict(graph) else graph
     if isinstance(graph, (str, os.PathLike)):
         path = Path(graph)
         if not path.exists():
@@ -45,12 +47,15 @@ def load_graph_json(graph: Any) -> dict[str, Any]:
             raise ValueError(f"{path} is not valid JSON ({error}); re-export the graph.") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a graph object with nodes/links.")
-        return data
-    for method in ("to_graph_json", "to_json_dict", "to_dict"):
-        if callable(getattr(graph, method, None)):
-            return load_graph_json(getattr(graph, method)())
+        return load_graph_json(data)
+    if callable(getattr(graph, "to_graph_json", None)):
+        return load_graph_json(graph.to_graph_json())
+    if callable(getattr(graph, "to_dict", None)):
+        data = graph.to_dict()
+        if is_circuit_dict(data):
+            return circuit_to_graph_json(data)
     raise TypeError(
-        f"Cannot view a {type(graph).__name__}: pass a graph JSON dict, a path to one, or an object "
+        f"Cannot view a {type(graph).__name__}: pass a graph JSON dict, a path to one, a Circuit, or an object "
         "with to_graph_json()."
     )
 
@@ -64,6 +69,8 @@ def node_kind(feature_type: str, node_id: str = "?") -> str:
         return "embedding"
     if "logit" in text:
         return "logit"
+    if "component" in text:
+        return "component"  # a whole attention head or MLP (component-level circuits)
     if any(word in text for word in ("transcoder", "sae", "feature", "dictionary", "latent")):
         return "feature"
     raise ValueError(
@@ -93,7 +100,8 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[str, Any]:
+def graph_payload(graph_json: dict[str, Any], title: str | None = None,
+                  prompt_tokens: list[str] | None = None) -> dict[str, Any]:
     """The page's data: ``{"tokens", "rows", "nodes", "links", ...}`` with links as ``[src, dst, weight]``.
 
     Raises ``ValueError`` naming the node or link for a missing field, a duplicate node id, a link to an
@@ -103,7 +111,8 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[
         raise ValueError("A graph JSON needs a 'nodes' list (and 'links'); got keys "
                          f"{sorted(graph_json) if isinstance(graph_json, dict) else type(graph_json).__name__}.")
     metadata = graph_json.get("metadata") or {}
-    tokens = [str(token) for token in metadata.get("prompt_tokens") or []]
+    tokens = [str(token) for token in (prompt_tokens if prompt_tokens is not None
+                                       else metadata.get("prompt_tokens") or [])]
     raw_nodes, raw_links = graph_json.get("nodes") or [], graph_json.get("links") or []
 
     nodes, index_of = [], {}
@@ -117,7 +126,8 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[
         kind = node_kind(node["feature_type"], node_id)
         layer, ctx_idx = str(node["layer"]), int(node["ctx_idx"])
         feature = _feature_index(node) if kind == "feature" else None
-        token = tokens[ctx_idx] if 0 <= ctx_idx < len(tokens) else ""
+        # Negative positions (dataset-level graphs) count from the end of the prompt.
+        token = tokens[ctx_idx] if -len(tokens) <= ctx_idx < len(tokens) else ""
         clerp = str(node.get("clerp") or "")
         if kind == "feature":
             label = clerp or f"L{layer} #{feature}"
@@ -143,7 +153,7 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[
         try:
             source, target, weight = str(link["source"]), str(link["target"]), float(link["weight"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"Link #{position} needs 'source', 'target' and a numeric 'weight'; got {link!r}.")
+            raise ValueError(f"Link #{position} needs 'source', 'target' and a numeric 'weight'; got {link!r}.") from None
         for end in (source, target):
             if end not in index_of:
                 raise ValueError(f"Link #{position} ({source} -> {target}) refers to unknown node {end!r}.")
@@ -152,17 +162,22 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None) -> dict[
         links.append([index_of[source], index_of[target], weight])
 
     rows = _assign_rows(nodes)
-    n_columns = max([len(tokens)] + [node["pos"] + 1 for node in nodes])
+    n_columns = _assign_columns(nodes, len(tokens))
     return {
         "mode": "graph",
         "title": title or str(metadata.get("slug") or metadata.get("prompt") or "attribution graph"),
         "prompt": str(metadata.get("prompt") or ""),
-        "tokens": tokens + [""] * (n_columns - len(tokens)),
+        # Columns past the prompt (or all, when there is none) are labelled by their position.
+        "tokens": tokens + [f"@{_column_position(nodes, column)}" for column in range(len(tokens), n_columns)],
         "rows": rows,
         "nodes": nodes,
         "links": links,
         "n_feature_nodes": sum(node["kind"] == "feature" for node in nodes),
     }
+
+
+def _column_position(nodes: list[dict[str, Any]], column: int) -> int:
+    return next((node["pos"] for node in nodes if node["col"] == column), column)
 
 
 def _layer_order(layer: str) -> float:
@@ -174,7 +189,7 @@ def _layer_order(layer: str) -> float:
 
 def _assign_rows(nodes: list[dict[str, Any]]) -> list[str]:
     """Set ``node["row"]`` (0 = bottom) and return the row labels, bottom first."""
-    middle_layers = sorted({node["layer"] for node in nodes if node["kind"] in ("feature", "error")},
+    middle_layers = sorted({node["layer"] for node in nodes if node["kind"] in ("feature", "error", "component")},
                            key=_layer_order)
     labels = ["tokens"] + [f"L{layer}" for layer in middle_layers] + ["logits"]
     row_of_layer = {layer: row + 1 for row, layer in enumerate(middle_layers)}
@@ -188,8 +203,23 @@ def _assign_rows(nodes: list[dict[str, Any]]) -> list[str]:
     return labels
 
 
-def layout_positions(payload: dict[str, Any]) -> tuple[list[tuple[float, float]], list[float]]:
-    """Node centres ``(x, y)`` in column/row units (y = row, 0 at the bottom) and each column's centre.
+def _assign_columns(nodes: list[dict[str, Any]], n_tokens: int) -> int:
+    """Set ``node["col"]`` and return the column count.
+
+    Dataset-level graphs align prompts at their last token and number positions from the end (-1 is the
+    last): those count back from the last prompt token, or from the largest position when there are none.
+    """
+    positions = [node["pos"] for node in nodes]
+    shift = 0
+    if positions and min(positions) < 0:
+        shift = n_tokens if n_tokens + min(positions) >= 0 else -min(positions)
+    for node in nodes:
+        node["col"] = node["pos"] + shift if node["pos"] < 0 else node["pos"]
+    return max([n_tokens] + [node["col"] + 1 for node in nodes])
+
+
+def layout_positions(payload: dict[str, Any]) -> tuple[list[tuple[float, float]], list[float], float]:
+    """Node centres ``(x, y)`` in column/row units (y = row, 0 at the bottom), column centres, total width.
 
     Columns widen to fit their most crowded cell, so nodes sharing a layer and position sit side by side:
     the same rule the page's script uses.
@@ -197,7 +227,7 @@ def layout_positions(payload: dict[str, Any]) -> tuple[list[tuple[float, float]]
     n_columns = len(payload["tokens"])
     cells: dict[tuple[int, int], list[int]] = {}
     for index, node in enumerate(payload["nodes"]):
-        cells.setdefault((node["row"], node["pos"]), []).append(index)
+        cells.setdefault((node["row"], node["col"]), []).append(index)
     widths = [1.0] * n_columns
     for (_, column), members in cells.items():
         widths[column] = max(widths[column], 0.35 * len(members) + 0.3)
@@ -207,5 +237,5 @@ def layout_positions(payload: dict[str, Any]) -> tuple[list[tuple[float, float]]
         spacing = widths[column] / len(members)
         for slot, index in enumerate(members):
             positions[index] = (starts[column] + spacing * (slot + 0.5), float(row))
-    centres = [start + width / 2 for start, width in zip(starts, widths)]
-    return positions, centres
+    centres = [start + width / 2 for start, width in zip(starts, widths, strict=True)]
+    return positions, centres, sum(widths)

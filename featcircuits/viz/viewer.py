@@ -42,9 +42,10 @@ def load_dashboards(dashboards: Any) -> dict[str, Any]:
     return dashboards
 
 
-def viewer_payload(graph: Any, dashboards: Any = None, title: str | None = None) -> dict[str, Any]:
+def viewer_payload(graph: Any, dashboards: Any = None, title: str | None = None,
+                   prompt_tokens: list[str] | None = None) -> dict[str, Any]:
     """The data embedded in the page: the graph payload plus the dashboard entries of its feature nodes."""
-    payload = graph_payload(load_graph_json(graph), title=title)
+    payload = graph_payload(load_graph_json(graph), title=title, prompt_tokens=prompt_tokens)
     dashboard_data = load_dashboards(dashboards)
     features = dashboard_data.get("features", {})
     # Only the entries this graph shows travel with the page, so its size follows the graph, not the dictionary.
@@ -55,18 +56,20 @@ def viewer_payload(graph: Any, dashboards: Any = None, title: str | None = None)
     return payload
 
 
-def render_viewer_html(graph: Any, dashboards: Any = None, title: str | None = None) -> str:
+def render_viewer_html(graph: Any, dashboards: Any = None, title: str | None = None,
+                       prompt_tokens: list[str] | None = None) -> str:
     """The viewer page as a string (see :func:`write_viewer`)."""
-    payload = viewer_payload(graph, dashboards, title)
+    payload = viewer_payload(graph, dashboards, title, prompt_tokens)
     return build_page(payload, payload["title"])
 
 
-def write_viewer(graph: Any, path: str | os.PathLike, dashboards: Any = None, title: str | None = None) -> Path:
+def write_viewer(graph: Any, path: str | os.PathLike, dashboards: Any = None, title: str | None = None,
+                 prompt_tokens: list[str] | None = None) -> Path:
     """Write the viewer for ``graph`` to ``path`` (one HTML file, no network needed) and return the path.
 
-    ``graph``: a circuit-tracer / Neuronpedia graph JSON dict, a path to one, or an object exporting one
-    (``to_graph_json()``). ``dashboards``: optional ``FeatureDashboards``, dict or JSON path whose entries
-    fill the node cards.
+    ``graph``: a circuit-tracer / Neuronpedia graph JSON dict, a path to one, a ``Circuit`` (or its saved
+    JSON), or an object exporting graph JSON (``to_graph_json()``). ``dashboards``: optional ``FeatureDashboards``, dict or JSON path whose entries
+    fill the node cards. ``prompt_tokens`` labels the positions when the graph has none (circuits).
     """
-    payload = viewer_payload(graph, dashboards, title)
+    payload = viewer_payload(graph, dashboards, title, prompt_tokens)
     return write_page(payload, path, payload["title"])

@@ -1,5 +1,5 @@
 // featcircuits viewer: draws an attribution graph (mode "graph") or a set of feature dashboards
-// (mode "dashboards") from the JSON in <script id="fc-data">. Plain DOM + SVG, no dependencies.
+// (mode "dashboards") from the JSON in the fc-data script element. Plain DOM + SVG, no dependencies.
 // Every string from the data goes through textContent or setAttribute, never innerHTML, so token
 // strings cannot inject markup.
 (function () {
@@ -187,7 +187,7 @@
     var ROW_H = 84, GAP = 22, MIN_COL = 58, LEFT = 62, TOP = 20, BOTTOM = 96;
     var cells = {}, columnCount = tokens.length;
     nodes.forEach(function (node, index) {
-      var key = node.row + ":" + node.pos;
+      var key = node.row + ":" + node.col;
       (cells[key] = cells[key] || []).push(index);
     });
     var widths = [];
@@ -270,6 +270,7 @@
       if (node.kind === "feature") shape = svgEl("circle", {r: 7});
       else if (node.kind === "error") shape = svgEl("rect", {x: -6, y: -6, width: 12, height: 12});
       else if (node.kind === "embedding") shape = svgEl("rect", {x: -8, y: -6, width: 16, height: 12, rx: 3});
+      else if (node.kind === "component") shape = svgEl("rect", {x: -8, y: -8, width: 16, height: 16, rx: 5});
       else shape = svgEl("polygon", {points: "0,-9 9,0 0,9 -9,0"});
       shape.setAttribute("class", "fc-shape");
       group.appendChild(shape);

@@ -1,0 +1,96 @@
+"""Turn featcircuits objects into the graph JSON the viewer and the static renderer read.
+
+* ``Circuit`` (``featcircuits.circuits.Circuit``, or its saved JSON dict): its selected nodes and edges;
+  an edge's weight is its score and a node's influence its score. Node ids may be the library's
+  feature-level scheme (``"mlp3:1207@5"``, ``"attn1:error@5"``, ``"embed@5"``, ``"logit:42@-1"``) or
+  component ids (``"L3.H2"``, ``"L3.MLP"``, ``"embed"``, ``"logits"``).
+* Objects that export graph JSON themselves (``to_graph_json()``) are read through that.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+__all__ = ["is_circuit_dict", "circuit_to_graph_json"]
+
+_COMPONENT_RE = re.compile(r"^L(?P<layer>\d+)\.(?:H(?P<head>\d+)|MLP)$")
+_SITE_RE = re.compile(r"^(?P<kind>[a-z_]+?)(?P<layer>\d+)$")
+
+
+def is_circuit_dict(data: Any) -> bool:
+    """True for the dict a ``Circuit`` saves (``Circuit.to_dict``)."""
+    return isinstance(data, dict) and {"method", "level", "node_ids", "nodes"} <= set(data)
+
+
+def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[str, Any]:
+    """One circuit-tracer style node for a featcircuits node id (see featcircuits.graph.nodes)."""
+    base: dict[str, Any] = {"node_id": node_id, "jsNodeId": node_id, "influence": influence}
+    component = _COMPONENT_RE.match(node_id)
+    if component:
+        what = f"head {component.group('head')}" if component.group("head") is not None else "MLP"
+        return {**base, "feature": -1, "layer": component.group("layer"), "ctx_idx": 0,
+                "feature_type": "component", "clerp": f"L{component.group('layer')} {what}"}
+    if node_id == "embed":
+        return {**base, "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding", "clerp": "embeddings"}
+    if node_id == "logits":
+        return {**base, "feature": -1, "layer": str(n_layers + 1), "ctx_idx": 0, "feature_type": "logit",
+                "clerp": "logits", "is_target_logit": True}
+    if "@" not in node_id:
+        raise ValueError(f"Circuit node {node_id!r} is neither a component id (L3.H2, L3.MLP, embed, logits) nor a "
+                         "feature-level id (site:feature@pos, site:error@pos, embed@pos, logit:token@pos).")
+    head, _, pos_text = node_id.rpartition("@")
+    try:
+        pos = int(pos_text)
+    except ValueError:
+        raise ValueError(f"Circuit node {node_id!r} has a non-integer position {pos_text!r}.") from None
+    if head == "embed":
+        return {**base, "feature": pos, "layer": "E", "ctx_idx": pos, "feature_type": "embedding"}
+    kind, _, what = head.partition(":")
+    if kind in ("logit", "target"):
+        return {**base, "feature": int(what) if what.isdigit() else -1, "layer": str(n_layers + 1), "ctx_idx": pos,
+                "feature_type": "logit", "is_target_logit": True, "clerp": f"{kind} {what}"}
+    site = _SITE_RE.match(kind)
+    if not site or not what:
+        raise ValueError(f"Circuit node {node_id!r}: cannot read its site {kind!r} (expected e.g. mlp3, attn1).")
+    layer = site.group("layer")
+    if what == "error":
+        return {**base, "feature": -1, "layer": layer, "ctx_idx": pos, "feature_type": "mlp reconstruction error",
+                "clerp": f"{kind} error @{pos}"}
+    return {**base, "feature": int(what), "layer": layer, "ctx_idx": pos, "feature_type": f"{site.group('kind')} feature",
+            "clerp": f"{kind} #{what}"}
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def circuit_to_graph_json(circuit: Any, prompt_tokens: list[str] | None = None) -> dict[str, Any]:
+    """Graph JSON of a circuit's selection: ``{"metadata", "qParams", "nodes", "links"}``.
+
+    ``circuit``: a ``Circuit`` or its ``to_dict()``. Edges between selected nodes carry their score as
+    weight (0 where the method scored nodes only). ``prompt_tokens`` labels the positions.
+    """
+    data = circuit.to_dict() if hasattr(circuit, "to_dict") and not isinstance(circuit, dict) else circuit
+    if not is_circuit_dict(data):
+        raise ValueError("Not a circuit: expected a Circuit or the dict Circuit.to_dict() writes.")
+    node_ids_all, edge_ids_all = list(data["node_ids"]), [tuple(edge) for edge in data.get("edge_ids") or []]
+    node_score = dict(zip(node_ids_all, data.get("node_scores") or [None] * len(node_ids_all), strict=True))
+    edge_score = dict(zip(edge_ids_all, data.get("edge_scores") or [None] * len(edge_ids_all), strict=True))
+    selected_edges = [tuple(edge) for edge in data.get("edges") or []]
+    node_ids = list(dict.fromkeys([*data["nodes"], *(end for edge in selected_edges for end in edge)]))
+    layers = [int(match.group("layer")) for node_id in node_ids
+              if (match := re.match(r"^(?:L|[a-z_]+?)(?P<layer>\d+)[.:]", node_id))]
+    n_layers = max(layers, default=-1) + 1
+    nodes = [_graph_node(node_id, _finite(node_score.get(node_id)), n_layers) for node_id in node_ids]
+    links = [{"source": source, "target": target, "weight": _finite(edge_score.get((source, target))) or 0.0}
+             for source, target in selected_edges]
+    return {
+        "metadata": {"slug": f"{data['method']} circuit ({len(nodes)} nodes, {len(links)} edges)",
+                     "prompt_tokens": list(prompt_tokens or []), "prompt": "", "scan": "featcircuits",
+                     "transcoder_list": []},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
