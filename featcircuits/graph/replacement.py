@@ -268,6 +268,7 @@ class ReplacementModel:
         batch_size: int | None = None,
         return_acts: bool = False,
         output_deltas: dict[str, torch.Tensor] | None = None,
+        compute_logits: bool = True,
     ) -> ReplacementOutput:
         """Run the replacement model, optionally patched, over a batch of patch patterns.
 
@@ -282,6 +283,7 @@ class ReplacementModel:
             return_acts: also return every site's ``pre_acts`` and ``feature_acts``.
             output_deltas: (frozen runs) per site name or ``"embed"``, a tensor ``[batch, pos, d_model]``
                 added to the site output; build_graph takes gradients with respect to these.
+            compute_logits: skip the unembedding when False (``out.final`` is still returned).
         """
         feature_acts, errors, output_deltas = feature_acts or {}, errors or {}, output_deltas or {}
         for name in (*feature_acts, *errors):
@@ -299,7 +301,8 @@ class ReplacementModel:
             resid = self.model(tokens[None].expand(batch_size, -1), stop_at_layer=self.cfg.n_layers)
             final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
         out.final = final
-        out.logits = self.model.unembed(final)
+        if compute_logits:
+            out.logits = self.model.unembed(final)
         return out
 
     def _live_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):

@@ -1,0 +1,301 @@
+"""build_graph: exact direct-effect attribution graphs from batched backward passes.
+
+In the frozen replacement model (``ReplacementModel.run(..., clean=...)``) every target value (a
+feature's encoder pre-activation or a target read-out of the logits) is affine in the sources (feature
+activations, error vectors, embeddings). The edge ``source -> target`` is therefore
+
+    A[t, s] = (d target / d site_output) . (a_s * W_dec[s])        features (a_s W_dec is what s writes)
+    A[t, e] = (d target / d site_output) . error_vector             error nodes
+    A[t, p] = (d target / d resid_pre_0) . embedding                embedding nodes
+
+One forward pass is run on a batch of ``batch_size`` identical copies of the prompt with a zero
+"delta" added to every site output; each backward pass seeds a different target in every batch row
+(the encoder direction ``W_enc[:, f]`` at the target's input, or the target's read-out vector at the
+unembedding input) and one ``autograd.grad`` gives the gradient of all those targets at every site at
+once, which is contracted with the active decoder vectors. Feature rows are computed in order of
+estimated influence when ``max_feature_nodes`` caps them (as circuit-tracer does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .attribution_graph import EMBEDDING, ERROR, FEATURE, TARGET, AttributionGraph
+from .influence import normalize_adjacency
+from .replacement import CleanRun, ReplacementModel
+from .targets import Target, resolve_targets
+
+__all__ = ["build_graph", "estimate_graph_memory", "GraphTooLargeError"]
+
+
+
+class GraphTooLargeError(ValueError):
+    """The requested graph would need more memory than the budget allows."""
+
+
+def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_feature_rows: int,
+                          n_targets: int, batch_size: int) -> dict[str, int]:
+    """Bytes needed by :func:`build_graph`: the batched forward/backward, the row buffer, the adjacency."""
+    cfg = rm.cfg
+    itemsize = torch.finfo(cfg.dtype).bits // 8
+    per_token = cfg.n_layers * (16 * cfg.d_model + 4 * cfg.d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
+    per_token += len(rm.sites) * 2 * cfg.d_model  # deltas and their gradients
+    forward = 2 * batch_size * n_pos * per_token * itemsize
+    n_cols = n_active + (len(rm.sites) + 1) * n_pos
+    rows = (n_feature_rows + n_targets) * n_cols * 4
+    n_final = n_feature_rows + (len(rm.sites) + 1) * n_pos + n_targets
+    adjacency = n_final * n_final * 4
+    total = forward + rows + adjacency
+    return {"forward_backward": forward, "row_buffer": rows, "adjacency": adjacency, "total": total}
+
+
+def _as_replacement(model, dictionaries) -> ReplacementModel:
+    if isinstance(model, ReplacementModel):
+        return model
+    if dictionaries is None:
+        raise ValueError("build_graph needs dictionaries (or a ReplacementModel in place of the model).")
+    return ReplacementModel(model, dictionaries)
+
+
+class _RowComputer:
+    """One batched frozen forward; each call seeds up to ``batch`` targets and returns their rows."""
+
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, batch: int, feature_site: torch.Tensor,
+                 feature_pos: torch.Tensor, feature_id: torch.Tensor, feature_act: torch.Tensor) -> None:
+        self.rm, self.clean, self.batch = rm, clean, batch
+        self.feature_site, self.feature_pos, self.feature_id = feature_site, feature_pos, feature_id
+        n_pos, device, dtype = clean.n_pos, rm.cfg.device, rm.cfg.dtype
+        self.names = [site.name for site in rm.sites] + ["embed"]
+        self.deltas = {
+            name: torch.zeros(batch, n_pos, rm.cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+            for name in self.names
+        }
+        with torch.enable_grad():
+            self.out = rm.run(clean.tokens, clean=clean, batch_size=batch, output_deltas=self.deltas,
+                              compute_logits=False)
+        # what each source writes: decoder rows scaled by activations, error vectors, embeddings
+        self.n_active = int(feature_site.numel())
+        self.decoder_vectors = torch.empty(self.n_active, rm.cfg.d_model, device=device, dtype=dtype)
+        self.site_spans: dict[int, tuple[int, int]] = {}
+        for index, site in enumerate(rm.sites):
+            members = (feature_site == index).nonzero().squeeze(1)
+            if members.numel() == 0:
+                continue
+            start, end = int(members[0]), int(members[-1]) + 1
+            self.site_spans[index] = (start, end)
+            d = site.dictionary
+            self.decoder_vectors[start:end] = (
+                feature_act[start:end, None] * d.W_dec.detach()[feature_id[start:end]] / d.cfg.norm_scale
+            )
+        # (site index, position, start, end) of each run of features sharing a site and a position
+        keys = feature_site * n_pos + feature_pos
+        runs, counts = torch.unique_consecutive(keys, return_counts=True)
+        ends = counts.cumsum(0)
+        self.position_spans = [
+            (int(key) // n_pos, int(key) % n_pos, int(end - count), int(end))
+            for key, count, end in zip(runs.tolist(), counts.tolist(), ends.tolist(), strict=True)
+        ]
+        self.sources = torch.stack([clean.errors[site.name] for site in rm.sites])  # [n_sites, pos, d]
+        self.n_cols = self.n_active + (len(rm.sites) + 1) * n_pos
+
+    def rows(self, seeds: dict[str, torch.Tensor], final_seed: torch.Tensor | None, k: int) -> torch.Tensor:
+        """``[k, n_cols]`` rows for the ``k`` seeded batch rows; ``seeds`` per site ``[batch, pos, d_in]``."""
+        outputs = [self.out.inputs[name] for name in seeds] + ([self.out.final] if final_seed is not None else [])
+        grad_outputs = list(seeds.values()) + ([final_seed] if final_seed is not None else [])
+        inputs = [self.deltas[name] for name in self.names]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
+        n_pos = self.clean.n_pos
+        rows = torch.zeros(k, self.n_cols, device=self.sources.device, dtype=torch.float32)
+        zero = torch.zeros(k, n_pos, self.rm.cfg.d_model, device=rows.device, dtype=self.sources.dtype)
+        grads = [g[:k] if g is not None else zero for g in grads]
+        # Features of one site at one position are contiguous (sorted by site, pos, feature): one small
+        # matmul per (site, position) contracts exactly the needed gradients, with no gathered copies.
+        for index, p, lo, hi in self.position_spans:
+            rows[:, lo:hi] = grads[index][:, p] @ self.decoder_vectors[lo:hi].T
+        error_grads = torch.stack(grads[:-1], dim=1)  # [k, n_sites, pos, d]
+        rows[:, self.n_active:self.n_cols - n_pos] = (error_grads * self.sources[None]).sum(-1).reshape(k, -1)
+        rows[:, self.n_cols - n_pos:] = (grads[-1] * self.clean.embeddings[None]).sum(-1)
+        return rows
+
+    def feature_seeds(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoder directions of ``features`` (indices into the active list) at their sites' inputs."""
+        seeds: dict[str, torch.Tensor] = {}
+        row = torch.arange(features.numel(), device=features.device)
+        for index in self.feature_site[features].unique().tolist():
+            site = self.rm.sites[index]
+            member = self.feature_site[features] == index
+            d = site.dictionary
+            seed = torch.zeros_like(self.out.inputs[site.name])
+            chosen = features[member]
+            seed[row[member], self.feature_pos[chosen]] = (d.cfg.norm_scale * d.W_enc.detach()[:, self.feature_id[chosen]].T).to(seed.dtype)
+            seeds[site.name] = seed
+        return seeds
+
+
+def _partial_influence(rows: torch.Tensor, row_col: torch.Tensor, weights: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Influence on the targets of every column, from the rows computed so far (targets first)."""
+    normalized = normalize_adjacency(rows)
+    current = torch.zeros(rows.shape[0], device=rows.device)
+    current[: weights.numel()] = weights
+    influence = torch.zeros(n_cols, device=rows.device)
+    has_row = row_col >= 0
+    for _ in range(rows.shape[0] + 1):
+        column_values = current @ normalized
+        if not column_values.any():
+            break
+        influence += column_values
+        current = torch.zeros_like(current)
+        current[has_row] = column_values[row_col[has_row]]
+    return influence
+
+
+def build_graph(
+    model,
+    dictionaries: Sequence | None = None,
+    prompt: str | torch.Tensor | Sequence[int] = "",
+    targets: Sequence[int] | Sequence[Target] | None = None,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 256,
+    memory_budget_gb: float = 4.0,
+    progress: bool = True,
+) -> AttributionGraph:
+    """Attribution graph of one prompt.
+
+    Args:
+        model: a ``HookedTransformer`` (with ``dictionaries``) or a :class:`ReplacementModel`.
+        dictionaries: transcoders / SAEs to splice in (ignored when ``model`` is a ReplacementModel).
+        prompt: text or token ids ``[pos]``.
+        targets: None for the most probable next tokens (up to ``desired_logit_prob`` cumulative
+            probability, at most ``max_n_logits``); token ids; or :class:`Target` objects such as
+            ``logit_diff_target(model, answer, distractor)``.
+        max_feature_nodes: keep at most this many feature nodes, the most influential first.
+        batch_size: targets seeded per backward pass.
+        memory_budget_gb: refuse (before allocating) graphs whose estimated memory exceeds this.
+        progress: show a progress bar over attribution rows.
+    """
+    rm = _as_replacement(model, dictionaries)
+    clean = rm.clean_run(prompt)
+    n_pos = clean.n_pos
+    resolved = resolve_targets(rm.model, clean.logits[-1], targets, max_n_logits, desired_logit_prob)
+    for target in resolved:
+        if not -n_pos <= target.pos < n_pos:
+            raise ValueError(f"Target {target.name!r} is at position {target.pos}, outside the {n_pos}-token prompt.")
+    target_pos = torch.tensor([t.pos % n_pos for t in resolved], device=clean.tokens.device)
+    n_targets = len(resolved)
+
+    # active features in (site, pos, feature) order
+    site_parts, pos_parts, id_parts, act_parts = [], [], [], []
+    for index, site in enumerate(rm.sites):
+        if site.dictionary is None:
+            continue
+        acts = clean.feature_acts[site.name]
+        pos, feat = acts.nonzero(as_tuple=True)
+        site_parts.append(torch.full_like(pos, index))
+        pos_parts.append(pos)
+        id_parts.append(feat)
+        act_parts.append(acts[pos, feat])
+    device = clean.tokens.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    feature_site = torch.cat(site_parts) if site_parts else empty
+    feature_pos = torch.cat(pos_parts) if pos_parts else empty
+    feature_id = torch.cat(id_parts) if id_parts else empty
+    feature_act = torch.cat(act_parts) if act_parts else torch.zeros(0, device=device)
+    n_active = int(feature_site.numel())
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}.")
+    n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+    batch = max(1, min(batch_size, max(n_keep, n_targets)))
+
+    memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch)
+    if memory["total"] > memory_budget_gb * 2**30:
+        raise GraphTooLargeError(
+            f"This graph needs about {memory['total'] / 2**30:.2f} GiB ({n_active} active features, {n_pos} tokens; "
+            f"adjacency {memory['adjacency'] / 2**30:.2f} GiB, row buffer {memory['row_buffer'] / 2**30:.2f} GiB, "
+            f"forward/backward {memory['forward_backward'] / 2**30:.2f} GiB) but memory_budget_gb={memory_budget_gb}. "
+            "Lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget_gb."
+        )
+
+    computer = _RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act)
+    n_cols = computer.n_cols
+    row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
+    row_col = torch.full((n_targets + n_keep,), -1, dtype=torch.long, device=device)
+    bar = tqdm(total=n_targets + n_keep, desc="attribution rows", disable=not progress)
+
+    for start in range(0, n_targets, batch):  # target rows
+        chunk = resolved[start:start + batch]
+        seed = torch.zeros_like(computer.out.final)
+        seed[torch.arange(len(chunk)), target_pos[start:start + len(chunk)]] = torch.stack(
+            [t.vector for t in chunk]).to(seed.dtype)
+        row_buffer[start:start + len(chunk)] = computer.rows({}, seed, len(chunk))
+        bar.update(len(chunk))
+
+    weights = torch.tensor([t.weight for t in resolved], device=device, dtype=torch.float32)
+    visited = torch.zeros(n_active, dtype=torch.bool, device=device)
+    filled = n_targets
+    while filled < n_targets + n_keep:
+        if n_keep == n_active:
+            order = torch.arange(n_active, device=device)[filled - n_targets:]
+        else:  # most influential unvisited features first, re-ranked every few batches
+            influence = _partial_influence(row_buffer[:filled], row_col[:filled], weights, n_cols)[:n_active]
+            ranked = influence.argsort(descending=True)
+            order = ranked[~visited[ranked]][: min(4 * batch, n_targets + n_keep - filled)]
+        for lo in range(0, order.numel(), batch):
+            features = order[lo:lo + batch]
+            k = features.numel()
+            row_buffer[filled:filled + k] = computer.rows(computer.feature_seeds(features), None, k)
+            row_col[filled:filled + k] = features
+            visited[features] = True
+            filled += k
+            bar.update(k)
+    bar.close()
+    del computer
+
+    selected = visited.nonzero().squeeze(1)  # ascending: keeps (site, pos, feature) order
+    keep_cols = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
+    n_sites = len(rm.sites)
+    n_final = selected.numel() + (n_sites + 1) * n_pos + n_targets
+    adjacency = torch.zeros(n_final, n_final, device=device)
+    feature_rows = torch.full((n_active,), -1, dtype=torch.long, device=device)
+    feature_rows[row_col[n_targets:filled]] = torch.arange(n_targets, filled, device=device)
+    adjacency[: selected.numel(), : keep_cols.numel()] = row_buffer[feature_rows[selected]][:, keep_cols]
+    adjacency[n_final - n_targets:, : keep_cols.numel()] = row_buffer[:n_targets][:, keep_cols]
+    del row_buffer
+
+    positions = torch.arange(n_pos, device=device)
+    minus = torch.full((n_pos,), -1, dtype=torch.long, device=device)
+    node_keys = torch.cat([
+        torch.stack([torch.full_like(selected, FEATURE), feature_site[selected], feature_pos[selected],
+                     feature_id[selected]], dim=1),
+        torch.stack([torch.full((n_sites * n_pos,), ERROR, device=device),
+                     torch.arange(n_sites, device=device).repeat_interleave(n_pos), positions.repeat(n_sites),
+                     minus.repeat(n_sites)], dim=1),
+        torch.stack([torch.full_like(positions, EMBEDDING), minus, positions, minus], dim=1),
+        torch.stack([torch.full((n_targets,), TARGET, device=device), torch.full((n_targets,), -1, device=device),
+                     target_pos, torch.arange(n_targets, device=device)], dim=1),
+    ])
+    with torch.no_grad():
+        final = rm.run(clean.tokens, clean=clean, compute_logits=False).final[0]
+        target_values = torch.stack([final[p] @ t.vector + t.bias for t, p in zip(resolved, target_pos.tolist(), strict=True)])
+    activations = torch.cat([
+        feature_act[selected].float(),
+        torch.stack([clean.errors[site.name] for site in rm.sites]).norm(dim=-1).reshape(-1).float(),
+        clean.embeddings.norm(dim=-1).float(),
+        target_values.float(),
+    ])
+    prompt_text = prompt if isinstance(prompt, str) else ""
+    return AttributionGraph(
+        node_keys=node_keys, adjacency=adjacency, activations=activations, sites=[s.name for s in rm.sites],
+        targets=[_with_pos(t, p) for t, p in zip(resolved, target_pos.tolist(), strict=True)], tokens=clean.tokens,
+        prompt=prompt_text, n_active_features=n_active, replacement=rm, clean=clean,
+    )
+
+
+def _with_pos(target: Target, pos: int) -> Target:
+    return Target(target.name, target.vector, target.bias, pos=pos, weight=target.weight,
+                  is_logit=target.is_logit, token=target.token)
