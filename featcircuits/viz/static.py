@@ -50,21 +50,23 @@ def graph_to_dot(payload: dict[str, Any]) -> str:
     """
     nodes, links, rows = payload["nodes"], payload["links"], payload["rows"]
     lines = ["digraph circuit {", "  rankdir=BT; newrank=true; nodesep=0.15; ranksep=0.5;",
-             '  node [fontname="Helvetica", fontsize=9, style=filled, color=white];',
+             '  node [fontname="Helvetica", fontsize=8, shape=box, style="rounded,filled", color=white, '
+             'margin="0.05,0.02", height=0.22, width=0.3];',
              '  edge [arrowsize=0.4];']
     if not nodes:
         lines.append('  label="empty graph: no nodes"; fontname="Helvetica";')
-    shapes = {"feature": "circle", "error": "square", "embedding": "box", "logit": "diamond", "component": "box"}
+    # Boxes sized to their labels: circles would grow to fit the text and swamp the picture.
+    font_colours = {"feature": "black", "error": "white", "embedding": "white", "logit": "white", "component": "white"}
     by_row: dict[int, list[str]] = {}
     for index, node in enumerate(nodes):
         label = node["token"] if node["kind"] == "embedding" else node["label"]
         if node["kind"] == "embedding" and not str(label).strip():
             label = repr(label)  # whitespace-only tokens stay visible
-        attributes = [f"label={_dot_string(_short(label))}", f"shape={shapes[node['kind']]}",
+        attributes = [f"label={_dot_string(_short(label))}", f"fontcolor={font_colours[node['kind']]}",
                       f"fillcolor={_dot_string(KIND_COLOURS[node['kind']])}", 'class="fc-node"',
                       f"tooltip={_dot_string(node['id'])}"]
-        if node["kind"] in ("feature", "error", "component"):
-            attributes += ["width=0.3", "fixedsize=false", "fontsize=7"]
+        if node["kind"] in ("error", "embedding"):
+            attributes.append('style="filled"')
         lines.append(f"  n{index} [{', '.join(attributes)}];")
         by_row.setdefault(node["row"], []).append(f"n{index}")
     if nodes:
