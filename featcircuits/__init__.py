@@ -32,6 +32,11 @@ _LAZY: dict[str, str] = {
     "push_to_hub": "featcircuits.hub.publish",
     "check_dictionaries_match_model": "featcircuits.hub.checks",
     "list_releases": "featcircuits.hub.registry",
+    "write_viewer": "featcircuits.viz.viewer",
+    "compute_dashboards": "featcircuits.viz.dashboards",
+    "FeatureDashboards": "featcircuits.viz.dashboards",
+    "render_graph_image": "featcircuits.viz.static",
+    "plot_faithfulness_curves": "featcircuits.viz.curves",
 }
 
 __all__ = [

@@ -11,7 +11,14 @@ from typing import Any
 _LAZY: dict[str, str] = {
     "write_viewer": "featcircuits.viz.viewer",
     "render_viewer_html": "featcircuits.viz.viewer",
+    "load_dashboards": "featcircuits.viz.viewer",
     "load_graph_json": "featcircuits.viz.graph_data",
+    "circuit_to_graph_json": "featcircuits.viz.adapters",
+    "compute_dashboards": "featcircuits.viz.dashboards",
+    "FeatureDashboards": "featcircuits.viz.dashboards",
+    "render_graph_image": "featcircuits.viz.static",
+    "graph_to_dot": "featcircuits.viz.static",
+    "plot_faithfulness_curves": "featcircuits.viz.curves",
     "HeadlessChromium": "featcircuits.viz.browser",
     "find_chromium": "featcircuits.viz.browser",
 }
