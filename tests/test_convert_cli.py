@@ -121,3 +121,15 @@ def test_convert_through_the_installed_command_line(tmp_path):
     assert main(["convert", str(tmp_path / "dst"), str(tmp_path / "back"), "--to", "saelens"]) == 0
     converted = SAE.load_from_disk(str(tmp_path / "back"))
     assert max_output_difference(original, converted, torch.randn(8, D_MODEL)) == 0.0
+
+
+def test_dictionaries_on_one_hook_get_separate_directories(tmp_path, capsys):
+    originals = [randomised(topk_sae()) for _ in range(2)]
+    for index, original in enumerate(originals):
+        original.save_model(tmp_path / "src" / f"run{index}")
+    assert "converted 2 dictionaries" in convert(tmp_path / "src", tmp_path / "dst", "native", capsys)
+    converted = sorted(p.name for p in (tmp_path / "dst").iterdir())
+    assert converted == ["blocks.1.hook_resid_post", "blocks.1.hook_resid_post_1"]
+    x = torch.randn(5, D_MODEL)
+    for original, name in zip(originals, converted, strict=True):
+        assert torch.equal(load_dictionaries(tmp_path / "dst" / name)[0](x).reconstruction, original(x))

@@ -31,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     if target == "circuit_tracer" or len(dictionaries) == 1:
         save_dictionary(dictionaries if len(dictionaries) > 1 else dictionaries[0], dst, format=target)
     else:
+        used: set[str] = set()
         for index, dictionary in enumerate(dictionaries):
             name = (dictionary.cfg.hook_in or f"dictionary_{index}").replace("/", "_")
+            if name in used:  # e.g. an SAE and a transcoder reading the same hook
+                name = f"{name}_{index}"
+            used.add(name)
             save_dictionary(dictionary, dst / name, format=target)
     print(f"converted {len(dictionaries)} dictionar{'y' if len(dictionaries) == 1 else 'ies'} "
           f"from {source_format} to {target}: {dst}")

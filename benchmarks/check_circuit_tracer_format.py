@@ -1,0 +1,116 @@
+"""Load transcoder sets written by featcircuits with circuit-tracer's own loader and compare outputs.
+
+circuit-tracer pins transformers <= 4.57.3, so it lives in its own virtual environment; the test suite
+checks the layout without it (tests/test_formats_circuit_tracer.py). One-time setup (a CPU torch wheel):
+
+    python -m venv /tmp/ct-venv && /tmp/ct-venv/bin/pip install torch==2.13.0 circuit-tracer
+
+Then, from the repository root with featcircuits' own environment active:
+
+    python benchmarks/check_circuit_tracer_format.py [--ct-python /tmp/ct-venv/bin/python] [--out DIR]
+
+``write`` (featcircuits' env) saves random ReLU/JumpReLU/TopK, plain and skip, transcoder sets and the
+outputs featcircuits computes on random inputs; ``check`` (circuit-tracer's env, imports no featcircuits)
+loads each set with ``circuit_tracer.utils.caching.load_transcoders_from_cache`` and compares. Prints one
+line: the largest absolute difference in features and outputs over all sets and layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+D_MODEL, D_SAE, N_LAYERS, N_TOKENS = 64, 512, 5, 256  # stories260k's width and depth
+SETS = {  # name -> (kind, activation, k)
+    "relu": ("transcoder", "relu", None),
+    "relu_skip": ("skip_transcoder", "relu", None),
+    "jumprelu": ("transcoder", "jumprelu", None),
+    "jumprelu_skip": ("skip_transcoder", "jumprelu", None),
+    "topk": ("transcoder", "topk", 16),
+}
+
+
+def write(out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from featcircuits.dictionaries import Dictionary, DictionaryConfig
+    from featcircuits.dictionaries.io import save_dictionary
+
+    torch.manual_seed(0)
+    x = torch.randn(N_LAYERS, N_TOKENS, D_MODEL)
+    for name, (kind, activation, k) in SETS.items():
+        dictionaries = []
+        for layer in range(N_LAYERS):
+            cfg = DictionaryConfig(d_in=D_MODEL, d_sae=D_SAE, kind=kind, activation=activation, k=k, layer=layer,
+                                   hook_in=f"blocks.{layer}.ln2.hook_normalized",
+                                   hook_out=f"blocks.{layer}.hook_mlp_out", model_name="stories260k")
+            dictionary = Dictionary.from_config(cfg)
+            with torch.no_grad():
+                for param in dictionary.parameters():
+                    param.copy_(torch.randn_like(param) * 0.2)
+                if dictionary.threshold is not None:
+                    dictionary.threshold.uniform_(0.0, 0.5)
+                if activation == "topk":  # >= k positive pre-activations, where the two TopKs agree
+                    dictionary.b_enc.add_(5.0)
+            dictionaries.append(dictionary)
+        save_dictionary(dictionaries, out / name, format="circuit-tracer")
+        with torch.no_grad():
+            outputs = [d(x[layer]) for layer, d in enumerate(dictionaries)]
+        save_file({"x": x, "reconstruction": torch.stack([o.reconstruction for o in outputs]),
+                   "feature_acts": torch.stack([o.feature_acts for o in outputs])}, out / f"{name}.expected.safetensors")
+
+
+def check(out: Path) -> dict:
+    import torch
+    from circuit_tracer.utils.caching import load_transcoders_from_cache
+    from safetensors.torch import load_file
+
+    worst: dict = {"feature_acts": 0.0, "reconstruction": 0.0, "sets": []}
+    for name in SETS:
+        expected = load_file(out / f"{name}.expected.safetensors")
+        try:
+            transcoders, _ = load_transcoders_from_cache(name, cache_dir=out, device=torch.device("cpu"),
+                                                         lazy_encoder=False, lazy_decoder=False)
+        except Exception as err:  # e.g. an older circuit-tracer without TopK support
+            worst["sets"].append(f"{name}: not loadable ({type(err).__name__}: {err})")
+            continue
+        with torch.no_grad():
+            for layer, transcoder in enumerate(transcoders):
+                x = expected["x"][layer]
+                acts = transcoder.encode(x)
+                out_ = transcoder.decode(acts) + (transcoder.compute_skip(x) if transcoder.W_skip is not None else 0)
+                worst["feature_acts"] = max(worst["feature_acts"], float((acts - expected["feature_acts"][layer]).abs().max()))
+                worst["reconstruction"] = max(worst["reconstruction"],
+                                              float((out_ - expected["reconstruction"][layer]).abs().max()))
+        worst["sets"].append(f"{name}: {len(transcoders)} layers")
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", nargs="?", choices=["write", "check"], help="run one half only")
+    parser.add_argument("--out", type=Path, help="directory for the sets (default: a temporary one)")
+    parser.add_argument("--ct-python", default="/tmp/ct-venv/bin/python", help="python of the circuit-tracer venv")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="featcircuits-ct-"))
+    if args.step == "check":
+        print(json.dumps(check(out)))
+        return
+    write(out)
+    if args.step == "write":
+        return
+    result = subprocess.run([args.ct_python, __file__, "check", "--out", str(out)], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"circuit-tracer check failed in {args.ct_python}:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"circuit-tracer loader on featcircuits files ({'; '.join(report['sets'])}): max |diff| "
+          f"feature_acts {report['feature_acts']:.3g}, outputs {report['reconstruction']:.3g}")
+
+
+if __name__ == "__main__":
+    main()
