@@ -1,0 +1,162 @@
+"""Export attribution graphs: circuit-tracer / Neuronpedia graph JSON, and networkx.
+
+The JSON follows circuit-tracer's ``create_graph_files`` output (``featcircuits.graph.schema`` holds the
+schema): node ids ``"{layer}_{feature}_{pos}"`` for features, ``"err_{layer}_{pos}"`` for errors (circuit-tracer writes
+``"0_{layer}_{pos}"``, which can equal a layer-0 feature's id; the viewer treats ids as opaque keys),
+``"E_{token}_{pos}"`` for embeddings and ``"{n_layers + 1}_{token}_{pos}"`` for logits. ``layer`` is the
+block index when every site sits in its own block (transcoders only, or SAEs only); when two sites
+share a block (say a transcoder and an attention SAE) it is the site's index in forward order, so ids
+stay unique. Every node also carries ``featcircuits_id``, its id in featcircuits' own scheme.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .attribution_graph import EMBEDDING, ERROR, FEATURE, AttributionGraph
+from .nodes import site_layer
+from .prune import PruneResult, prune_graph
+from .schema import GraphFile
+
+__all__ = ["to_circuit_tracer_json", "write_circuit_tracer_json", "to_networkx", "export_layers"]
+
+
+def export_layers(graph: AttributionGraph) -> list[int]:
+    """Exported ``layer`` of each site (see the module docstring)."""
+    featured = sorted({int(s) for s in graph.node_keys[graph.mask(FEATURE), 1].tolist()})
+    blocks = [site_layer(name) for name in graph.sites]
+    featured_blocks = [blocks[i] for i in featured]
+    if len(set(featured_blocks)) == len(featured_blocks):
+        return blocks
+    return list(range(len(graph.sites)))
+
+
+def _token_strings(graph: AttributionGraph) -> list[str]:
+    if graph.tokens is None:
+        return [f"pos {p}" for p in sorted(set(graph.node_keys[:, 2].tolist()))]
+    tokenizer = getattr(getattr(graph.replacement, "model", None), "tokenizer", None)
+    ids = graph.tokens.tolist()
+    if tokenizer is None:
+        return [str(t) for t in ids]
+    return [tokenizer.decode([t]).replace("\n", "⏎").replace("\t", "→").replace("\r", "↵") for t in ids]
+
+
+def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-graph", node_threshold: float = 0.8,
+                           edge_threshold: float = 0.98, pruned: PruneResult | None = None,
+                           scan: str | None = None) -> dict:
+    """The graph, pruned (``prune_graph`` with the thresholds unless ``pruned`` is given), as a dict in
+    circuit-tracer's graph-file format, validated against its schema."""
+    result = pruned if pruned is not None else prune_graph(graph, node_threshold, edge_threshold)
+    layers = export_layers(graph)
+    logit_layer = str(max(layers) + 2)
+    keys = graph.node_keys.tolist()
+    ids, activations, cumulative = graph.node_ids, graph.activations.tolist(), result.cumulative.tolist()
+    tokens = graph.tokens.tolist() if graph.tokens is not None else None
+    token_text = _token_strings(graph)
+    kept = result.node_mask.nonzero().squeeze(1).tolist()
+    # dataset-level graphs count positions from the end (negative); the viewer wants 0-based positions
+    shift = -min(0, int(graph.node_keys[:, 2].min())) if graph.n_nodes else 0
+    first_target = True
+    nodes, export_id = [], {}
+    for i in kept:
+        kind, site, pos, index = keys[i]
+        pos += shift
+        common = {"ctx_idx": pos, "influence": cumulative[i], "featcircuits_id": ids[i]}
+        if kind == FEATURE:
+            layer = layers[site]
+            node = {"node_id": f"{layer}_{index}_{pos}", "feature": index, "layer": str(layer),
+                    "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{index}-0",
+                    "activation": activations[i], **common}
+        elif kind == ERROR:
+            layer = layers[site]
+            kind_name = graph.sites[site].rstrip("0123456789").split("_")[0]  # mlp, attn or resid
+            node = {"node_id": f"err_{layer}_{pos}", "feature": -1, "layer": str(layer),
+                    "feature_type": f"{kind_name} reconstruction error", "jsNodeId": f"{layer}_{pos}-0", **common}
+        elif kind == EMBEDDING:
+            token = tokens[pos] if tokens is not None else "pos"
+            node = {"node_id": f"E_{token}_{pos}", "feature": pos, "layer": "E", "feature_type": "embedding",
+                    "jsNodeId": f"E_{token}-{pos}", **common}
+        else:
+            target = graph.targets[index]
+            vocab = target.token if target.token is not None else index
+            label = target.name if target.token is None else _decode(graph, target.token)
+            prob = target.weight if target.is_logit else 0.0
+            node = {"node_id": f"{logit_layer}_{vocab}_{pos}", "feature": vocab, "layer": logit_layer,
+                    "feature_type": "logit", "token_prob": prob, "is_target_logit": first_target,
+                    "jsNodeId": f"L_{vocab}-{pos}", "clerp": f'Output "{label}" (p={prob:.3f})', **common}
+            first_target = False
+        export_id[i] = node["node_id"]
+        nodes.append(node)
+    masked = graph.adjacency * result.edge_mask
+    targets, sources = masked.nonzero(as_tuple=True)
+    weights = masked[targets, sources].tolist()
+    links = [{"source": export_id[s], "target": export_id[t], "weight": w}
+             for s, t, w in zip(sources.tolist(), targets.tolist(), weights, strict=True)
+             if s in export_id and t in export_id]
+    model = graph.replacement.model if graph.replacement is not None else None
+    featured = sorted({int(s) for s in graph.node_keys[graph.mask(FEATURE), 1].tolist()})
+    transcoders = [graph.sites[i] for i in featured]
+    data = {
+        "metadata": {
+            "slug": slug, "scan": scan or (model.cfg.model_name if model is not None else "featcircuits"),
+            "transcoder_list": transcoders, "prompt_tokens": token_text, "prompt": graph.prompt,
+            "node_threshold": node_threshold,
+        },
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": nodes,
+        "links": links,
+    }
+    GraphFile.model_validate(data)
+    return data
+
+
+def _decode(graph: AttributionGraph, token: int) -> str:
+    tokenizer = getattr(getattr(graph.replacement, "model", None), "tokenizer", None)
+    return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def write_circuit_tracer_json(graph: AttributionGraph, path: str | Path, **kwargs) -> dict:
+    """Write :func:`to_circuit_tracer_json` to ``path`` atomically (temporary file, then rename)."""
+    data = to_circuit_tracer_json(graph, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return data
+
+
+def to_networkx(graph: AttributionGraph, pruned: PruneResult | None = None):
+    """A ``networkx.DiGraph`` keyed by featcircuits node ids, edges source -> target with ``weight``;
+    node attributes ``kind, site, pos, feature, activation``. Only kept nodes/edges when ``pruned``."""
+    import networkx as nx
+
+    ids = graph.node_ids
+    keys = graph.node_keys.tolist()
+    activations = graph.activations.tolist()
+    kinds = ("feature", "error", "embedding", "target")
+    node_mask = pruned.node_mask if pruned is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
+    adjacency = graph.adjacency * pruned.edge_mask if pruned is not None else graph.adjacency
+    digraph = nx.DiGraph()
+    for i in node_mask.nonzero().squeeze(1).tolist():
+        kind, site, pos, index = keys[i]
+        digraph.add_node(ids[i], kind=kinds[kind], site=graph.sites[site] if site >= 0 else None, pos=pos,
+                         feature=index if kind == FEATURE else None, activation=activations[i])
+    targets, sources = adjacency.nonzero(as_tuple=True)
+    weights = adjacency[targets, sources].tolist()
+    keep = node_mask.tolist()
+    digraph.add_weighted_edges_from(
+        (ids[s], ids[t], w) for s, t, w in zip(sources.tolist(), targets.tolist(), weights, strict=True)
+        if keep[s] and keep[t]
+    )
+    return digraph
