@@ -238,3 +238,21 @@ def test_empty_circuit_and_graph_without_features(browser, tmp_path):
     assert browser.evaluate("document.querySelectorAll('.fc-node').length") == len(bare["nodes"])
     assert "no feature nodes" in browser.evaluate("document.querySelector('.fc-notice').textContent")
     assert browser.errors == [] and browser.dialogs == []
+
+
+def test_view_command_writes_page_and_picture(tmp_path, capsys):
+    from featcircuits.cli import main
+
+    graph = make_graph()
+    source = tmp_path / "graph.json"
+    source.write_text(json.dumps(graph))
+    assert main(["view", str(source), "-o", str(tmp_path / "graph.html"), "--image", str(tmp_path / "graph.svg")]) == 0
+    out = capsys.readouterr().out
+    n_features = sum(node["feature_type"] == "cross layer transcoder" for node in graph["nodes"])
+    assert f"{len(graph['nodes'])} nodes ({n_features} features), {len(graph['links'])} edges" in out
+    page = (tmp_path / "graph.html").read_text()
+    data = re.search(r'id="fc-data">(.*?)</script>', page, re.S).group(1)
+    assert len(json.loads(data)["nodes"]) == len(graph["nodes"])
+    assert (tmp_path / "graph.svg").read_text().lstrip().startswith("<?xml")
+    assert main(["view", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "No graph file" in capsys.readouterr().err
