@@ -4,6 +4,7 @@ client lays it out (models--org--name/{blobs,snapshots/<commit>,refs}), with HF_
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import types
@@ -129,6 +130,27 @@ def test_saelens_release_id_passes_through_to_saelens_registry(hub_cache, tmp_pa
     # load_dictionaries takes a release name as well as a path; this one lacks layers 1..11 in the cache.
     with pytest.raises(HubFileError, match="blocks.1.hook_resid_pre/cfg.json"):
         fc.load_dictionaries("gpt2-small-res-jb")
+
+
+def test_saelens_files_from_before_saelens_6_are_upgraded_by_saelens(hub_cache, tmp_path):
+    # The jb release predates sae-lens 6: a flat cfg.json with hook_point/hook_point_layer.
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    weights = {"W_enc": torch.randn(8, 24), "b_enc": torch.randn(24), "W_dec": torch.randn(24, 8), "b_dec": torch.randn(8)}
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "model_name": "gpt2-small", "hook_point": "blocks.2.hook_resid_pre", "hook_point_layer": 2,
+        "hook_point_head_index": None, "d_in": 8, "d_sae": 24, "dtype": "torch.float32", "device": "cpu",
+        "dataset_path": "Skylion007/openwebtext", "context_size": 128}))
+    write_cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted", "9" * 40,
+                          folder_files(folder, "blocks.2.hook_resid_pre"))
+    sae = fc.Dictionary.from_pretrained("gpt2-small-res-jb", "blocks.2.hook_resid_pre")
+    assert (sae.cfg.hook_in, sae.cfg.layer, sae.cfg.dataset) == ("blocks.2.hook_resid_pre", 2, "Skylion007/openwebtext")
+    x = torch.randn(5, 8)
+    expected = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) @ weights["W_dec"] + weights["b_dec"]
+    torch.testing.assert_close(sae(x).reconstruction, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gemma_transcoder_set_reads_gemma_scope_npz(hub_cache, tmp_path):
