@@ -4,6 +4,8 @@
   an edge's weight is its score and a node's influence its score. Node ids may be the library's
   feature-level scheme (``"mlp3:1207@5"``, ``"attn1:error@5"``, ``"embed@5"``, ``"logit:42@-1"``) or
   component ids (``"L3.H2"``, ``"L3.MLP"``, ``"embed"``, ``"logits"``).
+* ``AttributionGraph`` (``featcircuits.graph``): through the graph module's own circuit-tracer export,
+  ``featcircuits.graph.to_circuit_tracer_json`` (influence-pruned with its default thresholds).
 * Objects that export graph JSON themselves (``to_graph_json()``) are read through that.
 """
 
@@ -13,7 +15,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["is_circuit_dict", "circuit_to_graph_json"]
+__all__ = ["is_circuit_dict", "circuit_to_graph_json", "is_attribution_graph", "attribution_graph_to_graph_json"]
 
 _COMPONENT_RE = re.compile(r"^L(?P<layer>\d+)\.(?:H(?P<head>\d+)|MLP)$")
 _SITE_RE = re.compile(r"^(?P<kind>[a-z_]+?)(?P<layer>\d+)$")
@@ -22,6 +24,21 @@ _SITE_RE = re.compile(r"^(?P<kind>[a-z_]+?)(?P<layer>\d+)$")
 def is_circuit_dict(data: Any) -> bool:
     """True for the dict a ``Circuit`` saves (``Circuit.to_dict``)."""
     return isinstance(data, dict) and {"method", "level", "node_ids", "nodes"} <= set(data)
+
+
+def is_attribution_graph(graph: Any) -> bool:
+    """True for a ``featcircuits.graph.AttributionGraph`` (checked without importing the graph module)."""
+    return type(graph).__name__ == "AttributionGraph" and hasattr(graph, "node_keys") and hasattr(graph, "adjacency")
+
+
+def attribution_graph_to_graph_json(graph: Any, **export_options: Any) -> dict[str, Any]:
+    """Graph JSON of an ``AttributionGraph`` via ``featcircuits.graph.to_circuit_tracer_json``.
+
+    ``export_options`` go to that function (``node_threshold``, ``edge_threshold``, ``pruned``, ``slug``).
+    """
+    from featcircuits.graph.export import to_circuit_tracer_json
+
+    return to_circuit_tracer_json(graph, **export_options)
 
 
 def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[str, Any]:

@@ -30,10 +30,16 @@ KINDS = ("feature", "error", "embedding", "logit", "component")
 def load_graph_json(graph: Any) -> dict[str, Any]:
     """The graph as a JSON dict, from a dict, a path to a ``.json`` file, or an object exporting one.
 
-    Accepted: graph JSON (dict or file); a ``Circuit`` or its saved JSON (converted by
+    Accepted: graph JSON (dict or file); an ``AttributionGraph`` (exported by the graph module,
+    influence-pruned with its default thresholds); a ``Circuit`` or its saved JSON (converted by
     :func:`featcircuits.viz.adapters.circuit_to_graph_json`); any object with ``to_graph_json()``.
     """
-    from .adapters import circuit_to_graph_json, is_circuit_dict
+    from .adapters import (
+        attribution_graph_to_graph_json,
+        circuit_to_graph_json,
+        is_attribution_graph,
+        is_circuit_dict,
+    )
 
     if isinstance(graph, dict):
         return circuit_to_graph_json(graph) if is_circuit_dict(graph) else graph
@@ -48,6 +54,8 @@ def load_graph_json(graph: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"{path} holds a JSON {type(data).__name__}, not a graph object with nodes/links.")
         return load_graph_json(data)
+    if is_attribution_graph(graph):
+        return attribution_graph_to_graph_json(graph)
     if callable(getattr(graph, "to_graph_json", None)):
         return load_graph_json(graph.to_graph_json())
     if callable(getattr(graph, "to_dict", None)):
@@ -55,8 +63,8 @@ def load_graph_json(graph: Any) -> dict[str, Any]:
         if is_circuit_dict(data):
             return circuit_to_graph_json(data)
     raise TypeError(
-        f"Cannot view a {type(graph).__name__}: pass a graph JSON dict, a path to one, a Circuit, or an object "
-        "with to_graph_json()."
+        f"Cannot view a {type(graph).__name__}: pass a graph JSON dict, a path to one, an AttributionGraph, a "
+        "Circuit, or an object with to_graph_json()."
     )
 
 

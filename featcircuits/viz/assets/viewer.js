@@ -184,7 +184,7 @@
     app.appendChild(main);
 
     // Layout: columns widen to fit their most crowded (row, position) cell.
-    var ROW_H = 84, GAP = 22, MIN_COL = 58, LEFT = 62, TOP = 20, BOTTOM = 96;
+    var ROW_H = 84, GAP = 18, MIN_COL = 58, LEFT = 62, TOP = 20, BOTTOM = 96;
     var cells = {}, columnCount = tokens.length;
     nodes.forEach(function (node, index) {
       var key = node.row + ":" + node.col;
@@ -267,7 +267,7 @@
                               "data-node-id": node.id, "data-index": index,
                               transform: "translate(" + xs[index] + " " + ys[index] + ")"});
       var shape;
-      if (node.kind === "feature") shape = svgEl("circle", {r: 7});
+      if (node.kind === "feature") shape = svgEl("circle", {r: 6.5});
       else if (node.kind === "error") shape = svgEl("rect", {x: -6, y: -6, width: 12, height: 12});
       else if (node.kind === "embedding") shape = svgEl("rect", {x: -8, y: -6, width: 16, height: 12, rx: 3});
       else if (node.kind === "component") shape = svgEl("rect", {x: -8, y: -8, width: 16, height: 16, rx: 5});
