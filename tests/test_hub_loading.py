@@ -171,6 +171,37 @@ def test_gemma_transcoder_set_reads_gemma_scope_npz(hub_cache, tmp_path):
     torch.testing.assert_close(transcoder(x).reconstruction, expected)
 
 
+def test_saelens_conversion_functions_are_used_with_the_pinned_revision(hub_cache, tmp_path, monkeypatch):
+    # gemma-scope-2b-pt-transcoders goes through sae-lens's own gemma_2_transcoder loader. That loader
+    # hard-codes Gemma-2-2B's width (2304); shrink only its config so a small params.npz stands in.
+    import sae_lens.loading.pretrained_sae_loaders as loaders
+
+    real_config = loaders.get_gemma_2_transcoder_config_from_hf
+
+    def small_config(*args, **kwargs):
+        return {**real_config(*args, **kwargs), "d_in": 8, "d_out": 8, "d_sae": 16}
+
+    monkeypatch.setattr(loaders, "get_gemma_2_transcoder_config_from_hf", small_config)
+    rng = np.random.default_rng(1)
+    versions = []
+    for commit, refs in (("1" * 40, ("v0",)), ("2" * 40, ("main",))):
+        params = {"W_enc": rng.normal(size=(8, 16)), "W_dec": rng.normal(size=(16, 8)), "b_enc": rng.normal(size=16),
+                  "b_dec": rng.normal(size=8), "threshold": np.abs(rng.normal(size=16))}
+        params = {key: value.astype(np.float32) for key, value in params.items()}
+        np.savez(tmp_path / f"{commit[:4]}.npz", **params)
+        write_cached_snapshot(hub_cache, "google/gemma-scope-2b-pt-transcoders", commit,
+                              {"layer_0/width_16k/average_l0_76/params.npz": tmp_path / f"{commit[:4]}.npz"}, refs)
+        versions.append(params)
+    x = torch.randn(6, 8)
+    for revision, params in ((None, versions[1]), ("v0", versions[0])):
+        transcoder = fc.Dictionary.from_pretrained("gemma-scope-2b-pt-transcoders", "layer_0/width_16k/average_l0_76",
+                                                   revision=revision)
+        assert (transcoder.cfg.hook_in, transcoder.cfg.hook_out) == ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+        p = {key: torch.from_numpy(value) for key, value in params.items()}
+        pre = x @ p["W_enc"] + p["b_enc"]
+        torch.testing.assert_close(transcoder(x).reconstruction, (pre * (pre > p["threshold"])) @ p["W_dec"] + p["b_dec"])
+
+
 def test_gpt2_transcoders_read_transcoder_circuits_checkpoints(hub_cache, tmp_path):
     # Their checkpoints pickle a training-config object of their own package; build one the same way.
     module = types.ModuleType("sae_training.config")
