@@ -18,6 +18,7 @@ line: the largest absolute difference in features and outputs over all sets and 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def check(out: Path) -> dict:
     from safetensors.torch import load_file
 
     worst: dict = {"feature_acts": 0.0, "reconstruction": 0.0, "sets": []}
+    version = importlib.metadata.version("circuit-tracer")
     for name in SETS:
         expected = load_file(out / f"{name}.expected.safetensors")
         try:
@@ -79,15 +81,16 @@ def check(out: Path) -> dict:
         except Exception as err:  # e.g. an older circuit-tracer without TopK support
             worst["sets"].append(f"{name}: not loadable ({type(err).__name__}: {err})")
             continue
+        acts_diff = out_diff = 0.0
         with torch.no_grad():
             for layer, transcoder in enumerate(transcoders):
                 x = expected["x"][layer]
-                acts = transcoder.encode(x)
-                out_ = transcoder.decode(acts) + (transcoder.compute_skip(x) if transcoder.W_skip is not None else 0)
-                worst["feature_acts"] = max(worst["feature_acts"], float((acts - expected["feature_acts"][layer]).abs().max()))
-                worst["reconstruction"] = max(worst["reconstruction"],
-                                              float((out_ - expected["reconstruction"][layer]).abs().max()))
-        worst["sets"].append(f"{name}: {len(transcoders)} layers")
+                acts_diff = max(acts_diff, float((transcoder.encode(x) - expected["feature_acts"][layer]).abs().max()))
+                # SingleLayerTranscoder.forward: decode plus the skip path
+                out_diff = max(out_diff, float((transcoder(x) - expected["reconstruction"][layer]).abs().max()))
+        worst["sets"].append(f"{name}: {len(transcoders)} layers, max |diff| acts {acts_diff:.3g} out {out_diff:.3g}")
+        worst["feature_acts"], worst["reconstruction"] = max(worst["feature_acts"], acts_diff), max(worst["reconstruction"], out_diff)
+    worst["version"] = version
     return worst
 
 
@@ -108,8 +111,7 @@ def main() -> None:
     if result.returncode != 0:
         sys.exit(f"circuit-tracer check failed in {args.ct_python}:\n{result.stderr[-3000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"circuit-tracer loader on featcircuits files ({'; '.join(report['sets'])}): max |diff| "
-          f"feature_acts {report['feature_acts']:.3g}, outputs {report['reconstruction']:.3g}")
+    print(f"circuit-tracer {report['version']} loading featcircuits files: {'; '.join(report['sets'])}")
 
 
 if __name__ == "__main__":

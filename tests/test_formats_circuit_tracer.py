@@ -84,11 +84,11 @@ def test_written_set_has_circuit_tracer_layout_and_outputs(tmp_path, kind, activ
             expected["W_skip"] = (D_MODEL, D_MODEL)
         if activation in ("jumprelu", "batchtopk"):
             expected["activation_function.threshold"] = (D_SAE,)
-        if activation == "topk":
-            expected["k"] = ()
+        # No "k" tensor even for TopK: circuit-tracer's load_transcoder loads every tensor into the module
+        # strictly (load_state_dict), so k lives in config.yaml only.
         assert {name: tuple(t.shape) for name, t in tensors.items()} == expected
         if activation == "topk":
-            assert int(tensors["k"]) == k
+            assert config["k"] == k
             # Encoder bias shifted up so every token has >= k positive pre-activations: there circuit-tracer's
             # TopK (no ReLU) and ours agree; the format module's docstring states the difference.
             with torch.no_grad():
@@ -137,6 +137,20 @@ def test_reads_circuit_tracer_cache_layout(tmp_path):
         reference_out, reference_acts = circuit_tracer_forward({}, tensors, x)
         assert torch.equal(loaded.encode(x), reference_acts)
         assert torch.equal(loaded(x).reconstruction, reference_out)
+
+
+def test_reads_k_from_the_file_when_the_yaml_lacks_it(tmp_path):
+    """``SingleLayerTranscoder.to_safetensors`` stores TopK's k as a scalar tensor ``k``."""
+    save_dictionary(make_set("transcoder", "topk", 5), tmp_path, format="circuit-tracer")
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del config["k"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="topk but gives no k"):
+        load_dictionaries(tmp_path)
+    for layer in range(N_LAYERS):
+        file = tmp_path / f"layer_{layer}.safetensors"
+        save_file({**load_file(file), "k": torch.tensor(5)}, file)
+    assert [d.cfg.k for d in load_dictionaries(tmp_path)] == [5] * N_LAYERS
 
 
 def test_sets_circuit_tracer_cannot_hold_are_refused(tmp_path):

@@ -207,3 +207,18 @@ def test_topk_transcoder_has_no_saelens_architecture(tmp_path):
     with pytest.raises(ValueError, match="sae-lens has no architecture for a transcoder with topk"):
         save_dictionary(ours, tmp_path / "out", format="saelens")
     assert not (tmp_path / "out" / "cfg.json").exists()
+
+
+@pytest.mark.parametrize("name", ["topk", "jumprelu", "skip_transcoder"])
+def test_bit_identical_at_realistic_width(tmp_path, name):
+    """At widths in the hundreds a fused addmm rounds differently from sae-lens' matmul + bias; we match it."""
+    d_in, d_sae = 64, 1024  # stories260k's d_model, a 16x dictionary
+    meta = metadata(transcoder=name == "skip_transcoder")
+    reference = {
+        "topk": lambda: TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=32, metadata=meta)),
+        "jumprelu": lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta)),
+        "skip_transcoder": lambda: SkipTranscoder(SkipTranscoderConfig(
+            d_in=d_in, d_sae=d_sae, d_out=d_in, apply_b_dec_to_input=False, metadata=meta)),
+    }[name]()
+    randomise(reference).save_model(tmp_path)
+    assert_same_outputs(load_dictionary(tmp_path), reference, torch.randn(4, 128, d_in))

@@ -82,9 +82,9 @@ class Dictionary(nn.Module):
             x = x * self.cfg.norm_scale
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return torch.addmm(self.b_enc, x.reshape(-1, self.cfg.d_in), self.W_enc).reshape(
-            *x.shape[:-1], self.cfg.d_sae
-        )
+        # Matmul then bias add, as sae-lens computes it: a fused addmm rounds differently once d_in or
+        # d_sae is in the hundreds, and converted dictionaries must give bit-identical outputs.
+        return x @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., d_in] -> [..., d_sae]`` feature activations."""
@@ -92,8 +92,7 @@ class Dictionary(nn.Module):
 
     def decode(self, feature_acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., d_sae] -> [..., d_out]``; a skip transcoder also needs its input ``x`` ``[..., d_in]``."""
-        out = torch.addmm(self.b_dec, feature_acts.reshape(-1, self.cfg.d_sae), self.W_dec)
-        out = out.reshape(*feature_acts.shape[:-1], self.cfg.d_out)
+        out = feature_acts @ self.W_dec + self.b_dec  # not addmm: see pre_acts
         if self.W_skip is not None:
             if x is None:
                 raise ValueError("A skip transcoder's decode needs the input x for its W_skip path.")

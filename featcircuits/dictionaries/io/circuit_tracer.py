@@ -216,8 +216,8 @@ def layer_tensors(dictionary: Dictionary) -> dict[str, torch.Tensor]:
             raise ValueError(f"The transcoder at {dictionary.cfg.hook_in!r} has negative thresholds, which circuit-tracer's "
                              "JumpReLU (x * (x > t)) would let through as negative activations.")
         tensors[THRESHOLD] = threshold
-    if activation == "topk":
-        tensors["k"] = torch.tensor(dictionary.cfg.k)
+    # k goes in config.yaml only: circuit-tracer's load_transcoder loads every tensor of the file into the
+    # module strictly, and a tensor named "k" is not one of its parameters.
     return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
 
 

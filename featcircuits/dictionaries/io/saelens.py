@@ -98,8 +98,12 @@ def _norm_scale(path: Path, data: dict[str, Any]) -> float:
 def config_from_saelens(path: Path, data: dict[str, Any]) -> DictionaryConfig:
     """Map a sae-lens ``cfg.json`` (version 6 layout) onto a DictionaryConfig."""
     source = path / CONFIG_FILE
+    missing = [key for key in ("d_in", "d_sae") if key not in data]
+    if missing:
+        raise ValueError(f"{source} lacks required field(s) {missing}; it is not a complete sae-lens config.")
     version = str((data.get("metadata") or {}).get("sae_lens_version") or data.get("sae_lens_version") or "")
-    if not version or int(version.split(".")[0]) < 6:
+    major = re.match(r"\d+", version)
+    if not major or int(major.group()) < 6:
         raise ValueError(f"{source} was written by sae-lens {version or '< 6'}; load it with sae-lens >= 6 and "
                          "save it again (sae.save_model) to get the current layout.")
     architecture = data.get("architecture", "standard")
