@@ -241,7 +241,9 @@ def test_push_without_token_uploads_nothing(fake_hub, tmp_path):
         push_to_hub(run_dir, "tester/tiny-transcoders", endpoint=fake_hub.url)
     with pytest.raises(HubAuthError, match="rejected the token"):
         push_to_hub(run_dir, "tester/tiny-transcoders", token="hf_wrong", endpoint=fake_hub.url)
-    assert all(method == "GET" and path.startswith("/api/whoami-v2") for method, path in fake_hub.requests)
+    # Only reads reached the server (the token check; huggingface_hub may also GET its own client metadata).
+    assert {method for method, _ in fake_hub.requests} == {"GET"}, fake_hub.requests
+    assert ("GET", "/api/whoami-v2") in fake_hub.requests
     assert not fake_hub.created and not fake_hub.commits and not fake_hub.lfs_blobs
 
 
@@ -257,3 +259,12 @@ def test_push_command_dry_run_and_upload(fake_hub, tmp_path, capsys):
     assert "pushed to tester/cli-repo" in capsys.readouterr().out
     assert set(fake_hub.commits[0]["files"]) == {p.relative_to(tmp_path / "dry").as_posix()
                                                  for p in (tmp_path / "dry").rglob("*") if p.is_file()}
+
+
+def test_push_in_offline_mode_is_refused_before_anything(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run_dir, _ = trained_folder(tmp_path)
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE=1 is set"):
+        push_to_hub(run_dir, "tester/tiny-transcoders", token=TOKEN)

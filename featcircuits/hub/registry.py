@@ -151,7 +151,8 @@ def _saelens_entries(saelens_release: str) -> tuple[SaelensRelease, dict[str, Di
     for item in lookup.saes:
         sae_id, path = str(item["id"]), str(item["path"])
         metrics = {key: float(item[key]) for key in ("l0", "variance_explained") if item.get(key) is not None}
-        entries[sae_id] = DictionaryEntry(sae_id, path, _layer_from(sae_id) or _layer_from(path), metrics)
+        layer = _layer_from(sae_id)
+        entries[sae_id] = DictionaryEntry(sae_id, path, layer if layer is not None else _layer_from(path), metrics)
     return lookup, entries
 
 
