@@ -248,7 +248,7 @@ def test_unknown_release_and_id_list_close_matches():
         fc.Dictionary.from_pretrained("gpt2-small-res-j", "blocks.0.hook_resid_pre")
     with pytest.raises(UnknownReleaseError, match="no dictionary 'blocks.0.hook_resid_prе'.*Did you mean 'blocks.0.hook_resid_pre'"):
         fc.Dictionary.from_pretrained("gpt2-small-res-jb", "blocks.0.hook_resid_prе")
-    with pytest.raises(UnknownReleaseError, match="Did you mean 'gemma-2-2b-transcoders'"):
+    with pytest.raises(FileNotFoundError, match="path does not exist, nor is it a release.*Did you mean 'gemma-2-2b-transcoders'"):
         fc.load_dictionaries("gemma-2-2b-transcoder")
 
 

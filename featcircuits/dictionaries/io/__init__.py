@@ -52,8 +52,12 @@ def load_dictionaries(path: str | Path, device: str | torch.device = "cpu", form
     """
     if isinstance(path, str) and "/" not in path and not path.startswith((".", "~")) and not Path(path).exists():
         from ...hub.loading import load_release
+        from ...hub.registry import UnknownReleaseError
 
-        return load_release(path, revision=revision, device=device)
+        try:
+            return load_release(path, revision=revision, device=device)
+        except UnknownReleaseError as err:
+            raise FileNotFoundError(f"No dictionary at {path}: the path does not exist, nor is it a release. {err}") from None
     path = Path(path)
     if format is None:
         try:
