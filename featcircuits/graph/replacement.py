@@ -183,7 +183,7 @@ class ReplacementModel:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("The prompt is empty; give some text (or token ids) to attribute.")
-            tokens = self.model.to_tokens(prompt)[0]
+            tokens = self.model.to_tokens(prompt, truncate=False)[0]
         else:
             tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
             if tokens.numel() == 0:

@@ -1,0 +1,88 @@
+"""featcircuits graph --model PATH --dictionaries DIR --prompt TEXT --out GRAPH.json [--verify N]"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Build an exact attribution graph for a prompt and write it as circuit-tracer / Neuronpedia JSON."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory or TransformerLens name")
+    parser.add_argument("--dictionaries", required=True,
+                        help="directory of dictionaries (one sub-directory each, any supported format) "
+                             "or a registry release name")
+    parser.add_argument("--prompt", required=True, help="the text to attribute")
+    parser.add_argument("--out", required=True, help="output graph JSON file")
+    parser.add_argument("--target", type=int, action="append", default=None,
+                        help="target token id (repeatable); default: the most probable next tokens")
+    parser.add_argument("--verify", type=int, default=0, metavar="N",
+                        help="check N sampled source nodes by intervention; prints max_rel_error")
+    parser.add_argument("--node-threshold", type=float, default=0.8, help="influence pruning: node fraction")
+    parser.add_argument("--edge-threshold", type=float, default=0.98, help="influence pruning: edge fraction")
+    parser.add_argument("--max-feature-nodes", type=int, default=None, help="cap on feature nodes")
+    parser.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    parser.add_argument("--memory-budget-gb", type=float, default=4.0, help="refuse larger graphs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--slug", default=None, help="graph slug in the JSON metadata (default: file name)")
+
+
+def _load_dictionaries(spec: str, device: str):
+    from pathlib import Path
+
+    from ..dictionaries import load_dictionaries
+
+    if Path(spec).exists():
+        return load_dictionaries(spec, device=device)
+    try:
+        from ..hub.loading import load_release
+    except ImportError as err:  # the hub module is optional in stripped installs
+        raise FileNotFoundError(f"No dictionary directory at {spec}.") from err
+    try:
+        return list(load_release(spec, device=device))
+    except KeyError as err:
+        raise FileNotFoundError(
+            f"{spec} is neither a dictionary directory nor a known registry release ({err})."
+        ) from err
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from ..graph import (
+        ReplacementModel,
+        apply_prune,
+        build_graph,
+        graph_scores,
+        prune_graph,
+        verify,
+        write_circuit_tracer_json,
+    )
+    from ..models import load_model
+
+    started = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+    dictionaries = _load_dictionaries(args.dictionaries, args.device)
+    if isinstance(dictionaries, dict):
+        dictionaries = list(dictionaries.values())
+    replacement = ReplacementModel(model, dictionaries)
+    graph = build_graph(replacement, prompt=args.prompt, targets=args.target, max_feature_nodes=args.max_feature_nodes,
+                        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb)
+    built = time.perf_counter()
+    print(f"graph: {graph.n_nodes} nodes ({graph.n_features} features of {graph.n_active_features} active, "
+          f"{graph.count(1)} errors, {graph.count(2)} embeddings, {graph.count(3)} targets), {graph.n_edges} edges "
+          f"in {built - started:.1f}s")
+    print(f"full graph: {graph_scores(graph)}")
+    pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)
+    print(f"pruned (node_threshold={args.node_threshold}, edge_threshold={args.edge_threshold}): "
+          f"{pruned.n_nodes} nodes, {pruned.n_edges} edges; {graph_scores(apply_prune(graph, pruned))}")
+    out = Path(args.out)
+    write_circuit_tracer_json(graph, out, slug=args.slug or out.stem, node_threshold=args.node_threshold,
+                              edge_threshold=args.edge_threshold, pruned=pruned)
+    print(f"wrote {out}")
+    if args.verify:
+        result = verify(graph, n_sources=args.verify)
+        print(f"verified {result.n_sources} sources x {result.n_targets} targets by intervention")
+        print(f"max_rel_error={result.max_rel_error:.3g}")
+    return 0
