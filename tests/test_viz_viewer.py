@@ -249,7 +249,7 @@ def test_view_command_writes_page_and_picture(tmp_path, capsys):
     assert main(["view", str(source), "-o", str(tmp_path / "graph.html"), "--image", str(tmp_path / "graph.svg")]) == 0
     out = capsys.readouterr().out
     n_features = sum(node["feature_type"] == "cross layer transcoder" for node in graph["nodes"])
-    assert f"{len(graph['nodes'])} nodes ({n_features} features), {len(graph['links'])} edges" in out
+    assert f"{len(graph['nodes'])} nodes ({n_features} features, 0 with dashboard entries), {len(graph['links'])} edges" in out
     page = (tmp_path / "graph.html").read_text()
     data = re.search(r'id="fc-data">(.*?)</script>', page, re.S).group(1)
     assert len(json.loads(data)["nodes"]) == len(graph["nodes"])

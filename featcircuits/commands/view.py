@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     payload = viewer_payload(args.graph, args.dashboards, args.title)
     path = write_page(payload, args.output, payload["title"])
-    print(f"wrote {path}: {len(payload['nodes'])} nodes ({payload['n_feature_nodes']} features), "
-          f"{len(payload['links'])} edges, {len(payload['dashboards'])} feature cards with dashboards")
+    with_cards = sum(node["dash_key"] in payload["dashboards"] for node in payload["nodes"] if node["dash_key"])
+    print(f"wrote {path}: {len(payload['nodes'])} nodes ({payload['n_feature_nodes']} features, {with_cards} with "
+          f"dashboard entries), {len(payload['links'])} edges")
     if args.image:
         from ..viz.static import find_dot, render_graph_image
 
@@ -36,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             with HeadlessChromium() as browser:
                 browser.open(path)
+                # Widen the window to the whole graph (plus the card panel) so the picture shows all of it.
+                size = browser.evaluate("(() => { const g = document.getElementById('fc-graph');"
+                                        " return g ? [g.width.baseVal.value, g.height.baseVal.value] : [0, 0]; })()")
+                browser.resize(min(max(1280, size[0] + 440), 8000), min(max(860, size[1] + 200), 8000))
                 shot = browser.screenshot(args.screenshot)
                 problems = browser.errors
         except BrowserError as error:

@@ -87,8 +87,7 @@ class HeadlessChromium:
         self._socket = websocket.create_connection(page_url, timeout=self.timeout, suppress_origin=True)
         for domain in ("Page", "Runtime", "Log"):
             self.send(f"{domain}.enable")
-        self.send("Emulation.setDeviceMetricsOverride",
-                  width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
+        self.resize(self.width, self.height)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -197,6 +196,12 @@ class HeadlessChromium:
             if time.monotonic() > deadline:
                 raise BrowserError(f"The page never became ready ({ready_expression}); errors: {self.errors}")
             time.sleep(0.05)
+
+    def resize(self, width: int, height: int) -> None:
+        """Change the viewport size (CSS pixels)."""
+        self.width, self.height = int(width), int(height)
+        self.send("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height, deviceScaleFactor=1,
+                  mobile=False)
 
     def evaluate(self, expression: str) -> Any:
         """Value of a JavaScript expression in the page (JSON-serialisable results only)."""

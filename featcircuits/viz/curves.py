@@ -20,6 +20,8 @@ from typing import Any
 
 from featcircuits.dictionaries.io.common import atomic_path
 
+from .page import make_readable
+
 __all__ = ["plot_faithfulness_curves", "curve_from_evaluation"]
 
 
@@ -117,4 +119,5 @@ def plot_faithfulness_curves(
             raise ValueError(f"Cannot tell the image format of {path.name!r}; use .png, .svg or .pdf.")
         with atomic_path(path) as tmp:
             figure.savefig(tmp, format=fmt, dpi=150)
+            make_readable(tmp)
     return figure

@@ -29,7 +29,7 @@ import torch
 from featcircuits.dictionaries.io.common import atomic_path
 
 from .graph_data import dashboard_key
-from .page import write_page
+from .page import make_readable, write_page
 
 __all__ = ["FeatureDashboards", "compute_dashboards"]
 
@@ -56,6 +56,7 @@ class FeatureDashboards:
         path = Path(path)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_json_dict(), ensure_ascii=False, allow_nan=False), encoding="utf-8")
+            make_readable(tmp)
         return path
 
     @classmethod

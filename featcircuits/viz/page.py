@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,15 @@ from typing import Any
 
 from featcircuits.dictionaries.io.common import atomic_path
 
-__all__ = ["build_page", "write_page", "json_for_script"]
+__all__ = ["build_page", "write_page", "json_for_script", "make_readable"]
+
+
+def make_readable(path: Path) -> None:
+    """Give a freshly written temporary file the usual permissions (it is created private, 0600): pages
+    and pictures are meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @cache
@@ -50,4 +59,5 @@ def write_page(payload: dict[str, Any], path: str | Path, title: str) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(build_page(payload, title), encoding="utf-8")
+        make_readable(tmp)
     return path

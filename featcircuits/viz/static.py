@@ -18,6 +18,7 @@ from typing import Any
 from featcircuits.dictionaries.io.common import atomic_path
 
 from .graph_data import graph_payload, layout_positions, load_graph_json
+from .page import make_readable
 
 __all__ = ["render_graph_image", "graph_to_dot", "find_dot"]
 
@@ -90,6 +91,7 @@ def _render_with_dot(payload: dict[str, Any], path: Path, fmt: str, dot: str) ->
                                 capture_output=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"graphviz dot failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
+        make_readable(tmp)
 
 
 def _render_with_matplotlib(payload: dict[str, Any], path: Path, fmt: str) -> Any:
@@ -132,6 +134,7 @@ def _render_with_matplotlib(payload: dict[str, Any], path: Path, fmt: str) -> An
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format=fmt, dpi=150)
+        make_readable(tmp)
     return figure
 
 
