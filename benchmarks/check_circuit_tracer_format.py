@@ -5,13 +5,19 @@ checks the layout without it (tests/test_formats_circuit_tracer.py). One-time se
 
     python -m venv /tmp/ct-venv && /tmp/ct-venv/bin/pip install torch==2.13.0 circuit-tracer
 
+The PyPI release (0.5.0) ignores ``activation: topk`` in config.yaml and runs TopK sets as ReLU; TopK needs
+circuit-tracer's main branch (tested at commit 4bb8c0ea10bde09727e14565ec8469656880da53):
+
+    /tmp/ct-venv/bin/pip install --no-deps git+https://github.com/decoderesearch/circuit-tracer@4bb8c0ea10bde09727e14565ec8469656880da53
+
 Then, from the repository root with featcircuits' own environment active:
 
     python benchmarks/check_circuit_tracer_format.py [--ct-python /tmp/ct-venv/bin/python] [--out DIR]
 
 ``write`` (featcircuits' env) saves random ReLU/JumpReLU/TopK, plain and skip, transcoder sets and the
 outputs featcircuits computes on random inputs; ``check`` (circuit-tracer's env, imports no featcircuits)
-loads each set with ``circuit_tracer.utils.caching.load_transcoders_from_cache`` and compares. Prints one
+loads each set with ``circuit_tracer.utils.hf_utils.load_transcoders`` (the loader behind
+``load_transcoder_from_hub``) and compares. Prints one
 line: the largest absolute difference in features and outputs over all sets and layers.
 """
 
@@ -68,16 +74,20 @@ def write(out: Path) -> None:
 
 def check(out: Path) -> dict:
     import torch
-    from circuit_tracer.utils.caching import load_transcoders_from_cache
+    import yaml
+    from circuit_tracer.utils.hf_utils import load_transcoders
     from safetensors.torch import load_file
 
     worst: dict = {"feature_acts": 0.0, "reconstruction": 0.0, "sets": []}
     version = importlib.metadata.version("circuit-tracer")
     for name in SETS:
         expected = load_file(out / f"{name}.expected.safetensors")
+        # circuit-tracer's config.yaml path (what load_transcoder_from_hub does after downloading): our yaml
+        # with the layer files resolved; its cache loader would ignore activation/k.
+        config = yaml.safe_load((out / name / "config.yaml").read_text())
+        config["transcoders"] = [str(out / name / file) for file in config["transcoders"]]
         try:
-            transcoders, _ = load_transcoders_from_cache(name, cache_dir=out, device=torch.device("cpu"),
-                                                         lazy_encoder=False, lazy_decoder=False)
+            transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
         except Exception as err:  # e.g. an older circuit-tracer without TopK support
             worst["sets"].append(f"{name}: not loadable ({type(err).__name__}: {err})")
             continue
