@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     started = time.perf_counter()
+    dictionaries = _load_dictionaries(args.dictionaries, args.device)  # cheap checks first
     model = load_model(args.model, device=args.device)
-    dictionaries = _load_dictionaries(args.dictionaries, args.device)
     if isinstance(dictionaries, dict):
         dictionaries = list(dictionaries.values())
     replacement = ReplacementModel(model, dictionaries)
