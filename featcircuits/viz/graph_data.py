@@ -130,7 +130,11 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
             raise ValueError(f"Node #{position} ({node.get('node_id', 'no id')}) lacks {missing}.")
         node_id = str(node["node_id"])
         if node_id in index_of:
-            raise ValueError(f"Node id {node_id!r} appears twice; node ids must be unique.")
+            raise ValueError(
+                f"Node id {node_id!r} appears twice, so links to it are ambiguous. (circuit-tracer names error nodes "
+                "'0_{layer}_{pos}', which can equal a layer-0 feature's id; featcircuits' export writes "
+                "'err_{layer}_{pos}'.) Give every node a unique node_id."
+            )
         kind = node_kind(node["feature_type"], node_id)
         layer, ctx_idx = str(node["layer"]), int(node["ctx_idx"])
         feature = _feature_index(node) if kind == "feature" else None
