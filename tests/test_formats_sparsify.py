@@ -85,3 +85,16 @@ def test_groupmax_is_refused_with_the_file_named(tmp_path):
     sparse_coder(activation="groupmax").save_to_disk(tmp_path / "layers.0")
     with pytest.raises(ValueError, match=r"layers\.0/cfg\.json has activation 'groupmax'"):
         load_dictionary(tmp_path / "layers.0")
+
+
+@pytest.mark.parametrize(("hookpoint", "transcode", "expected"), [
+    ("layers.4", False, ("blocks.4.hook_resid_post", "blocks.4.hook_resid_post", 4)),
+    ("model.layers.4", True, ("blocks.4.hook_resid_pre", "blocks.4.hook_resid_post", 4)),
+    ("gpt_neox.layers.0.mlp", True, ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", 0)),
+    ("transformer.h.11.attn", False, ("blocks.11.hook_attn_out", "blocks.11.hook_attn_out", 11)),
+    ("embed_tokens", False, ("embed_tokens", "embed_tokens", None)),  # kept verbatim, no layer
+])
+def test_hookpoints_map_to_transformerlens_hooks(hookpoint, transcode, expected):
+    from featcircuits.dictionaries.io.sparsify import hooks_for
+
+    assert hooks_for(hookpoint, transcode) == expected
