@@ -32,6 +32,7 @@ class FakeHub(ThreadingHTTPServer):
         self.commits: list[dict] = []  # {"revision", "header", "files": {path: bytes}, "modes": {path: mode}}
         self.created: list[dict] = []
         self.branches: list[str] = []
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> revision -> files, after commits
 
     @property
     def url(self) -> str:
@@ -67,8 +68,35 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         return self.headers.get("Authorization") == f"Bearer {TOKEN}"
 
+    def _resolve(self, send_body: bool) -> None:
+        """``/{org}/{name}/resolve/{revision}/{path}`` as hf_hub_download reads it, with the Hub's error codes."""
+        org, name, _, revision, file = self.path.split("?")[0].lstrip("/").split("/", 4)
+        repo = self.server.repos.get(f"{org}/{name}")
+        error = ("RepoNotFound" if repo is None else "RevisionNotFound" if revision not in repo
+                 else "EntryNotFound" if file not in repo[revision] else None)
+        if error:
+            self.send_response(404)
+            self.send_header("X-Error-Code", error)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = repo[revision][file]
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", hashlib.sha1(f"{org}/{name}@{revision}".encode()).hexdigest())
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append(("HEAD", self.path))
+        self._resolve(send_body=False)
+
     def do_GET(self) -> None:
         self.server.requests.append(("GET", self.path))
+        if "/resolve/" in self.path:
+            return self._resolve(send_body=True)
         if self.path.startswith("/api/whoami-v2"):
             if not self._authorized():
                 return self._reply(401, {"error": "Invalid credentials in Authorization header"})
@@ -93,11 +121,18 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             payload = json.loads(body)
             self.server.created.append(payload)
+            # Like the Hub: a new repo has a main branch holding .gitattributes.
+            repo = f"{payload['organization']}/{payload['name']}"
+            self.server.repos.setdefault(repo, {"main": {".gitattributes": b"*.safetensors filter=lfs\n"}})
             return self._reply(200, {"url": f"{self.server.url}/{payload['organization']}/{payload['name']}"})
         if path == "/api/validate-yaml":
             return self._reply(200, {"errors": [], "warnings": []})
         if "/branch/" in path:
-            self.server.branches.append(path.rsplit("/", 1)[-1])
+            branch = path.rsplit("/", 1)[-1]
+            self.server.branches.append(branch)
+            repo = path.split("/api/models/")[1].split("/branch/")[0]
+            revisions = self.server.repos.setdefault(repo, {"main": {}})
+            revisions.setdefault(branch, dict(revisions["main"]))
             return self._reply(200)
         if "/preupload/" in path:
             files = json.loads(body)["files"]
@@ -124,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
                 commit["modes"][value["path"]] = line["key"]
             self.server.commits.append(commit)
             repo = path.split("/api/models/")[1].split("/commit/")[0]
+            self.server.repos.setdefault(repo, {}).setdefault(commit["revision"], {}).update(commit["files"])
             return self._reply(200, {"commitUrl": f"{self.server.url}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40})
         self._reply(404, {"error": f"not implemented: POST {path}"})
 
@@ -140,6 +176,7 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setattr(constants, "ENDPOINT", server.url)  # read at import by huggingface_hub
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no saved token from the machine
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
@@ -268,3 +305,33 @@ def test_push_in_offline_mode_is_refused_before_anything(tmp_path, monkeypatch):
     run_dir, _ = trained_folder(tmp_path)
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE=1 is set"):
         push_to_hub(run_dir, "tester/tiny-transcoders", token=TOKEN)
+
+
+def test_pushed_repo_loads_back_through_hf_hub_download(fake_hub, tmp_path, monkeypatch):
+    """Push, then resolve the repo online (not from a hand-laid cache) through a registry entry; the Hub's
+    own error codes for a missing repo, revision or file become featcircuits' messages."""
+    from huggingface_hub import constants
+
+    from featcircuits.hub.loading import HubFileError, from_pretrained
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    run_dir, dictionaries = trained_folder(tmp_path)
+    push_to_hub(run_dir, "tester/tiny-transcoders", revision="v1", token=TOKEN)
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"releases": {
+        "tiny-published": {"repo_id": "tester/tiny-transcoders", "model": "tiny/llama", "format": "native",
+                           "kind": "transcoder", "revision": "v1", "layers": [0, 1],
+                           "path_template": "native/blocks.{layer}.ln2.hook_normalized",
+                           "hooks": {"in": "blocks.{layer}.ln2.hook_normalized", "out": "blocks.{layer}.hook_mlp_out"}},
+        "gone": {"repo_id": "tester/never-pushed", "model": "tiny/llama", "format": "native", "layers": [0],
+                 "path_template": "native/x"}}}))
+    x = torch.randn(3, 8)
+    loaded = from_pretrained("tiny-published", "layer_1", registry=registry)
+    torch.testing.assert_close(loaded(x).reconstruction, dictionaries[1](x).reconstruction)
+    assert any(method == "HEAD" and "/resolve/v1/native/blocks.1" in path for method, path in fake_hub.requests)
+    with pytest.raises(HubFileError, match="Revision 'v7' does not exist in Hub repo 'tester/tiny-transcoders'"):
+        from_pretrained("tiny-published", "layer_0", revision="v7", registry=registry)
+    with pytest.raises(HubFileError, match="has no file 'native/blocks.0.ln2.hook_normalized/cfg.json'"):
+        from_pretrained("tiny-published", "layer_0", revision="main", registry=registry)  # pushed to v1 only
+    with pytest.raises(HubFileError, match="'tester/never-pushed' does not exist or is private"):
+        from_pretrained("gone", "layer_0", registry=registry)

@@ -86,8 +86,13 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
         raise HubFileError(
             f"Revision {shown_revision!r} does not exist in Hub repo {repo_id!r}; pass an existing branch, tag or commit."
         ) from None
-    except LocalEntryNotFoundError:
-        raise HubFileError(_explain_offline_miss(repo_id, filename, shown_revision)) from None
+    except LocalEntryNotFoundError as err:
+        from huggingface_hub import constants
+
+        reason = _explain_offline_miss(repo_id, filename, shown_revision)
+        if not constants.HF_HUB_OFFLINE:  # online, but the Hub could not be reached
+            reason = f"Could not reach the Hugging Face Hub ({err.__cause__ or err}). {reason}"
+        raise HubFileError(reason) from None
     except EntryNotFoundError:
         raise HubFileError(
             f"Hub repo {repo_id!r} at revision {shown_revision!r} has no file {filename!r}: the repo lacks the files "
