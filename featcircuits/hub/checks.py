@@ -16,8 +16,10 @@ def hook_width(model: Any, hook_name: str) -> int:
     name = hook_name.rsplit(".", 1)[-1]
     if ".mlp." in hook_name and name in ("hook_pre", "hook_post", "hook_pre_linear"):
         return cfg.d_mlp
-    if ".attn." in hook_name and name in ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result"):
-        return cfg.d_head if name != "hook_result" else cfg.d_model  # per head
+    if ".attn." in hook_name and name in ("hook_z", "hook_q"):
+        return cfg.n_heads * cfg.d_head  # dictionaries read heads flattened
+    if ".attn." in hook_name and name in ("hook_k", "hook_v"):
+        return (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
     return cfg.d_model
 
 
