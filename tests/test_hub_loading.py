@@ -116,6 +116,16 @@ def test_native_release_through_the_cache_with_a_pinned_revision(hub_cache, tmp_
     assert pinned.cfg.extra["revision"] == "v1" and pinned.cfg.extra["repo_id"] == "someone/tiny-dictionaries"
 
 
+def test_local_release_beside_the_registry_needs_no_hub(tmp_path):
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(NATIVE_REGISTRY.replace("repo_id: someone/tiny-dictionaries", "local_dir: bundled"))
+    saved = [random_dictionary(hook_in=f"blocks.{layer}.hook_resid_pre") for layer in (0, 1)]
+    for layer, dictionary in enumerate(saved):
+        dictionary.save(str(tmp_path / "bundled" / f"resid_{layer}"))
+    for loaded, original in zip(load_release("tiny-native", registry=registry), saved, strict=True):
+        assert_same_function(loaded, original)
+
+
 def test_saelens_release_id_passes_through_to_saelens_registry(hub_cache, tmp_path):
     # gpt2-small-res-jb: repo and folder come from sae-lens's pretrained_saes.yaml.
     sae = random_dictionary(hook_in="blocks.0.hook_resid_pre", model_name="gpt2-small", apply_b_dec_to_input=True)

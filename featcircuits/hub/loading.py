@@ -111,6 +111,12 @@ def _split_location(release: Release, entry: DictionaryEntry, revision: str | No
 
 
 def _load_entry(release: Release, entry: DictionaryEntry, revision: str | None, device: str | torch.device) -> Dictionary:
+    if release.local_dir is not None:  # shipped with the project: read in place
+        if release.format not in _FOLDER_FILES:
+            raise ValueError(f"Release {release.name!r}: local releases hold native or saelens folders.")
+        dictionary = _load_folder(release.local_dir / entry.path, release.format, device)
+        dictionary.cfg.extra.update({"release": release.name, "release_id": entry.id})
+        return dictionary
     repo_id, path, pinned = _split_location(release, entry, revision)
     hook_in, hook_out = release.hooks_for(entry)
     provenance: dict[str, Any] = {"release": release.name, "release_id": entry.id, "repo_id": repo_id,

@@ -59,6 +59,7 @@ class Release:
     revision: str | None = None
     activation: str | None = None
     saelens_release: str | None = None
+    local_dir: Path | None = None  # files shipped inside the project (pretrained/...), no Hub involved
     description: str = ""
     dictionaries: dict[str, DictionaryEntry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -161,10 +162,12 @@ def _saelens_extra(saelens_release: str) -> dict[str, Any]:
     return {"conversion_func": lookup.conversion_func, "config_overrides": lookup.config_overrides}
 
 
-def _release_from_yaml(name: str, spec: dict[str, Any]) -> Release:
+def _release_from_yaml(name: str, spec: dict[str, Any], registry: Path) -> Release:
     fmt = spec.get("format")
     if fmt not in FORMATS:
         raise ValueError(f"Registry release {name!r} has format {fmt!r}; expected one of {FORMATS}.")
+    if not spec.get("repo_id") and not spec.get("local_dir"):
+        raise ValueError(f"Registry release {name!r} names neither a repo_id nor a local_dir.")
     entries = _entries_from_yaml(name, spec)
     saelens_release = spec.get("saelens_release")
     if saelens_release:
@@ -176,11 +179,12 @@ def _release_from_yaml(name: str, spec: dict[str, Any]) -> Release:
             )
     hooks = spec.get("hooks") or {}
     extra = _saelens_extra(saelens_release) if saelens_release else {}
-    known = {"repo_id", "model", "format", "kind", "hooks", "revision", "activation", "saelens_release",
+    known = {"repo_id", "model", "format", "kind", "hooks", "revision", "activation", "saelens_release", "local_dir",
              "description", "dictionaries", "path_template", "layers", "id_template"}
     return Release(
         name=name,
-        repo_id=spec["repo_id"],
+        repo_id=spec.get("repo_id", ""),
+        local_dir=(registry.parent / spec["local_dir"]) if spec.get("local_dir") else None,
         model=spec["model"],
         format=fmt,
         kind=spec.get("kind", "sae"),
@@ -226,7 +230,7 @@ def get_release(name: str, registry: str | Path = REGISTRY_PATH) -> Release:
     """
     ours = _read_registry(str(registry))
     if name in ours:
-        return _release_from_yaml(name, ours[name])
+        return _release_from_yaml(name, ours[name], Path(registry))
     if name in _saelens_directory():
         return _release_from_saelens(name)
     candidates = list_releases(registry=registry)
