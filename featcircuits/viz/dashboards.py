@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from featcircuits.dictionaries.io.common import atomic_path
@@ -140,15 +141,16 @@ class _RunningFeatureStats:
         batch, n_pos, n_features = acts.shape
         acts = acts * counted.unsqueeze(-1)
         flat = acts.reshape(batch * n_pos, n_features)
-        fired = flat > 0
-        self.n_fired += fired.sum(0)
+        # Density and histogram from the firing entries only: few of them for a sparse dictionary.
+        rows, features = (flat > 0).nonzero(as_tuple=True)
         n_bins = self.histogram.shape[1]
-        log_acts = torch.log10(flat.clamp_min(1e-30))
-        bins = torch.bucketize(log_acts, self.edges[1:-1], right=True)  # out-of-range values land in end bins
-        slots = (torch.arange(n_features, device=acts.device) * n_bins + bins)[fired]
-        self.histogram += torch.bincount(slots, minlength=n_features * n_bins).view(n_features, n_bins)
+        self.n_fired += torch.bincount(features, minlength=n_features)
+        bins = torch.bucketize(torch.log10(flat[rows, features]), self.edges[1:-1], right=True)  # ends catch the rest
+        self.histogram += torch.bincount(features * n_bins + bins, minlength=n_features * n_bins).view(n_features, n_bins)
 
-        batch_values, flat_index = flat.topk(min(self.k, batch * n_pos), dim=0)  # [k', n_features]
+        # topk along a contiguous last dimension is about twice as fast as along dim 0.
+        batch_values, flat_index = flat.T.contiguous().topk(min(self.k, batch * n_pos), dim=1)  # [n_features, k']
+        batch_values, flat_index = batch_values.T, flat_index.T  # [k', n_features]
         seq, pos = flat_index // n_pos, flat_index % n_pos
         window_pos = pos.unsqueeze(-1) + self.offsets  # [k', n_features, width]
         inside = (window_pos >= 0) & (window_pos < n_pos)
@@ -257,7 +259,9 @@ def compute_dashboards(
         for key, running in stats.items():
             dictionary = dictionary_map[key]
             activation = cache[dictionary.cfg.hook_in].to(dictionary.dtype)
-            feature_acts = dictionary.encode(activation)[..., running.feature_ids.to(activation.device)]
+            feature_acts = dictionary.encode(activation)
+            if len(running.feature_ids) != dictionary.cfg.d_sae:  # a chosen subset
+                feature_acts = feature_acts[..., running.feature_ids.to(activation.device)]
             running.update(feature_acts.float().to(device), batch, counted)
     if n_tokens == 0:
         raise ValueError("The token dataset was empty (or held only BOS tokens); nothing to build dashboards from.")
@@ -277,11 +281,21 @@ def compute_dashboards(
 
 def _entries_for(key: str, running: _RunningFeatureStats, logits: Any, vocabulary: list[str],
                  n_tokens: int) -> dict[str, dict[str, Any]]:
-    """JSON entries for one dictionary: one bulk transfer to the CPU, then plain lists."""
-    values, tokens, acts = running.top_values.cpu().tolist(), running.top_tokens.cpu(), running.top_acts.cpu()
-    fired, histogram = running.n_fired.cpu().tolist(), running.histogram.cpu().tolist()
-    token_lists, act_lists = tokens.tolist(), acts.tolist()
-    logit_lists = [tensor.cpu().tolist() for tensor in logits] if logits is not None else None
+    """JSON entries for one dictionary: trimming and rounding on the tensors, one transfer, then lists."""
+    inside = running.top_tokens >= 0  # [k, n_features, width]
+    width = inside.shape[-1]
+    first = inside.int().argmax(-1)  # window start, where it ran off the sequence's beginning
+    stop = width - inside.flip(-1).int().argmax(-1)
+    values, fired = running.top_values.cpu().tolist(), running.n_fired.cpu().tolist()
+    # Token strings looked up in one numpy indexing (-1, outside the sequence, maps to the appended "").
+    token_lists = np.array([*vocabulary, ""], dtype=object)[running.top_tokens.cpu().numpy()].tolist()
+    act_lists = torch.round(running.top_acts, decimals=5).cpu().tolist()
+    first_lists, stop_lists, histogram = first.cpu().tolist(), stop.cpu().tolist(), running.histogram.cpu().tolist()
+    logit_lists = None
+    if logits is not None:
+        top_values, top_ids, bottom_values, bottom_ids = logits
+        logit_lists = [torch.round(top_values, decimals=5).cpu().tolist(), top_ids.cpu().tolist(),
+                       torch.round(bottom_values, decimals=5).cpu().tolist(), bottom_ids.cpu().tolist()]
     focus = running.window[0]
     entries = {}
     for column, feature in enumerate(running.feature_ids.cpu().tolist()):
@@ -289,22 +303,19 @@ def _entries_for(key: str, running: _RunningFeatureStats, logits: Any, vocabular
         for slot in range(running.k):
             if values[slot][column] <= 0:
                 break  # slots are sorted; the rest are empty
-            ids = token_lists[slot][column]
-            first = next(index for index, token in enumerate(ids) if token >= 0)
-            last = max(index for index, token in enumerate(ids) if token >= 0) + 1
-            contexts.append({"act": values[slot][column], "focus": focus - first,
-                             "tokens": [vocabulary[token] for token in ids[first:last]],
-                             "acts": [round(act, 5) for act in act_lists[slot][column][first:last]]})
+            start, end = first_lists[slot][column], stop_lists[slot][column]
+            contexts.append({"act": values[slot][column], "focus": focus - start,
+                             "tokens": token_lists[slot][column][start:end],
+                             "acts": act_lists[slot][column][start:end]})
         entry: dict[str, Any] = {
             "layer": key, "feature": feature, "n_fired": fired[column], "n_tokens": n_tokens,
             "density": fired[column] / n_tokens, "max_act": values[0][column],
             "histogram": histogram[column], "top_contexts": contexts,
         }
         if logit_lists is not None:
-            top_values, top_ids, bottom_values, bottom_ids = (lst[column] for lst in logit_lists)
-            entry["top_logits"] = [[vocabulary[t], round(v, 5)] for t, v in zip(top_ids, top_values, strict=True)]
-            entry["bottom_logits"] = [[vocabulary[t], round(v, 5)]
-                                      for t, v in zip(bottom_ids, bottom_values, strict=True)]
+            top_v, top_i, bottom_v, bottom_i = (lst[column] for lst in logit_lists)
+            entry["top_logits"] = [[vocabulary[t], v] for t, v in zip(top_i, top_v, strict=True)]
+            entry["bottom_logits"] = [[vocabulary[t], v] for t, v in zip(bottom_i, bottom_v, strict=True)]
         else:
             entry["logit_note"] = "This dictionary does not write the residual stream's width; no logit effects."
         entries[dashboard_key(key, feature)] = entry
