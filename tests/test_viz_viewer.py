@@ -163,6 +163,9 @@ def test_viewer_renders_every_node_and_a_click_shows_its_card(browser, tmp_path)
     assert browser.evaluate("document.getElementById('fc-counts').dataset.nodes") == str(len(graph["nodes"]))
 
     feature = next(node for node in graph["nodes"] if node["feature_type"] == "cross layer transcoder")
+    error = next(node for node in graph["nodes"] if node["feature_type"] == "mlp reconstruction error")
+    browser.hover(f'.fc-node[data-node-id="{error["node_id"]}"]')  # hovering shows a card without pinning it
+    assert browser.evaluate("document.getElementById('fc-card').dataset.nodeId") == error["node_id"]
     browser.click(f'.fc-node[data-node-id="{feature["node_id"]}"]')
     card = browser.evaluate("(() => { const c = document.getElementById('fc-card');"
                             " return {id: c.dataset.nodeId, text: c.innerText}; })()")
@@ -207,8 +210,16 @@ def test_threshold_slider_hides_weak_edges_and_orphaned_nodes(browser, tmp_path)
 @needs_chromium
 def test_hostile_non_ascii_and_whitespace_tokens_render_as_text(browser, tmp_path):
     graph = make_graph()
+    feature = next(node for node in graph["nodes"] if node["feature_type"] == "cross layer transcoder")
+    _, index, _ = feature["node_id"].split("_")
+    hostile_entry = {"layer": feature["layer"], "feature": int(index), "n_fired": 3, "n_tokens": 10, "density": 0.3,
+                     "max_act": 2.0, "histogram": [0, 1, 2],
+                     "top_contexts": [{"act": 2.0, "focus": 1, "tokens": [" ", HOSTILE, "\n", "\u00e9\"'"],
+                                       "acts": [0.0, 2.0, 0.5, 0.1]}],
+                     "top_logits": [[HOSTILE, 1.5], ["\u732b", 1.0]], "bottom_logits": [["<img src=x onerror=alert(3)>", -1.0]]}
+    dashboards = {"features": {f"{feature['layer']}_{index}": hostile_entry}}
     browser.errors.clear()
-    browser.open(write_viewer(graph, tmp_path / "graph.html"))
+    browser.open(write_viewer(graph, tmp_path / "graph.html", dashboards=dashboards))
     # No injected element ran or exists; the tokens appear as their text.
     assert browser.dialogs == []
     assert browser.evaluate("document.querySelectorAll('img').length") == 0
@@ -219,6 +230,12 @@ def test_hostile_non_ascii_and_whitespace_tokens_render_as_text(browser, tmp_pat
     labels = browser.evaluate("[...document.querySelectorAll('.fc-token-label')].map(t => t.firstChild.textContent)")
     assert labels[3] == "\u2423" and labels[4] == "\u21e5\u23ce"  # whitespace-only tokens stay visible
     assert labels[7] == "\u732b" and labels[1] == "\u2423Once"
+    browser.click(f'.fc-node[data-node-id="{feature["node_id"]}"]')
+    context = browser.evaluate("[...document.querySelectorAll('#fc-card .fc-context .fc-tok')].map(e => e.textContent)")
+    assert context == [" ", HOSTILE, "\u23ce", "\u00e9\"'"]
+    promoted = browser.evaluate("[...document.querySelectorAll('#fc-card .fc-logit .fc-tok')].map(e => e.textContent)")
+    assert promoted == [HOSTILE, "\u732b", "<img\u2423src=x\u2423onerror=alert(3)>"]
+    assert browser.evaluate("document.querySelectorAll('img').length") == 0
     logit = graph["nodes"][-1]["node_id"]
     browser.click(f'.fc-node[data-node-id="{logit}"]')
     assert browser.evaluate("document.querySelector('#fc-card .fc-card-title').textContent") == graph["nodes"][-1]["clerp"]
