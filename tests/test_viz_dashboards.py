@@ -186,3 +186,9 @@ def test_dashboard_page_and_viewer_cards_in_the_browser(tmp_path, dashboards):
         browser.click('.fc-node[data-node-id="1_5_2"]')
         assert browser.evaluate("document.querySelector('#fc-card .fc-dead') !== null")
         assert browser.errors == [] and browser.dialogs == []
+
+
+def test_dictionary_off_the_residual_width_gets_a_note_not_logits(stories_model, story_tokens):
+    sae = Dictionary.from_config(DictionaryConfig(d_in=stories_model.cfg.d_mlp, d_sae=8, hook_in="blocks.0.mlp.hook_post"))
+    entry = compute_dashboards(stories_model, sae, story_tokens[:2], k=2).features["0_0"]
+    assert "top_logits" not in entry and "residual stream" in entry["logit_note"]
