@@ -1,0 +1,201 @@
+"""``featcircuits.train(config)``: set up data, dictionaries and ranks, train, write the output directory.
+
+Output directory: one sub-directory per dictionary in the native format (norm scale folded into the
+weights), ``metrics.json``, ``config.json`` and, when enabled, ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dictionaries import Dictionary, DictionaryConfig
+from ..dictionaries.io.common import write_json
+from . import distributed
+from .cache import CacheSource, is_cache_dir, read_manifest
+from .config import TrainConfig, load_train_config
+from .dictionary_trainer import DictionaryTrainer
+from .sources import ModelSource, hook_layer
+from .store import ActivationStore
+from .trainer import Trainer, output_name
+
+__all__ = ["train"]
+
+
+def _dictionary_config(config: TrainConfig, hook_in: str, hook_out: str, widths: dict[str, int],
+                       model_name: str) -> DictionaryConfig:
+    d_in, d_out = widths[hook_in], widths[hook_out]
+    uses_k = config.architecture in ("topk", "batchtopk")
+    return DictionaryConfig(
+        d_in=d_in, d_out=d_out, d_sae=config.d_sae or config.expansion_factor * d_in, kind=config.kind,
+        activation=config.architecture, k=config.k if uses_k else None, hook_in=hook_in, hook_out=hook_out,
+        layer=hook_layer(hook_in), model_name=model_name, apply_b_dec_to_input=config.kind == "sae",
+        dataset=config.dataset, training_tokens=config.n_steps * config.batch_size, dtype=config.dtype,
+    )
+
+
+def _load_model(config: TrainConfig, device: torch.device) -> Any:
+    from ..models import load_model
+
+    return load_model(config.model, device=device)
+
+
+def train(config: TrainConfig | dict[str, Any] | str | Path) -> list[Dictionary]:
+    """Train the dictionaries ``config`` describes and return them (this rank's share under torchrun).
+
+    ``config``: a ``TrainConfig``, a dict of its fields, or a YAML/JSON file path.
+    """
+    if isinstance(config, (str, Path)):
+        config = load_train_config(config)
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    config.validate()
+    return run_training(config)["dictionaries"]
+
+
+def run_training(config: TrainConfig) -> dict[str, Any]:
+    """Like :func:`train`, returning the dictionaries with their metrics (``metrics.json`` contents)."""
+    config.validate()
+    distributed.init_from_environment(config.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.local_device(config.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    if not config.resume and (out / "checkpoint").exists():
+        raise ValueError(
+            f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, or choose a new --out "
+            "(nothing there was changed)."
+        )
+    pairs = config.pairs
+    if config.distribute_dictionaries and world > 1:
+        mine = [i for i in range(len(pairs)) if i % world == rank]
+        if not mine:
+            raise ValueError(f"distribute_dictionaries: {len(pairs)} dictionaries for {world} ranks leaves rank {rank} idle.")
+        sync = False
+    else:
+        mine, sync = list(range(len(pairs))), world > 1
+    my_pairs = [pairs[i] for i in mine]
+    hooks = list(dict.fromkeys(h for pair in my_pairs for h in pair))
+
+    model, eval_tokens, special_ids = None, None, []
+    rank_slice = None
+    if is_cache_dir(config.dataset):
+        manifest = read_manifest(config.dataset)
+        if config.model:
+            model = _load_model(config, device)
+            special_ids = _special_ids(model)
+        source: Any = CacheSource(config.dataset, hooks, seed=config.seed,
+                                  model_name=model.cfg.model_name if model is not None else "")
+        widths = source.widths()
+        model_name = manifest.get("model_name", "")
+        if sync:  # the cache is cheap to read: every rank reads the global stream and keeps its slice
+            if config.batch_size % world:
+                raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks.")
+            per_rank = config.batch_size // world
+            rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
+        store_batch = config.batch_size
+        if model is not None:
+            eval_tokens = _eval_tokens_from_manifest(manifest, model, config)
+    else:
+        if not config.model:
+            raise ValueError("Training from a text dataset needs TrainConfig.model (a checkpoint dir or model name).")
+        from .tokens import special_token_ids, tokenize_text_file
+
+        model = _load_model(config, device)
+        special_ids = special_token_ids(model.tokenizer)
+        tokens = tokenize_text_file(config.dataset, model.tokenizer, config.context_size)
+        n_eval = min(config.eval_sequences, len(tokens) // 4)
+        eval_tokens, train_tokens = tokens[len(tokens) - n_eval:], tokens[: len(tokens) - n_eval]
+        _check_enough_tokens(train_tokens, config, special_ids, world)
+        source = ModelSource(model, train_tokens, hooks, config.model_batch_size, special_ids,
+                             config.drop_special_tokens, seed=config.seed, rank=rank if sync else 0,
+                             world_size=world if sync else 1)
+        widths = source.widths()
+        model_name = model.cfg.model_name
+        if sync and config.batch_size % world:
+            raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks.")
+        store_batch = config.batch_size // world if sync else config.batch_size
+
+    store = ActivationStore(source, widths, store_batch, config.buffer_bytes, device=device, seed=config.seed,
+                            max_rows=store_batch * config.n_steps)
+    trainers, names = [], []
+    for hook_in, hook_out in my_pairs:
+        dict_cfg = _dictionary_config(config, hook_in, hook_out, widths, model_name)
+        trainers.append(DictionaryTrainer(config, dict_cfg, device, sync_gradients=sync))
+        names.append(output_name(hook_in))
+    eval_fn = None
+    if model is not None and eval_tokens is not None and len(eval_tokens):
+        from .metrics import evaluate_spliced
+
+        def eval_fn(dictionaries: list[Dictionary]) -> list[dict[str, float]]:
+            return evaluate_spliced(model, dictionaries, eval_tokens, special_ids)
+
+    result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn).run()
+    _write_outputs(config, result, names)
+    return result
+
+
+def _special_ids(model: Any) -> list[int]:
+    from .tokens import special_token_ids
+
+    return special_token_ids(model.tokenizer) if model.tokenizer is not None else []
+
+
+def _eval_tokens_from_manifest(manifest: dict[str, Any], model: Any, config: TrainConfig) -> torch.Tensor | None:
+    """Held-out sequences for the spliced evaluation: the cache's text file, tokenized the same way."""
+    dataset = manifest.get("dataset")
+    if not dataset or not Path(dataset).is_file() or model.tokenizer is None:
+        return None
+    from .tokens import tokenize_text_file
+
+    tokens = tokenize_text_file(dataset, model.tokenizer, int(manifest.get("context_size", config.context_size)))
+    return tokens[-min(config.eval_sequences, len(tokens)):]
+
+
+def _check_enough_tokens(tokens: torch.Tensor, config: TrainConfig, special_ids: list[int], world: int) -> None:
+    usable = int((~torch.isin(tokens, torch.tensor(special_ids))).sum()) if config.drop_special_tokens else tokens.numel()
+    if usable < config.batch_size:
+        raise ValueError(
+            f"Dataset {config.dataset} gives {usable} usable tokens, fewer than one batch (batch_size="
+            f"{config.batch_size}); use more text or a smaller batch_size."
+        )
+    if len(tokens) < world:
+        raise ValueError(f"Dataset {config.dataset} has {len(tokens)} sequences, fewer than the {world} ranks.")
+    epochs = config.total_tokens / usable
+    if epochs > 1 and distributed.rank() == 0:
+        print(f"featcircuits train: {config.total_tokens} tokens from a dataset of {usable}: "
+              f"{math.ceil(epochs)} epochs over the same text.")
+
+
+def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]) -> None:
+    out = Path(config.out)
+    for name, dictionary in zip(names, result["dictionaries"], strict=False):
+        dictionary.save(str(out / name))
+    gathered = distributed.gather_objects({"per_dictionary": result["per_dictionary"],
+                                           "tokens_per_second": result["tokens_per_second"]})
+    if distributed.rank() != 0:
+        return
+    per_dictionary: dict[str, Any] = {}
+    for part in gathered:
+        per_dictionary.update(part["per_dictionary"])  # type: ignore[index]
+
+    def mean(key: str) -> float | None:
+        values = [m[key] for m in per_dictionary.values() if m.get(key) is not None and not math.isnan(m[key])]
+        return sum(values) / len(values) if values else None
+
+    metrics = {
+        "l0": mean("l0"), "fvu": mean("fvu"), "mse": mean("mse"), "dead_fraction": mean("dead_fraction"),
+        "dense_fraction": mean("dense_fraction"), "ce_loss_recovered": mean("ce_loss_recovered"),
+        "kl": mean("kl"),
+        # Data-parallel ranks each process a slice of the same global batches: the run's throughput is
+        # the slowest rank's. Distributed dictionaries share the tokens too.
+        "tokens_per_second": min(part["tokens_per_second"] for part in gathered),  # type: ignore[index]
+        "steps": result["steps"], "tokens": result["tokens"], "world_size": distributed.world_size(),
+        "dictionaries": per_dictionary,
+        "history": result["history"],
+    }
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "config.json", config.to_dict())

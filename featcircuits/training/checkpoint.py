@@ -1,0 +1,73 @@
+"""Atomic training checkpoints: ``OUT/checkpoint/rank{r}.pt``, written to a temporary file then renamed.
+
+A checkpoint holds every dictionary's weights and optimiser state, the step, the activation stream
+(buffer, permutation, data position) and the RNG states, so a resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+__all__ = ["checkpoint_path", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+
+def checkpoint_path(out: str | Path, rank: int = 0) -> Path:
+    return Path(out) / "checkpoint" / f"rank{rank}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    """Read a checkpoint and check it was written by a run of the same configuration."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {path}. Resume needs an output directory of a run with "
+            "checkpoint_every > 0 that wrote at least one checkpoint."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated file raises several different errors inside torch.load
+        raise ValueError(f"Checkpoint {path} is unreadable ({err}); it is corrupt or truncated.") from None
+    saved = state.get("fingerprint", {})
+    current = config.resume_fingerprint()
+    differing = sorted(key for key in current if saved.get(key) != current[key])
+    if differing:
+        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}" for key in differing)
+        raise ValueError(
+            f"--resume: the checkpoint in {path.parent.parent} was written by a different configuration ({details}). "
+            "Resume with the original configuration, or train into a new output directory."
+        )
+    return state

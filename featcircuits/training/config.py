@@ -1,0 +1,186 @@
+"""``TrainConfig``: the one typed description of a training run, loadable from YAML/JSON with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+__all__ = ["TrainConfig", "load_train_config", "apply_overrides", "ARCHITECTURES"]
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+# Fields whose change between a checkpoint and a resumed run makes the resumed run a different run.
+_RESUME_INVARIANT = (
+    "model", "dataset", "hooks", "hooks_out", "kind", "architecture", "k", "d_sae", "total_tokens",
+    "batch_size", "lr", "seed", "context_size", "normalize_activations", "l1_coefficient", "l0_coefficient",
+)
+
+
+@dataclass
+class TrainConfig:
+    """A training run: which activations, which dictionaries, how to optimise them, where to write.
+
+    ``hooks`` lists the input hook of every dictionary; ``hooks_out`` (same length, or empty) the hook it
+    predicts: empty means SAEs; given means transcoders (``kind`` ``transcoder`` or ``skip_transcoder``).
+    All dictionaries train from the same model forward (or the same cached rows).
+    """
+
+    hooks: list[str] = field(default_factory=list)
+    hooks_out: list[str] = field(default_factory=list)
+    model: str = ""  # local HF checkpoint dir or TransformerLens name; optional with a cache dataset
+    dataset: str = ""  # a text file, or an activation cache directory written by `featcircuits cache`
+    out: str = "runs/train"
+    kind: str = ""  # "" -> sae when hooks_out is empty, else transcoder
+    architecture: str = "topk"
+    k: int = 32
+    d_sae: int = 0  # 0 -> expansion_factor * d_in
+    expansion_factor: int = 8
+    total_tokens: int = 1_000_000
+    batch_size: int = 4096  # activation rows (tokens) per optimiser step, across all ranks
+    lr: float = 4e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_warmup_steps: int = 0
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of steps
+    l1_coefficient: float = 5.0  # relu: penalty on sum_i f_i * ||W_dec_i||
+    l0_coefficient: float = 1.0  # jumprelu: penalty on the expected number of active features
+    sparsity_warmup_steps: int = 0  # sparsity coefficient ramps linearly from 0 over these steps
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.01
+    unit_norm_decoder: bool | None = None  # None -> True for topk/batchtopk, False otherwise
+    auxk_coefficient: float = 1 / 32
+    auxk_k: int = 0  # 0 -> d_in // 2
+    dead_after_tokens: int = 10_000_000
+    batchtopk_threshold_momentum: float = 0.99
+    normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into weights on save
+    init_b_dec_geometric_median: bool = True
+    context_size: int = 128
+    model_batch_size: int = 32  # sequences per model forward
+    buffer_bytes: int = 256 * 2**20  # memory budget of the shuffled activation buffer (all hooks)
+    drop_special_tokens: bool = True  # BOS/EOS/pad/unk positions never reach a dictionary
+    seed: int = 0
+    device: str = ""  # "" -> cuda when available, else cpu
+    dtype: str = "float32"
+    autocast: bool = True  # bf16 autocast of the dictionary forward on CUDA (ignored on CPU)
+    compile: bool = False
+    log_every: int = 50
+    eval_every: int = 0  # 0 -> evaluate only at the end
+    eval_sequences: int = 16  # sequences for the CE/KL evaluation with the dictionaries spliced in
+    checkpoint_every: int = 0  # steps; 0 -> no checkpoints
+    resume: bool = False
+    distribute_dictionaries: bool = False  # with several ranks: each rank trains its share of dictionaries
+    wandb: bool = False
+    wandb_project: str = "featcircuits"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hooks, str):
+            self.hooks = [self.hooks]
+        if isinstance(self.hooks_out, str):
+            self.hooks_out = [self.hooks_out] if self.hooks_out else []
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if not self.kind:
+            self.kind = "transcoder" if self.hooks_out else "sae"
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first inconsistent field and how to fix it."""
+        if not self.hooks:
+            raise ValueError("TrainConfig.hooks is empty: name at least one hook, e.g. blocks.0.hook_resid_post.")
+        if self.hooks_out and len(self.hooks_out) != len(self.hooks):
+            raise ValueError(
+                f"hooks_out has {len(self.hooks_out)} entries but hooks has {len(self.hooks)}: give one output "
+                "hook per input hook (transcoders), or none (SAEs)."
+            )
+        if self.kind == "sae" and self.hooks_out and self.hooks_out != self.hooks:
+            raise ValueError("kind=sae reconstructs its input hook; drop hooks_out or set kind=transcoder.")
+        if self.kind != "sae" and not self.hooks_out:
+            raise ValueError(f"kind={self.kind} needs hooks_out (the hook each transcoder predicts).")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r}; choose one of {ARCHITECTURES}.")
+        if not self.dataset:
+            raise ValueError("TrainConfig.dataset is empty: give a text file or an activation cache directory.")
+        for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.total_tokens < self.batch_size:
+            raise ValueError(
+                f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.batch_size})."
+            )
+
+    @property
+    def n_steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(hook_in, hook_out)`` of every dictionary."""
+        return list(zip(self.hooks, self.hooks_out or self.hooks, strict=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source} has unknown field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpointed one."""
+        data = self.to_dict()
+        return {name: data[name] for name in _RESUME_INVARIANT}
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    import yaml
+
+    value = yaml.safe_load(text)
+    kind = str(annotation)
+    if "list" in kind and not isinstance(value, list):
+        value = [item for item in str(text).split(",") if item]
+    elif kind.startswith("int") and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif kind.startswith("float") and isinstance(value, int):
+        value = float(value)
+    elif kind.startswith("str") and value is not None and not isinstance(value, str):
+        value = str(text)
+    return value
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``key=value`` strings (values parsed as YAML scalars; lists as YAML or comma-separated)."""
+    hints = get_type_hints(TrainConfig)
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set lr=3e-4.")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in hints:
+            raise ValueError(f"--set {key}: TrainConfig has no field {key!r}; known: {sorted(hints)}.")
+        data[key] = _parse_value(text, hints[key])
+    return TrainConfig.from_dict(data, source="--set overrides")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file, then apply ``overrides``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No training config at {path}; give a YAML or JSON file.")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of TrainConfig fields, not {type(data).__name__}.")
+    config = TrainConfig.from_dict(data, source=str(path))
+    return apply_overrides(config, overrides or [])

@@ -1,0 +1,183 @@
+"""Optimisation of one dictionary: loss by architecture, Adam with schedules, constraints, dead latents."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..dictionaries import DictionaryConfig
+from . import distributed
+from .config import TrainConfig
+from .module import TrainableDictionary
+from .objectives import StepOutput, batchtopk_loss, jumprelu_loss, relu_loss, topk_loss
+
+__all__ = ["DictionaryTrainer", "learning_rate", "sparsity_coefficient"]
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup over ``lr_warmup_steps``, constant, linear decay to 0 over the last ``lr_decay_fraction``."""
+    n_steps = config.n_steps
+    factor = 1.0
+    if config.lr_warmup_steps > 0:
+        factor = min(factor, (step + 1) / config.lr_warmup_steps)
+    decay_steps = int(n_steps * config.lr_decay_fraction)
+    if decay_steps > 0 and step >= n_steps - decay_steps:
+        factor = min(factor, (n_steps - step) / decay_steps)
+    return config.lr * factor
+
+
+def sparsity_coefficient(base: float, config: TrainConfig, step: int) -> float:
+    if config.sparsity_warmup_steps <= 0:
+        return base
+    return base * min(1.0, (step + 1) / config.sparsity_warmup_steps)
+
+
+class DictionaryTrainer:
+    """Owns one ``TrainableDictionary``, its optimiser and its running statistics.
+
+    ``sync_gradients``: average gradients over data-parallel ranks (off when dictionaries are
+    distributed across ranks, each then seeing whole batches).
+    """
+
+    def __init__(self, config: TrainConfig, dict_cfg: DictionaryConfig, device: torch.device,
+                 sync_gradients: bool = False) -> None:
+        self.config, self.dict_cfg, self.device = config, dict_cfg, device
+        self.sync_gradients = sync_gradients
+        self.module = TrainableDictionary(dict_cfg, device=device, init_threshold=config.jumprelu_init_threshold)
+        self.unit_norm_decoder = (
+            config.architecture != "relu" if config.unit_norm_decoder is None else config.unit_norm_decoder
+        )
+        if self.unit_norm_decoder:
+            self.module.normalise_decoder()
+        params = [p for p in self.module.parameters()]
+        fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                                                       for p in params)
+        # The fused Adam is ~7x faster than the per-tensor loop on CPU for 10M+ parameters.
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.adam_betas, fused=fused)
+        d_sae = dict_cfg.d_sae
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.k_aux = config.auxk_k or max(1, dict_cfg.d_in // 2)
+        self._loss_fn = self._make_loss()
+        self.reset_running()
+
+    def _make_loss(self):
+        c, arch = self.config, self.config.architecture
+        if arch == "topk":
+            fn = lambda m, x, xr, t, dead, step: topk_loss(m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient)  # noqa: E731
+        elif arch == "batchtopk":
+            fn = lambda m, x, xr, t, dead, step: batchtopk_loss(  # noqa: E731
+                m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient, c.batchtopk_threshold_momentum)
+        elif arch == "relu":
+            fn = lambda m, x, xr, t, dead, step: relu_loss(  # noqa: E731
+                m, x, xr, t, sparsity_coefficient(c.l1_coefficient, c, step))
+        else:
+            fn = lambda m, x, xr, t, dead, step: jumprelu_loss(  # noqa: E731
+                m, x, xr, t, sparsity_coefficient(c.l0_coefficient, c, step), c.jumprelu_bandwidth)
+        if c.compile and arch in ("relu", "jumprelu"):
+            fn = torch.compile(fn, dynamic=False)
+        return fn
+
+    # -- initialisation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def initialise(self, x_in: torch.Tensor, target: torch.Tensor) -> None:
+        """Norm scale and ``b_dec`` from the first (global) batch ``x_in [batch, d_in]``, ``target [batch, d_out]``."""
+        if self.config.normalize_activations:
+            mean_norm = x_in.float().norm(dim=-1).mean().item()
+            # Inputs scaled to mean norm sqrt(d_in): coefficients then transfer across models and hooks.
+            self.module.norm_scale = math.sqrt(x_in.shape[-1]) / max(mean_norm, 1e-12)
+            target_norm = target.float().norm(dim=-1).mean().item()
+            self.module.target_scale = math.sqrt(target.shape[-1]) / max(target_norm, 1e-12)
+        module = self.module
+        module.initialise_from(x_in * module.norm_scale, target * module.target_scale,
+                               self.config.init_b_dec_geometric_median)
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def train_step(self, x_in: torch.Tensor, target: torch.Tensor, step: int) -> StepOutput:
+        """One optimiser step on ``x_in [batch, d_in]`` -> ``target [batch, d_out]`` (raw activations)."""
+        module, config = self.module, self.config
+        scale = module.norm_scale
+        x_raw = x_in * scale
+        target = target * module.target_scale
+        x = x_raw - module.b_dec if self.dict_cfg.apply_b_dec_to_input else x_raw
+        dead = self.tokens_since_fired > config.dead_after_tokens
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if config.autocast and self.device.type == "cuda" else nullcontext()
+        )
+        with autocast:
+            out = self._loss_fn(module, x, x_raw, target, dead, step)
+        self.optimizer.zero_grad(set_to_none=False)
+        out.loss.backward()
+        fire_counts = out.fire_counts
+        if self.sync_gradients:
+            distributed.average_gradients(module.parameters())
+            fire_counts = distributed.sum_(fire_counts.clone())
+            if self.config.architecture == "batchtopk":
+                distributed.average_(module.threshold)
+        if self.unit_norm_decoder:
+            module.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        if self.unit_norm_decoder:
+            module.normalise_decoder()
+        with torch.no_grad():
+            rows = x_in.shape[0] * (distributed.world_size() if self.sync_gradients else 1)
+            self.tokens_since_fired.add_(rows).masked_fill_(fire_counts > 0, 0)
+            self._fire_counts += fire_counts
+            error = (out.reconstruction.float() - target.float()).pow(2).sum()
+            variance = (target.float() - target.float().mean(0)).pow(2).sum()
+            self._running += torch.stack([error, variance, out.l0 * x_in.shape[0], out.aux_loss,
+                                          torch.tensor(float(x_in.shape[0]), device=self.device),
+                                          torch.ones((), device=self.device)])
+        return out
+
+    def reset_running(self) -> None:
+        self._running = torch.zeros(6, device=self.device)
+        self._fire_counts = torch.zeros(self.dict_cfg.d_sae, dtype=torch.long, device=self.device)
+
+    def running_metrics(self) -> dict[str, float]:
+        """Training metrics since the last call (FVU, L0, dead/dense fractions), reduced over ranks."""
+        running = self._running.clone()
+        if self.sync_gradients:
+            distributed.sum_(running)
+        error, variance, l0_sum, aux_sum, rows, n_steps = running.tolist()
+        # Fire counts are summed over ranks every step and rows over ranks just above: both global.
+        dense = (self._fire_counts.float() / max(rows, 1) > 0.1).float().mean().item()
+        self.reset_running()
+        dead = (self.tokens_since_fired > self.config.dead_after_tokens).float().mean().item()
+        return {
+            "fvu": error / max(variance, 1e-12),
+            "mse": error / max(rows, 1) / self.dict_cfg.d_out / self.module.target_scale**2,
+            "l0": l0_sum / max(rows, 1),
+            "dead_fraction": dead,
+            "dense_fraction": dense,
+            "aux_loss": aux_sum / max(n_steps, 1),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module.state_dict(),
+            "norm_scale": self.module.norm_scale,
+            "target_scale": self.module.target_scale,
+            "optimizer": self.optimizer.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "running": self._running.clone(),
+            "fire_counts": self._fire_counts.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.module.norm_scale = float(state["norm_scale"])
+        self.module.target_scale = float(state["target_scale"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+        self._running.copy_(state["running"])
+        self._fire_counts.copy_(state["fire_counts"])

@@ -1,0 +1,174 @@
+"""The training loop: one activation batch per step feeds every dictionary; logs, checkpoints, resume."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..dictionaries import Dictionary
+from . import distributed
+from .checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .dictionary_trainer import DictionaryTrainer
+from .metrics import MetricLogger
+from .store import ActivationStore
+
+__all__ = ["Trainer"]
+
+EvalFn = Callable[[list[Dictionary]], list[dict[str, float]]]
+
+
+class Trainer:
+    """Trains ``trainers`` (one per dictionary) from ``store``.
+
+    Args:
+        store: serves batches; with ``rank_slice`` it serves the global batch and this rank keeps its slice
+            (cheap sources such as the disk cache), otherwise it serves this rank's own rows.
+        eval_fn: dictionaries -> per-dictionary metrics with the model (CE, KL, ...); None without a model.
+    """
+
+    def __init__(self, config: TrainConfig, trainers: list[DictionaryTrainer], names: list[str],
+                 store: ActivationStore, rank_slice: slice | None = None, eval_fn: EvalFn | None = None) -> None:
+        self.config, self.trainers, self.names, self.store = config, trainers, names, store
+        self.rank_slice, self.eval_fn = rank_slice, eval_fn
+        self.rank = distributed.rank()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.rank_slice is None:
+            return batch
+        return {hook: rows[self.rank_slice] for hook, rows in batch.items()}
+
+    def _global(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole global batch on every rank (for initialisation statistics)."""
+        if self.rank_slice is not None or not any(t.sync_gradients for t in self.trainers):
+            return batch
+        return {hook: distributed.all_gather_rows(rows) for hook, rows in batch.items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _state(self, tokens_seen: int) -> dict[str, Any]:
+        return {
+            "fingerprint": self.config.resume_fingerprint(),
+            "step": self.step,
+            "tokens_seen": tokens_seen,
+            "trainers": [trainer.state_dict() for trainer in self.trainers],
+            "store": self.store.state_dict(),
+            "rng": rng_state(),
+            "history": self.history,
+        }
+
+    def _restore(self) -> int:
+        state = load_checkpoint(checkpoint_path(self.config.out, self.rank), self.config)
+        if len(state["trainers"]) != len(self.trainers):
+            raise ValueError(
+                f"--resume: the checkpoint holds {len(state['trainers'])} dictionaries on this rank, this run has "
+                f"{len(self.trainers)}; resume with the same hooks and number of ranks."
+            )
+        for trainer, trainer_state in zip(self.trainers, state["trainers"], strict=False):
+            trainer.load_state_dict(trainer_state)
+        self.store.load_state_dict(state["store"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        return int(state["tokens_seen"])
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``config.n_steps``; returns ``{"dictionaries": [...], "metrics": {...}}``."""
+        config = self.config
+        tokens_seen = 0
+        first_batch = None
+        if config.resume:
+            tokens_seen = self._restore()
+        else:
+            first_batch = self.store.next_batch()
+            global_first = self._global(first_batch)
+            for trainer in self.trainers:
+                hook_in, hook_out = trainer.dict_cfg.hook_in, trainer.dict_cfg.hook_out
+                trainer.initialise(global_first[hook_in], global_first[hook_out])
+        logger = MetricLogger(config.n_steps, self.step, config.progress and self.rank == 0,
+                              config.wandb and self.rank == 0, config.wandb_project, config.to_dict(), config.out)
+        train_seconds, session_tokens = 0.0, 0
+        try:
+            while self.step < config.n_steps:
+                started = time.perf_counter()
+                batch = first_batch if first_batch is not None else self.store.next_batch()
+                first_batch = None
+                batch = self._local(batch)
+                for trainer in self.trainers:
+                    dict_cfg = trainer.dict_cfg
+                    trainer.train_step(batch[dict_cfg.hook_in], batch[dict_cfg.hook_out], self.step)
+                self._check_finite()
+                if self.store.device.type == "cuda":
+                    torch.cuda.synchronize(self.store.device)
+                train_seconds += time.perf_counter() - started
+                self.step += 1
+                session_tokens += config.batch_size
+                tokens_seen += config.batch_size
+                logger.advance()
+                if self.step % config.log_every == 0 or self.step == config.n_steps:
+                    record = self._log_record(tokens_seen, session_tokens / max(train_seconds, 1e-9))
+                    self.history.append(record)
+                    logger.log(self.step, record)
+                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.n_steps:
+                    evaluation = self._evaluate()
+                    logger.log(self.step, {f"{name}/eval/{k}": v for name, m in evaluation.items() for k, v in m.items()})
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    save_checkpoint(checkpoint_path(config.out, self.rank), self._state(tokens_seen))
+        finally:
+            logger.close()
+        dictionaries = [trainer.module.export() for trainer in self.trainers]
+        evaluation = self._evaluate(dictionaries)
+        last = self.history[-1] if self.history else {}
+        per_dictionary = {
+            name: {**{k: last.get(f"{name}/{k}") for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "mse")},
+                   **evaluation.get(name, {})}
+            for name in self.names
+        }
+        return {
+            "dictionaries": dictionaries,
+            "per_dictionary": per_dictionary,
+            "tokens_per_second": session_tokens / max(train_seconds, 1e-9),
+            "steps": self.step,
+            "tokens": tokens_seen,
+            "history": self.history,
+        }
+
+    def _check_finite(self) -> None:
+        # One host sync per log interval would be cheaper, but a NaN weight must not be checkpointed.
+        if self.step % max(1, min(self.config.log_every, self.config.checkpoint_every or self.config.log_every)):
+            return
+        for trainer, name in zip(self.trainers, self.names, strict=False):
+            if not torch.isfinite(trainer.module.W_dec).all() or not torch.isfinite(trainer.module.W_enc_t).all():
+                raise FloatingPointError(
+                    f"Dictionary {name!r} has non-finite weights at step {self.step}: lower lr or check the "
+                    "activations; the last checkpoint is intact."
+                )
+
+    def _log_record(self, tokens_seen: int, tokens_per_second: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"step": self.step, "tokens": tokens_seen, "tokens_per_second": tokens_per_second}
+        for trainer, name in zip(self.trainers, self.names, strict=False):
+            for key, value in trainer.running_metrics().items():
+                record[f"{name}/{key}"] = value
+        return record
+
+    def _evaluate(self, dictionaries: list[Dictionary] | None = None) -> dict[str, dict[str, float]]:
+        if self.eval_fn is None:
+            return {}
+        if dictionaries is None:
+            dictionaries = [trainer.module.export() for trainer in self.trainers]
+        return dict(zip(self.names, self.eval_fn(dictionaries), strict=False))
+
+
+def output_name(hook_in: str) -> str:
+    """Sub-directory of a dictionary in the output directory."""
+    return hook_in.replace("/", "_")
+
