@@ -48,6 +48,10 @@ _LAZY: dict[str, str] = {
     "FeatureDashboards": "featcircuits.viz.dashboards",
     "render_graph_image": "featcircuits.viz.static",
     "plot_faithfulness_curves": "featcircuits.viz.curves",
+    "find_circuit": "featcircuits.circuits",
+    "evaluate": "featcircuits.circuits",
+    "Circuit": "featcircuits.circuits",
+    "ContrastiveTask": "featcircuits.circuits",
 }
 
 __all__ = [

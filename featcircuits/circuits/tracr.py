@@ -133,7 +133,13 @@ class TracrModel:
 
 def _craft_model(program: Any, vocab: set, max_seq_len: int, compiler_bos: str, compiler_pad: str):
     """Run tracr's compiler up to its craft model (numpy weights per block); skips the haiku assembly."""
-    from tracr.compiler import basis_inference, craft_graph_to_model, expr_to_craft_graph, nodes, rasp_to_graph
+    from tracr.compiler import (
+        basis_inference,
+        craft_graph_to_model,
+        expr_to_craft_graph,
+        nodes,
+        rasp_to_graph,
+    )
     from tracr.craft import bases
     from tracr.rasp import rasp
 
