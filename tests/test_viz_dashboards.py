@@ -192,3 +192,20 @@ def test_dictionary_off_the_residual_width_gets_a_note_not_logits(stories_model,
     sae = Dictionary.from_config(DictionaryConfig(d_in=stories_model.cfg.d_mlp, d_sae=8, hook_in="blocks.0.mlp.hook_post"))
     entry = compute_dashboards(stories_model, sae, story_tokens[:2], k=2).features["0_0"]
     assert "top_logits" not in entry and "residual stream" in entry["logit_note"]
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium on PATH (apt-get install chromium; .ci/run does)")
+def test_large_feature_sets_render_a_page_at_a_time(tmp_path, dashboards):
+    result = dashboards[0]
+    many = dict(list(result.features.items())[:25])
+    page = FeatureDashboards(features=many, n_tokens=result.n_tokens).write_html(tmp_path / "many.html", page_size=10)
+    with HeadlessChromium(width=1000, height=700) as browser:
+        browser.open(page)
+        count = "document.querySelectorAll('.fc-feature-card').length"
+        assert browser.evaluate(count) == 10
+        assert browser.evaluate("document.getElementById('fc-more').textContent") == "Show 10 more of 15"
+        browser.click("#fc-more")
+        browser.click("#fc-more")
+        assert browser.evaluate(count) == 25
+        assert browser.evaluate("document.getElementById('fc-more').style.display") == "none"
+        assert browser.errors == []

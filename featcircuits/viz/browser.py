@@ -55,7 +55,7 @@ class HeadlessChromium:
     """
 
     def __init__(self, width: int = 1280, height: int = 860, binary: str | None = None,
-                 timeout: float = 20.0) -> None:
+                 timeout: float = 60.0) -> None:
         self.width, self.height, self.timeout = width, height, timeout
         self.binary = binary or find_chromium()
         if self.binary is None:

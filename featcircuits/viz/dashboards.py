@@ -68,10 +68,11 @@ class FeatureDashboards:
         return cls(features=data["features"], n_tokens=data["n_tokens"], model=data.get("model", ""),
                    histogram_edges=data.get("histogram_edges", []), dictionaries=data.get("dictionaries", {}))
 
-    def write_html(self, path: str | os.PathLike, title: str | None = None) -> Path:
-        """A standalone page showing every feature's dashboard (self-contained, works offline)."""
+    def write_html(self, path: str | os.PathLike, title: str | None = None, page_size: int = 200) -> Path:
+        """A standalone page showing every feature's dashboard (self-contained, works offline); cards are
+        drawn ``page_size`` at a time behind a "Show more" button."""
         title = title or f"Feature dashboards ({len(self.features)} features)"
-        payload = {"mode": "dashboards", "title": title, "dashboards": self.features,
+        payload = {"mode": "dashboards", "title": title, "dashboards": self.features, "page_size": int(page_size),
                    "order": list(self.features),
                    "dashboard_info": {"n_tokens": self.n_tokens, "model": self.model,
                                       "histogram_edges": self.histogram_edges}}

@@ -135,15 +135,27 @@
     app.appendChild(el("p", "fc-muted", subtitle));
     if (keys.length === 0) app.appendChild(el("div", "fc-empty", "No features in this dashboard set."));
     var list = el("div", "fc-feature-list");
-    keys.forEach(function (key) {
-      var entry = dashboards[key];
-      var card = el("section", "fc-feature-card");
-      card.setAttribute("data-key", key);
-      card.appendChild(el("h2", null, "Layer " + entry.layer + " \u00b7 feature " + entry.feature));
-      card.appendChild(featureDashboard(entry));
-      list.appendChild(card);
-    });
     app.appendChild(list);
+    // Cards are built a page at a time: a set of thousands of features would otherwise stall the first paint.
+    var PAGE = data.page_size || 200, shown = 0;
+    var more = el("button", "fc-more");
+    more.id = "fc-more";
+    function showMore() {
+      keys.slice(shown, shown + PAGE).forEach(function (key) {
+        var entry = dashboards[key];
+        var card = el("section", "fc-feature-card");
+        card.setAttribute("data-key", key);
+        card.appendChild(el("h2", null, "Layer " + entry.layer + " \u00b7 feature " + entry.feature));
+        card.appendChild(featureDashboard(entry));
+        list.appendChild(card);
+      });
+      shown = Math.min(keys.length, shown + PAGE);
+      more.textContent = "Show " + Math.min(PAGE, keys.length - shown) + " more of " + (keys.length - shown);
+      more.style.display = shown < keys.length ? "" : "none";
+    }
+    more.addEventListener("click", showMore);
+    app.appendChild(more);
+    showMore();
   }
 
   // ---- graph page ---------------------------------------------------------------------------
