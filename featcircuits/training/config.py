@@ -129,6 +129,14 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source} has unknown field(s) {unknown}; known fields: {sorted(known)}.")
+        hints = get_type_hints(cls)
+        data = dict(data)
+        for key, value in data.items():
+            if isinstance(value, str) and hints[key] in (int, float):  # YAML 1.1 reads "1e-3" as a string
+                try:
+                    data[key] = _parse_value(value, hints[key])
+                except ValueError:
+                    raise ValueError(f"{source}: {key}={value!r} is not a number.") from None
         return cls(**data)
 
     def resume_fingerprint(self) -> dict[str, Any]:
@@ -138,18 +146,21 @@ class TrainConfig:
 
 
 def _parse_value(text: str, annotation: Any) -> Any:
+    """Parse an override by the field's type: YAML for structure, Python's own parsers for numbers."""
     import yaml
 
+    kind = getattr(annotation, "__name__", str(annotation))
+    if "None" in str(annotation) and text.strip().lower() in ("none", "null", ""):
+        return None
+    if annotation is float:
+        return float(text)  # YAML 1.1 reads "1e-3" as a string
+    if annotation is int:
+        return int(float(text))
+    if annotation is str:
+        return text
     value = yaml.safe_load(text)
-    kind = str(annotation)
-    if "list" in kind and not isinstance(value, list):
-        value = [item for item in str(text).split(",") if item]
-    elif kind.startswith("int") and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    elif kind.startswith("float") and isinstance(value, int):
-        value = float(value)
-    elif kind.startswith("str") and value is not None and not isinstance(value, str):
-        value = str(text)
+    if kind == "list" or str(annotation).startswith("list"):
+        return value if isinstance(value, list) else [item for item in text.split(",") if item]
     return value
 
 
