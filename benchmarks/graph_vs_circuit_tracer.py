@@ -58,18 +58,19 @@ def circuit_tracer_side(work: Path, repeats: int, batch_size: int) -> None:
     model._configure_replacement_model(transcoders)
     tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))
     attribute(tokens[:8], model, batch_size=batch_size)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         graph = attribute(tokens, model, batch_size=batch_size)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     selected = graph.active_features[graph.selected_features]
     save_file({"adjacency": graph.adjacency_matrix.contiguous(), "features": selected.contiguous(),
                "logit_tokens": torch.tensor([int(t.vocab_idx) for t in graph.logit_targets])},
               str(work / "ct_graph.safetensors"))
     import importlib.metadata
 
-    print(json.dumps({"seconds": min(times), "version": importlib.metadata.version("circuit-tracer"),
+    print(json.dumps({"seconds": min(times), "cpu_seconds": min(cpu), "version": importlib.metadata.version("circuit-tracer"),
                       "n_features": int(selected.shape[0])}))
 
 
@@ -108,12 +109,13 @@ def featcircuits_side(work: Path, repeats: int, batch_size: int, d_sae: int, bia
     tokens = replacement.to_tokens(PROMPT)
     (work / "tokens.json").write_text(json.dumps(tokens.tolist()))
     build_graph(replacement, prompt=tokens[:8], progress=False, batch_size=batch_size)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         graph = build_graph(replacement, prompt=tokens, progress=False, batch_size=batch_size)
         times.append(time.perf_counter() - start)
-    return graph, min(times)
+        cpu.append(time.process_time() - start_cpu)
+    return graph, min(times), min(cpu)
 
 
 def compare(graph, work: Path) -> tuple[float, int, str]:
@@ -152,7 +154,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--ct-python", default="/tmp/fc-graph-ct-venv/bin/python")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128, help="featcircuits' batch (its default)")
+    parser.add_argument("--ct-batch-size", type=int, default=512, help="circuit-tracer's batch (its default)")
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--bias", type=float, default=-2.0, help="encoder bias of the random transcoders")
     args = parser.parse_args()
@@ -160,18 +163,20 @@ def main() -> None:
         circuit_tracer_side(args.work, args.repeats, args.batch_size)
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="featcircuits-graph-bench-"))
-    graph, ours = featcircuits_side(work, args.repeats, args.batch_size, args.d_sae, args.bias)
-    print(f"featcircuits: {graph} in {ours:.2f}s (best of {args.repeats})")
+    graph, ours, ours_cpu = featcircuits_side(work, args.repeats, args.batch_size, args.d_sae, args.bias)
+    print(f"featcircuits: {graph} in {ours:.2f}s wall, {ours_cpu:.2f}s CPU (best of {args.repeats})")
     result = subprocess.run([args.ct_python, __file__, "ct", "--work", str(work), "--repeats", str(args.repeats),
-                             "--batch-size", str(args.batch_size)], capture_output=True, text=True)
+                             "--batch-size", str(args.ct_batch_size)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"circuit-tracer run failed in {args.ct_python}:\n{result.stderr[-4000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     max_abs_diff, n_edges, note = compare(graph, work)
     theirs = report["seconds"]
     print(f"circuit-tracer {report['version']}: {report['n_features']} features, {n_edges} non-zero edges "
-          f"in {theirs:.2f}s (best of {args.repeats}); {note}")
-    print(f"featcircuits {ours:.2f}s, circuit-tracer {theirs:.2f}s, ratio {theirs / ours:.2f}")
+          f"in {theirs:.2f}s wall, {report['cpu_seconds']:.2f}s CPU (best of {args.repeats}); {note}")
+    print(f"wall: featcircuits {ours:.2f}s, circuit-tracer {theirs:.2f}s, ratio {theirs / ours:.2f}; "
+          f"CPU: featcircuits {ours_cpu:.2f}s, circuit-tracer {report['cpu_seconds']:.2f}s, "
+          f"ratio {report['cpu_seconds'] / ours_cpu:.2f}")
     print(f"speedup_vs_circuit_tracer={theirs / ours:.2f} max_abs_diff={max_abs_diff:.3g}")
 
 

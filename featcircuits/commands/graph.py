@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-threshold", type=float, default=0.8, help="influence pruning: node fraction")
     parser.add_argument("--edge-threshold", type=float, default=0.98, help="influence pruning: edge fraction")
     parser.add_argument("--max-feature-nodes", type=int, default=None, help="cap on feature nodes")
-    parser.add_argument("--batch-size", type=int, default=256, help="targets per backward pass")
+    parser.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
     parser.add_argument("--memory-budget-gb", type=float, default=4.0, help="refuse larger graphs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slug", default=None, help="graph slug in the JSON metadata (default: file name)")

@@ -90,35 +90,44 @@ class _RowComputer:
             self.decoder_vectors[start:end] = (
                 feature_act[start:end, None] * d.W_dec.detach()[feature_id[start:end]] / d.cfg.norm_scale
             )
-        # (site index, position, start, end) of each run of features sharing a site and a position
+        # per site, (position, start, end) of each run of its features sharing a position
         keys = feature_site * n_pos + feature_pos
         runs, counts = torch.unique_consecutive(keys, return_counts=True)
         ends = counts.cumsum(0)
-        self.position_spans = [
-            (int(key) // n_pos, int(key) % n_pos, int(end - count), int(end))
-            for key, count, end in zip(runs.tolist(), counts.tolist(), ends.tolist(), strict=True)
-        ]
-        self.sources = torch.stack([clean.errors[site.name] for site in rm.sites])  # [n_sites, pos, d]
+        self.position_spans: dict[int, list[tuple[int, int, int]]] = {}
+        for key, count, end in zip(runs.tolist(), counts.tolist(), ends.tolist(), strict=True):
+            self.position_spans.setdefault(key // n_pos, []).append((key % n_pos, end - count, end))
+        self.sources = [clean.errors[site.name] for site in rm.sites] + [clean.embeddings]  # each [pos, d]
         self.n_cols = self.n_active + (len(rm.sites) + 1) * n_pos
+        self.buffer = torch.empty(batch, self.n_cols, device=device, dtype=torch.float32)  # reused per call
 
     def rows(self, seeds: dict[str, torch.Tensor], final_seed: torch.Tensor | None, k: int) -> torch.Tensor:
-        """``[k, n_cols]`` rows for the ``k`` seeded batch rows; ``seeds`` per site ``[batch, pos, d_in]``."""
+        """``[k, n_cols]`` rows for the ``k`` seeded batch rows; ``seeds`` per site ``[batch, pos, d_in]``.
+
+        The result is a view of a buffer that the next call overwrites.
+        """
         outputs = [self.out.inputs[name] for name in seeds] + ([self.out.final] if final_seed is not None else [])
         grad_outputs = list(seeds.values()) + ([final_seed] if final_seed is not None else [])
         inputs = [self.deltas[name] for name in self.names]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
-        n_pos = self.clean.n_pos
-        rows = torch.zeros(k, self.n_cols, device=self.sources.device, dtype=torch.float32)
-        zero = torch.zeros(k, n_pos, self.rm.cfg.d_model, device=rows.device, dtype=self.sources.dtype)
-        grads = [g[:k] if g is not None else zero for g in grads]
-        # Features of one site at one position are contiguous (sorted by site, pos, feature): one small
-        # matmul per (site, position) contracts exactly the needed gradients, with no gathered copies.
-        for index, p, lo, hi in self.position_spans:
-            rows[:, lo:hi] = grads[index][:, p] @ self.decoder_vectors[lo:hi].T
-        error_grads = torch.stack(grads[:-1], dim=1)  # [k, n_sites, pos, d]
-        rows[:, self.n_active:self.n_cols - n_pos] = (error_grads * self.sources[None]).sum(-1).reshape(k, -1)
-        rows[:, self.n_cols - n_pos:] = (grads[-1] * self.clean.embeddings[None]).sum(-1)
+        rows = self.buffer[:k]
+        rows.zero_()
+        for index, grad in enumerate(grads):
+            if grad is None:  # none of the seeded targets depends on this site
+                continue
+            grad = grad[:k]
+            rows[:, self._site_columns(index)] = torch.einsum("kpd,pd->kp", grad, self.sources[index])
+            # Features of one site at one position are contiguous (sorted by site, pos, feature): one small
+            # matmul per (site, position) contracts exactly the needed gradients, with no gathered copies.
+            for p, lo, hi in self.position_spans.get(index, ()):
+                rows[:, lo:hi] = grad[:, p] @ self.decoder_vectors[lo:hi].T
         return rows
+
+    def _site_columns(self, index: int) -> slice:
+        """Columns of the error nodes of site ``index`` (the embeddings for ``index == n_sites``)."""
+        n_pos = self.clean.n_pos
+        start = self.n_active + index * n_pos
+        return slice(start, start + n_pos)
 
     def feature_seeds(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encoder directions of ``features`` (indices into the active list) at their sites' inputs."""
@@ -161,7 +170,7 @@ def build_graph(
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
     max_feature_nodes: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
     memory_budget_gb: float = 4.0,
     progress: bool = True,
 ) -> AttributionGraph:
