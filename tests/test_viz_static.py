@@ -50,6 +50,12 @@ def test_dot_svg_has_every_node_and_signed_edges(tmp_path):
     assert QUOTED in texts and "\u00e9t\u00e9" in texts and "' '" in texts  # whitespace-only token shown quoted
     png = render_graph_image(graph, tmp_path / "graph.png", engine="dot")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Big graphs: only the strongest edges are drawn, and the title says so.
+    root = ET.parse(render_graph_image(graph, tmp_path / "top.svg", engine="dot", max_edges=3)).getroot()
+    edges = [g for g in root.iter(f"{SVG}g") if g.get("class") == "edge"]
+    tips = sorted(float(g.find(f".//{SVG}a").get("{http://www.w3.org/1999/xlink}title")) for g in edges)
+    assert sorted(sorted((link["weight"] for link in graph["links"]), key=abs)[-3:]) == pytest.approx(tips)
+    assert any("strongest 3 of 7 edges" in (t.text or "") for t in root.iter(f"{SVG}text"))
 
 
 def test_matplotlib_draws_every_node_by_kind(tmp_path):

@@ -54,8 +54,8 @@ def graph_to_dot(payload: dict[str, Any]) -> str:
              '  node [fontname="Helvetica", fontsize=8, shape=box, style="rounded,filled", color=white, '
              'margin="0.05,0.02", height=0.22, width=0.3];',
              '  edge [arrowsize=0.4];']
-    if not nodes:
-        lines.append('  label="empty graph: no nodes"; fontname="Helvetica";')
+    title = payload.get("title") or ""
+    lines.append(f'  label={_dot_string(title if nodes else "empty graph: no nodes")}; labelloc=t; fontname="Helvetica";')
     # Boxes sized to their labels: circles would grow to fit the text and swamp the picture.
     font_colours = {"feature": "black", "error": "white", "embedding": "white", "logit": "white", "component": "white"}
     by_row: dict[int, list[str]] = {}
@@ -85,10 +85,25 @@ def graph_to_dot(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render_with_dot(payload: dict[str, Any], path: Path, fmt: str, dot: str) -> None:
+def _strongest_edges(payload: dict[str, Any], max_edges: int | None) -> dict[str, Any]:
+    """The payload with only its ``max_edges`` largest-|weight| links (all nodes kept), title noting the cut.
+
+    A picture of thousands of edges is unreadable, and dot's layout time grows steeply with them."""
+    links = payload["links"]
+    if max_edges is None or len(links) <= max_edges:
+        return payload
+    kept = sorted(links, key=lambda link: -abs(link[2]))[:max_edges]
+    return {**payload, "links": kept, "title": f"{payload['title']} (strongest {max_edges} of {len(links)} edges)"}
+
+
+def _render_with_dot(payload: dict[str, Any], path: Path, fmt: str, dot: str, timeout: float = 300) -> None:
     with atomic_path(path) as tmp:
-        result = subprocess.run([dot, f"-T{fmt}", "-o", str(tmp)], input=graph_to_dot(payload).encode("utf-8"),
-                                capture_output=True, timeout=120)
+        try:
+            result = subprocess.run([dot, f"-T{fmt}", "-o", str(tmp)], input=graph_to_dot(payload).encode("utf-8"),
+                                    capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"graphviz dot took over {timeout:.0f} s on {len(payload['nodes'])} nodes and "
+                               f"{len(payload['links'])} edges; lower max_edges or use engine='matplotlib'.") from None
         if result.returncode != 0:
             raise RuntimeError(f"graphviz dot failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
         make_readable(tmp)
@@ -139,10 +154,11 @@ def _render_with_matplotlib(payload: dict[str, Any], path: Path, fmt: str) -> An
 
 
 def render_graph_image(graph: Any, path: str | os.PathLike, engine: str = "auto", title: str | None = None,
-                       prompt_tokens: list[str] | None = None) -> Path:
+                       prompt_tokens: list[str] | None = None, max_edges: int | None = 600) -> Path:
     """Draw ``graph`` (graph JSON dict, path, or object exporting one) to ``path`` (.svg, .png or .pdf).
 
     ``engine``: "dot" (graphviz, must be installed), "matplotlib", or "auto" (dot when on PATH).
+    ``max_edges``: draw only the strongest edges (None: all); every node is drawn.
     """
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
@@ -150,7 +166,8 @@ def render_graph_image(graph: Any, path: str | os.PathLike, engine: str = "auto"
         raise ValueError(f"Cannot tell the image format of {path.name!r}; use a .svg, .png or .pdf file name.")
     if engine not in ("auto", "dot", "matplotlib"):
         raise ValueError(f"Unknown engine {engine!r}; use 'auto', 'dot' or 'matplotlib'.")
-    payload = graph_payload(load_graph_json(graph), title=title, prompt_tokens=prompt_tokens)
+    payload = _strongest_edges(graph_payload(load_graph_json(graph), title=title, prompt_tokens=prompt_tokens),
+                               max_edges)
     dot = find_dot()
     if engine == "dot" and dot is None:
         raise RuntimeError("graphviz `dot` is not on PATH; install graphviz (apt-get install graphviz) or use "
