@@ -214,8 +214,8 @@ def test_hostile_non_ascii_and_whitespace_tokens_render_as_text(browser, tmp_pat
     _, index, _ = feature["node_id"].split("_")
     hostile_entry = {"layer": feature["layer"], "feature": int(index), "n_fired": 3, "n_tokens": 10, "density": 0.3,
                      "max_act": 2.0, "histogram": [0, 1, 2],
-                     "top_contexts": [{"act": 2.0, "focus": 1, "tokens": [" ", HOSTILE, "\n", "\u00e9\"'"],
-                                       "acts": [0.0, 2.0, 0.5, 0.1]}],
+                     "top_contexts": [{"act": 2.0, "focus": 1, "tokens": [" ", HOSTILE, "\n", "\u00e9\"'", "<0x0A>"],
+                                       "acts": [0.0, 2.0, 0.5, 0.1, 0.0]}],
                      "top_logits": [[HOSTILE, 1.5], ["\u732b", 1.0]], "bottom_logits": [["<img src=x onerror=alert(3)>", -1.0]]}
     dashboards = {"features": {f"{feature['layer']}_{index}": hostile_entry}}
     browser.errors.clear()
@@ -232,7 +232,7 @@ def test_hostile_non_ascii_and_whitespace_tokens_render_as_text(browser, tmp_pat
     assert labels[7] == "\u732b" and labels[1] == "\u2423Once"
     browser.click(f'.fc-node[data-node-id="{feature["node_id"]}"]')
     context = browser.evaluate("[...document.querySelectorAll('#fc-card .fc-context .fc-tok')].map(e => e.textContent)")
-    assert context == [" ", HOSTILE, "\u23ce", "\u00e9\"'"]
+    assert context == [" ", HOSTILE, "\u23ce", "\u00e9\"'", "\u23ce"]  # byte-fallback newline too
     promoted = browser.evaluate("[...document.querySelectorAll('#fc-card .fc-logit .fc-tok')].map(e => e.textContent)")
     assert promoted == [HOSTILE, "\u732b", "<img\u2423src=x\u2423onerror=alert(3)>"]
     assert browser.evaluate("document.querySelectorAll('img').length") == 0

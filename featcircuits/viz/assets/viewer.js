@@ -22,16 +22,23 @@
     for (var key in attrs) if (Object.prototype.hasOwnProperty.call(attrs, key)) node.setAttribute(key, attrs[key]);
     return node;
   }
+  // SentencePiece byte-fallback pieces ("<0x0A>") stand for one byte: show printable ASCII as itself.
+  function byteFallback(text) {
+    var match = /^<0x([0-9A-Fa-f]{2})>$/.exec(text);
+    if (!match) return text;
+    var code = parseInt(match[1], 16);
+    return code === 10 || code === 9 || code === 13 || (code >= 32 && code < 127) ? String.fromCharCode(code) : text;
+  }
   // Whitespace-only and empty tokens would be invisible: show them with visible stand-ins.
   function showToken(token) {
-    var text = String(token === undefined || token === null ? "" : token);
+    var text = byteFallback(String(token === undefined || token === null ? "" : token));
     if (text.length === 0) return "\u2205";
     return text.replace(/\u2581/g, " ").replace(/ /g, "\u2423").replace(/\n/g, "\u23ce")
       .replace(/\t/g, "\u21e5").replace(/\r/g, "\u240d");
   }
   // Inside running text spaces read better as spaces; only line breaks and tabs get stand-ins.
   function contextToken(token) {
-    return String(token).replace(/\u2581/g, " ").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5");
+    return byteFallback(String(token)).replace(/\u2581/g, " ").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5");
   }
   function fmt(value) {
     if (value === null || value === undefined) return "\u2013";
