@@ -52,6 +52,8 @@ _LAZY: dict[str, str] = {
     "evaluate": "featcircuits.circuits",
     "Circuit": "featcircuits.circuits",
     "ContrastiveTask": "featcircuits.circuits",
+    "train": "featcircuits.training",
+    "TrainConfig": "featcircuits.training",
 }
 
 __all__ = [

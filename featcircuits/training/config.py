@@ -56,6 +56,7 @@ class TrainConfig:
     batchtopk_threshold_momentum: float = 0.99
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into weights on save
     init_b_dec_geometric_median: bool = True
+    init_scale: float = 0.1  # initial encoder row norm (and decoder row norm when it is not constrained)
     context_size: int = 128
     model_batch_size: int = 32  # sequences per model forward
     buffer_bytes: int = 256 * 2**20  # memory budget of the shuffled activation buffer (all hooks)

@@ -46,10 +46,11 @@ class DictionaryTrainer:
                  sync_gradients: bool = False) -> None:
         self.config, self.dict_cfg, self.device = config, dict_cfg, device
         self.sync_gradients = sync_gradients
-        self.module = TrainableDictionary(dict_cfg, device=device, init_threshold=config.jumprelu_init_threshold)
         self.unit_norm_decoder = (
             config.architecture != "relu" if config.unit_norm_decoder is None else config.unit_norm_decoder
         )
+        self.module = TrainableDictionary(dict_cfg, device=device, init_threshold=config.jumprelu_init_threshold,
+                                          init_scale=config.init_scale, unit_norm_decoder=self.unit_norm_decoder)
         if self.unit_norm_decoder:
             self.module.normalise_decoder()
         params = [p for p in self.module.parameters()]

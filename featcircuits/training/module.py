@@ -29,7 +29,8 @@ class TrainableDictionary(nn.Module):
     """Trainable weights of one dictionary: ``W_enc_t``, ``b_enc``, ``W_dec``, ``b_dec`` (+ ``W_skip``,
     JumpReLU ``log_threshold``, BatchTopK running ``threshold``), and the input ``norm_scale``."""
 
-    def __init__(self, cfg: DictionaryConfig, device: str | torch.device = "cpu", init_threshold: float = 0.01):
+    def __init__(self, cfg: DictionaryConfig, device: str | torch.device = "cpu", init_threshold: float = 0.01,
+                 init_scale: float = 0.1, unit_norm_decoder: bool = True):
         super().__init__()
         self.cfg = cfg
         template = Dictionary.from_config(cfg, device=device)  # shares the library's initialisation
@@ -37,9 +38,12 @@ class TrainableDictionary(nn.Module):
         if cfg.kind != "sae":  # unit rows, like the SAE's tied start; the decoder follows in initialise_from
             W_enc_t = torch.randn_like(W_enc_t)
             W_enc_t /= W_enc_t.norm(dim=-1, keepdim=True)
-        self.W_enc_t = nn.Parameter(W_enc_t)
+        # Small initial activations (Anthropic's April 2024 update; sae-lens' decoder_init_norm=0.1): the first
+        # reconstructions are near b_dec instead of k unit vectors' worth of noise, so short runs start well.
+        self.W_enc_t = nn.Parameter(W_enc_t * init_scale)
         self.b_enc = nn.Parameter(template.b_enc.detach().clone())
-        self.W_dec = nn.Parameter(template.W_dec.detach().clone())
+        W_dec = template.W_dec.detach().clone()
+        self.W_dec = nn.Parameter(W_dec if unit_norm_decoder else W_dec * init_scale)
         self.b_dec = nn.Parameter(template.b_dec.detach().clone())
         self.W_skip = nn.Parameter(template.W_skip.detach().clone()) if template.W_skip is not None else None
         if cfg.activation == "jumprelu":
