@@ -88,7 +88,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
             prob = target.weight if target.is_logit else 0.0
             node = {"node_id": f"{logit_layer}_{vocab}_{pos}", "feature": vocab, "layer": logit_layer,
                     "feature_type": "logit", "token_prob": prob, "is_target_logit": first_target,
-                    "jsNodeId": f"L_{vocab}-{pos}", "clerp": f'Output "{label}" (p={prob:.3f})', **common}
+                    "jsNodeId": f"L_{vocab}-{pos}",
+                    "clerp": f'Output "{label}" (p={prob:.3f})' if target.is_logit else f'Target "{label}"', **common}
             first_target = False
         export_id[i] = node["node_id"]
         nodes.append(node)
