@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"attribution graph: {graph.n_features} feature nodes (of {graph.n_active_features} active), "
           f"{graph.n_edges} edges; replacement score {result.replacement_score:.3f}, "
           f"completeness score {result.graph_completeness:.3f}")
-    print(f"circuit ({circuit.method}, task {result.task_name!r}, {len(circuit.graph.task)} pairs, metric logit "
+    n_pairs = len(circuit.graph.task)
+    print(f"circuit ({circuit.method}, task {result.task_name!r}, {n_pairs} pair{'s' * (n_pairs != 1)}, metric logit "
           f"diff {evaluation['m_full']:.3f} full / {evaluation['m_empty']:.3f} all ablated): "
           f"{len(circuit.nodes)} of {len(circuit.node_ids)} nodes")
     print(f"  faithfulness {result.faithfulness:.3f}   (the circuit alone; 1 = recovers the full model)")
