@@ -54,6 +54,8 @@ _LAZY: dict[str, str] = {
     "ContrastiveTask": "featcircuits.circuits",
     "train": "featcircuits.training",
     "TrainConfig": "featcircuits.training",
+    "run_demo": "featcircuits.demo",
+    "DemoResult": "featcircuits.demo",
 }
 
 __all__ = [
