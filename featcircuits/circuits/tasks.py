@@ -45,8 +45,7 @@ def _single_token(model: Any, value: str | int | Sequence[int], what: str) -> in
         pieces = [model.tokenizer.convert_ids_to_tokens(i) for i in ids]
         raise ValueError(
             f"{what} {value!r} is not a single token: it tokenises to {len(ids)} tokens {pieces}. "
-            "Choose an answer that is one token (for SentencePiece tokenizers write it without the leading "
-            "space, e.g. 'Tom' rather than ' Tom')."
+            "Choose a word that is one token of this tokenizer, or give its token id."
         )
     return int(ids[0])
 

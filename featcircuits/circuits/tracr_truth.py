@@ -118,78 +118,91 @@ def train_residual_saes(tm: TracrModel, steps: int = 1500, n_inputs: int = 512, 
                      tm.model.cfg.model_name) for i, hook in enumerate(hooks)]
 
 
-def _assignments(tm: TracrModel, sae) -> list[set[str]]:
-    """Per feature, the labels its decoder row points along (coordinates >= half its largest one, which
-    itself must carry a quarter of the row's squared norm). Perfectly correlated labels (such as a token
-    and a map of that token) share one feature, which then belongs to both."""
-    rows = sae.W_dec.detach().abs()
-    largest = rows.max(-1, keepdim=True).values
-    significant = (rows >= 0.5 * largest) & (largest.pow(2) >= 0.25 * rows.pow(2).sum(-1, keepdim=True))
-    return [{tm.residual_labels[i] for i in row.nonzero()[:, 0].tolist()} for row in significant]
+def _label_groups(tm: TracrModel, hooks: list[str]) -> dict[str, list[list[int]]]:
+    """Per hook, the labels that vary over random inputs, grouped where their activations are identical
+    (a token and a map that copies it): no dictionary can tell such labels apart."""
+    tokens = torch.tensor([tm.encode(x) for x in _inputs(tm, 256, 99)])
+    with torch.no_grad():
+        _, cache = tm.model.run_with_cache(tokens, names_filter=hooks)
+    groups = {}
+    for hook in hooks:
+        acts = cache[hook].reshape(-1, tm.model.cfg.d_model)
+        varying = (acts.std(0) > 1e-6).nonzero()[:, 0].tolist()
+        found: list[list[int]] = []
+        for label in varying:
+            for group in found:
+                if (acts[:, group[0]] - acts[:, label]).abs().max() < 1e-6:
+                    group.append(label)
+                    break
+            else:
+                found.append([label])
+        groups[hook] = found
+    return groups
+
+
+def _group_cosines(tm: TracrModel, sae, groups: list[list[int]]) -> torch.Tensor:
+    """``[d_sae, groups]`` |cosine| of each decoder row with each group's direction (normalised sum)."""
+    targets = torch.zeros(len(groups), tm.model.cfg.d_model)
+    for index, group in enumerate(groups):
+        targets[index, group] = 1.0 / len(group) ** 0.5
+    rows = sae.W_dec.detach()
+    return ((rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ targets.T).abs()
 
 
 def label_recovery(tm: TracrModel, saes: list) -> dict[str, float]:
-    """For every label that varies at a site: the best |cosine| of an SAE decoder row with its direction.
-
-    Labels with identical activations over the data (a token and a map that copies it) cannot be told
-    apart by any dictionary; their direction is taken as the normalised sum of the group's directions.
-    """
-    tokens = torch.tensor([tm.encode(x) for x in _inputs(tm, 256, 99)])
-    with torch.no_grad():
-        _, cache = tm.model.run_with_cache(tokens, names_filter=[s.cfg.hook_in for s in saes])
-    best = []
-    for sae in saes:
-        acts = cache[sae.cfg.hook_in].reshape(-1, tm.model.cfg.d_model)
-        varying = (acts.std(0) > 1e-6).nonzero()[:, 0]
-        columns = acts[:, varying].T  # [labels, rows]
-        same = (columns[:, None, :] - columns[None, :, :]).abs().amax(-1) < 1e-6  # [labels, labels]
-        targets = torch.zeros(len(varying), acts.shape[1])
-        targets[:, varying] = same.float()
-        targets = targets / targets.norm(dim=-1, keepdim=True)
-        rows = sae.W_dec.detach()
-        cosine = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ targets.T  # [d_sae, labels]
-        best.append(cosine.max(0).values)
-    best = torch.cat(best)
-    return {"labels": float(best.numel()), "mean_cosine": float(best.mean()), "min_cosine": float(best.min()),
+    """For every group of labels that varies at a site: the best |cosine| of an SAE decoder row with it."""
+    groups = _label_groups(tm, [sae.cfg.hook_in for sae in saes])
+    best = torch.cat([_group_cosines(tm, sae, groups[sae.cfg.hook_in]).max(0).values for sae in saes])
+    return {"directions": float(best.numel()), "mean_cosine": float(best.mean()), "min_cosine": float(best.min()),
             "recovered_0.9": float((best >= 0.9).float().mean())}
 
 
-def feature_truth_units(tm: TracrModel, graph: Any, node_scores: torch.Tensor) -> tuple[list[str], torch.Tensor,
-                                                                                        torch.Tensor]:
-    """Units ``(site, variable)`` and MLP error nodes: ``(names, scores, truth)`` for a feature graph built
-    with ``positions="sum"`` on a ReplacementModel of ``tm.model`` with :func:`train_residual_saes`' SAEs."""
+def feature_truth_units(tm: TracrModel, graph: Any, node_scores: torch.Tensor,
+                        min_cosine: float = 0.7) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Units and their ``(names, scores, truth)`` for a feature graph (``positions="sum"``) built on a
+    ReplacementModel of ``tm.model`` with :func:`train_residual_saes`' SAEs.
+
+    Units: every varying label group at every SAE site (``tokens:BOS``, the compiler's attention sink, is
+    left out like the constant ``one``), and every MLP (its bare-site error node). A group at
+    ``resid_pre{L}`` is in the true circuit when a head or MLP of layer ``L`` or later reads one of its
+    labels, or it holds the program's output; at the final ``resid_post`` only the output counts. A
+    group scores the largest |score| among features whose decoder row has |cosine| >= ``min_cosine``
+    with it; an MLP scores its error node.
+    """
     rw = tm._reads_writes()
     n_layers = tm.model.cfg.n_layers
-    read_from = {}  # layer -> variables read by a component of that layer or later
-    later: set[str] = {tm.output_label}
+    output = {i for i, label in enumerate(tm.residual_labels) if variable_of(label) == tm.output_label}
+    read_from: dict[int, set[int]] = {}
+    later = set(output)
     for layer in reversed(range(n_layers)):
         for name, (reads, _) in rw.items():
             if name.startswith(f"L{layer}."):
-                later |= {variable_of(tm.residual_labels[i]) for i in reads.nonzero()[:, 0].tolist()}
+                later |= set(reads.nonzero()[:, 0].tolist())
         read_from[layer] = set(later)
-    variables = sorted({variable_of(label) for label in tm.residual_labels} - {"one"})
-    site_labels = {site.name: _assignments(tm, site.dictionary) for site in graph.rm.sites if site.dictionary}
-    scores: dict[tuple[str, str], float] = {}
-    truth: dict[tuple[str, str], bool] = {}
+    sae_sites = [site for site in graph.rm.sites if site.dictionary is not None]
+    groups = _label_groups(tm, [site.hook_in for site in sae_sites])
+    bos = tm.residual_labels.index("tokens:BOS") if "tokens:BOS" in tm.residual_labels else -1
+    names, scores, truth = [], [], []
+    node_index = {node_id: i for i, node_id in enumerate(graph.node_ids)}
+    magnitudes = node_scores.abs()
     for site in graph.rm.sites:
         if site.dictionary is None:
-            scores[(site.name, "error")] = 0.0  # an MLP whose output never changes has no error node
-            truth[(site.name, "error")] = bool(rw[f"L{site.layer}.MLP"][1].any())
+            names.append(f"{site.name}:error")
+            index = node_index.get(f"{site.name}:error")
+            scores.append(float(magnitudes[index]) if index is not None else 0.0)  # no node: output never changes
+            truth.append(bool(rw[f"L{site.layer}.MLP"][1].any()))
             continue
-        layer = site.layer
-        positives = {tm.output_label} if site.hook_out.endswith("resid_post") else read_from[layer]
-        for variable in variables:
-            scores[(site.name, variable)] = 0.0
-            truth[(site.name, variable)] = variable in positives
-    for node_id, score in zip(graph.node_ids, node_scores.abs().tolist(), strict=True):
-        site, what = node_id.split(":")
-        if what == "error":
-            if site.startswith("mlp"):
-                scores[(site, "error")] = score
-                truth[(site, "error")] = bool(rw[f"L{site[3:]}.MLP"][1].any())
-            continue
-        for variable in {variable_of(label) for label in site_labels[site][int(what)]} - {"one"}:
-            scores[(site, variable)] = max(scores[(site, variable)], score)
-    names = sorted(scores)
-    return ([f"{s}:{v}" for s, v in names], torch.tensor([scores[k] for k in names]),
-            torch.tensor([truth[k] for k in names]))
+        site_groups = [g for g in groups[site.hook_in] if g != [bos]]
+        cosine = _group_cosines(tm, site.dictionary, site_groups)  # [d_sae, groups]
+        best = torch.zeros(len(site_groups))
+        for feature in range(cosine.shape[0]):
+            index = node_index.get(f"{site.name}:{feature}")
+            if index is not None:
+                members = cosine[feature] >= min_cosine
+                best[members] = torch.maximum(best[members], magnitudes[index])
+        positives = output if site.hook_out.endswith("resid_post") else read_from[site.layer]
+        for group, score in zip(site_groups, best.tolist(), strict=True):
+            names.append(f"{site.name}:" + "+".join(tm.residual_labels[i] for i in group))
+            scores.append(score)
+            truth.append(any(i in positives for i in group))
+    return names, torch.tensor(scores), torch.tensor(truth)

@@ -1,0 +1,112 @@
+"""Feature and error nodes on the ReplacementModel, and tracr ground truth, checked by interventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featcircuits.circuits import ContrastiveTask, FeatureGraph, evaluate, find_circuit, roc_auc
+from featcircuits.dictionaries import Dictionary, DictionaryConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def replacement(tiny_gpt2):
+    from featcircuits.graph.replacement import ReplacementModel
+
+    torch.manual_seed(0)
+    d = tiny_gpt2.cfg.d_model
+    transcoder = Dictionary.from_config(DictionaryConfig(
+        d_in=d, d_sae=48, kind="transcoder", hook_in="blocks.0.ln2.hook_normalized", hook_out="blocks.0.hook_mlp_out",
+        layer=0))
+    sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=40, hook_in="blocks.1.hook_resid_pre", layer=1))
+    return ReplacementModel(tiny_gpt2, [transcoder, sae])
+
+
+@pytest.fixture(scope="module")
+def task(tiny_gpt2):
+    generator = torch.Generator().manual_seed(1)
+    pairs = [{"clean": torch.randint(0, 97, (5,), generator=generator).tolist(),
+              "corrupt": torch.randint(0, 97, (5,), generator=generator).tolist(), "answer": 3, "distractor": 5}
+             for _ in range(3)]
+    return ContrastiveTask.from_pairs(tiny_gpt2, pairs)
+
+
+def test_feature_node_ablation_matches_a_direct_replacement_run(replacement, task):
+    graph = FeatureGraph(replacement, task, ablation="zero")
+    clean = replacement.model(task.clean_tokens).detach()
+    assert graph.full_metric == pytest.approx(
+        float((clean[:, -1, 3] - clean[:, -1, 5]).mean()), abs=1e-4)  # error nodes make the splice exact
+    node = next(i for i, node_id in enumerate(graph.node_ids) if node_id.startswith("mlp0:") and "error" not in node_id)
+    site, rest = graph.node_ids[node].split(":")
+    feature, pos = (int(x) for x in rest.split("@"))
+    expected = []
+    for index in range(len(task)):
+        def zero_one(acts, feature=feature, pos=pos):
+            acts = acts.clone()
+            acts[:, pos, feature] = 0
+            return acts
+        logits = replacement.run(graph._prompt(index), feature_acts={site: zero_one}).logits.detach()
+        expected.append(float(logits[0, -1, 3] - logits[0, -1, 5]))
+    masks = torch.ones(2, len(graph.node_ids))
+    masks[1, node] = 0
+    values = graph.node_metric(masks)
+    assert values[0].item() == pytest.approx(graph.full_metric, abs=1e-5)
+    assert values[1].item() == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["each", "sum"])
+def test_feature_atp_is_the_derivative_of_a_real_intervention(replacement, task, positions):
+    graph = FeatureGraph(replacement, task, ablation="patch", positions=positions)
+    scores = graph.node_attribution()
+    picks = scores.abs().argsort(descending=True)[:3]
+    eps = 1e-3
+    masks = torch.ones(len(picks), len(graph.node_ids))
+    masks[torch.arange(len(picks)), picks] = 1 - eps
+    slope = (graph.node_metric(masks) - graph.full_metric) / eps
+    assert torch.allclose(slope, scores[picks], rtol=0.05, atol=2e-3)
+
+
+def test_feature_acdc_and_evaluation(replacement, task):
+    circuit = find_circuit(replacement, task, "acdc", tau=0.02, positions="sum")
+    result = evaluate(circuit)
+    assert result["curve"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
+    assert len(circuit.nodes) < len(circuit.node_ids)
+
+
+def test_sites_without_dictionaries_are_refused(replacement, task):
+    with pytest.raises(ValueError, match=r"No dictionary covers site\(s\) \['mlp1'\]"):
+        FeatureGraph(replacement, task, sites=["mlp0", "mlp1"])
+
+
+def test_tracr_programs_compile_and_component_circuits_match_the_compiled_graph():
+    pytest.importorskip("tracr")
+    from tracr.rasp import rasp
+
+    from featcircuits.circuits.tracr import compile_tracr, tracr_program
+    from featcircuits.circuits.tracr_truth import tracr_task
+
+    for name in ("frac_prevs", "reverse"):
+        program, vocab, n = tracr_program(name)
+        tm = compile_tracr(program, vocab, n)
+        for tokens in (list("wxyxz")[:n], list("zzxwx")[:n]) if name == "frac_prevs" else (list("abcab"), list("cabba")):
+            want = rasp.evaluate(program, tokens)
+            logits = tm.model(torch.tensor([tm.encode(tokens)]))[0, 1:].detach()
+            if tm.output_values is None:
+                assert torch.allclose(logits[:, 0], torch.tensor(want, dtype=torch.float32), atol=1e-3)
+            else:
+                assert [tm.output_values[i] for i in logits.argmax(-1).tolist()] == want
+        if name == "frac_prevs":
+            task = tracr_task(tm, 4)
+            for method in ("acdc", "atp"):
+                circuit = find_circuit(tm.model, task, method, level="edges", ablation="zero")
+                truth = tm.edge_truth(circuit.edge_ids)
+                assert roc_auc([abs(s) for s in circuit.edge_scores], truth) == 1.0

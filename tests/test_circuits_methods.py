@@ -1,0 +1,134 @@
+"""Component nodes, batched ablations, AtP/IG, ACDC and evaluation on a tiny model, checked by interventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from featcircuits.circuits import ComponentGraph, ContrastiveTask, acdc, evaluate, find_circuit
+from featcircuits.circuits.tasks import logit_diff
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _task(model, n=4, length=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pairs = [{"clean": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "corrupt": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "answer": 3, "distractor": 5} for _ in range(n)]
+    return ContrastiveTask.from_pairs(model, pairs)
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_gpt2):
+    return ComponentGraph(tiny_gpt2, _task(tiny_gpt2), ablation="patch")
+
+
+def test_ablating_everything_reproduces_the_corrupt_run(tiny_gpt2, graph):
+    task = graph.task
+    corrupt = float(logit_diff(task, task.last_logits(tiny_gpt2(task.corrupt_tokens).detach())))
+    clean = float(logit_diff(task, task.last_logits(tiny_gpt2(task.clean_tokens).detach())))
+    n_edges = len(graph.edge_ids)
+    both = graph.edge_metric(torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
+    assert both[0].item() == pytest.approx(clean, abs=1e-4)
+    # every edge into the logits (and everywhere else) carries the corrupt value: the final residual is corrupt
+    assert both[1].item() == pytest.approx(corrupt, abs=1e-4)
+
+
+def test_batched_node_ablation_matches_a_hand_written_hook(tiny_gpt2, graph):
+    task, n_nodes = graph.task, len(graph.node_ids)
+    _, cache = tiny_gpt2.run_with_cache(task.corrupt_tokens, names_filter="blocks.1.attn.hook_z")
+    corrupt_z = cache["blocks.1.attn.hook_z"]
+
+    def patch_head_2(z, hook):
+        z[:, :, 2] = corrupt_z[:, :, 2]
+        return z
+
+    logits = tiny_gpt2.run_with_hooks(task.clean_tokens, fwd_hooks=[("blocks.1.attn.hook_z", patch_head_2)])
+    expected = float(logit_diff(task, task.last_logits(logits.detach())))
+    masks = torch.ones(3, n_nodes)
+    masks[1, graph.node_ids.index("L1.H2")] = 0
+    masks[2, graph.node_ids.index("L0.MLP")] = 0
+    values = graph.node_metric(masks)  # three patterns, one forward
+    assert values[0].item() == pytest.approx(graph.full_metric, abs=1e-5)
+    assert values[1].item() == pytest.approx(expected, abs=1e-4)
+    single = graph.node_metric(masks[2:])
+    assert values[2].item() == pytest.approx(single.item(), abs=1e-4)  # copies do not leak into each other
+
+
+@pytest.mark.parametrize("level", ["nodes", "edges"])
+def test_atp_is_the_derivative_of_a_real_intervention(graph, level):
+    """AtP = (ablated - clean) . grad: the metric's slope when a unit moves a little toward its ablation."""
+    units = graph.node_ids if level == "nodes" else graph.edge_ids
+    run = graph.node_metric if level == "nodes" else graph.edge_metric
+    scores = (graph.node_attribution if level == "nodes" else graph.edge_attribution)()
+    eps = 1e-3
+    picks = torch.tensor([0, len(units) // 2, len(units) - 1])
+    masks = torch.ones(len(picks), len(units))
+    masks[torch.arange(len(picks)), picks] = 1 - eps
+    slope = (run(masks.double().float()) - graph.full_metric) / eps
+    assert torch.allclose(slope, scores[picks], rtol=0.05, atol=2e-3)
+
+
+def test_integrated_gradients_are_complete_without_downstream_nodes():
+    """With one attention layer no node feeds another, so IG's scores sum to m(all ablated) - m(clean)."""
+    from featcircuits import load_model
+
+    model = load_model(dict(n_layers=1, d_model=32, d_head=8, n_heads=4, n_ctx=16, d_vocab=97, attn_only=True,
+                            act_fn="relu", normalization_type="LN"), seed=1)
+    graph = ComponentGraph(model, _task(model), ablation="zero")
+    empty = graph.node_metric(torch.zeros(1, len(graph.node_ids))).item()
+    ig = graph.node_attribution(steps=32)
+    atp = graph.node_attribution(steps=1)
+    assert ig.sum().item() == pytest.approx(empty - graph.full_metric, rel=0.02, abs=1e-3)
+    assert abs(atp.sum().item() - (empty - graph.full_metric)) > abs(ig.sum().item() - (empty - graph.full_metric))
+
+
+def test_batched_acdc_finds_the_same_circuit_as_one_forward_per_edge(graph):
+    n_edges = len(graph.edge_ids)
+    order = list(reversed(range(n_edges)))
+    naive = acdc(graph.edge_metric, order, n_edges, tau=0.05, batch_size=1)
+    batched = acdc(graph.edge_metric, order, n_edges, tau=0.05, batch_size=64)
+    guess = graph.edge_attribution().abs() >= naive.threshold
+    guided = acdc(graph.edge_metric, order, n_edges, tau=0.05, batch_size=64, predicted_keep=guess)
+    assert torch.equal(naive.keep, batched.keep) and torch.equal(naive.keep, guided.keep)
+    assert 0 < int(naive.keep.sum()) < n_edges
+    assert naive.forwards >= n_edges and batched.forwards < naive.forwards and guided.forwards < naive.forwards
+    # ACDC's own guarantee: each surviving edge's removal moved the metric by at least the threshold
+    assert (naive.scores[naive.keep] >= naive.threshold).all()
+
+
+def test_find_circuit_and_evaluate(tiny_gpt2, graph):
+    circuit = find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", tau=0.02, graph=graph)
+    result = evaluate(circuit, sizes=[0, 5, len(graph.edge_ids)])
+    assert result["curve"]["faithfulness"][0] == pytest.approx(0.0, abs=1e-6)
+    assert result["curve"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-5)
+    assert result["curve"]["completeness"][-1] == pytest.approx(0.0, abs=1e-5)
+    keep = torch.zeros(len(graph.edge_ids))
+    keep[[graph.edge_ids.index(edge) for edge in circuit.edges]] = 1
+    m_circuit = graph.edge_metric(keep[None]).item()
+    expected = (m_circuit - result["m_empty"]) / (result["m_full"] - result["m_empty"])
+    assert result["faithfulness"] == pytest.approx(expected, abs=1e-5)
+    assert 0 <= result["cmd"] and result["cpr"] == pytest.approx(
+        sum((b - a) * (fa + fb) / 2 for a, b, fa, fb in zip(result["curve"]["fractions"][:-1],
+            result["curve"]["fractions"][1:], result["curve"]["faithfulness"][:-1],
+            result["curve"]["faithfulness"][1:], strict=True)))
+    for method in ("atp", "ig"):
+        scored = find_circuit(tiny_gpt2, graph.task, method, top_k=3, graph=graph)
+        assert len(scored.nodes) == 3
+
+
+def test_bad_parameters(tiny_gpt2, graph):
+    with pytest.raises(ValueError, match=r"tau=1.5 is outside \[0, 1\]"):
+        find_circuit(tiny_gpt2, graph.task, "acdc", tau=1.5, graph=graph)
+    with pytest.raises(ValueError, match="Unknown method"):
+        find_circuit(tiny_gpt2, graph.task, "eap", graph=graph)
+    with pytest.raises(ValueError, match="Unknown ablation"):
+        ComponentGraph(tiny_gpt2, graph.task, ablation="resample")
