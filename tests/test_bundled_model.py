@@ -1,0 +1,132 @@
+"""The bundled model (pretrained/bundled): loads through featcircuits, matches transformers, has learned
+its corpus (held-out standard-library files), and its task skills on held-out prompts from
+train/bundled_model/eval_tasks.py.
+
+The shipped model (900 steps, 3.7M tokens; train/README.md) has NOT yet learned the docstring task or
+induction: measured top-1 0.0 on both. The competence tests state the targets and are strict xfails, so
+they fail loudly (XPASS) once a longer run reaches competence, and must then become plain tests with
+thresholds set below the new measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from train.bundled_model import eval_tasks
+from train.bundled_model.build_corpus import is_validation, stdlib_files
+
+BUNDLED = REPO_ROOT / "pretrained" / "bundled"
+TEST_SEED = 2  # docstring_task.json was drawn with seed 1; these prompts are different ones
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from featcircuits import load_model
+
+    if not (BUNDLED / "model.safetensors").exists():
+        pytest.fail(f"The bundled model is missing at {BUNDLED}; see train/README.md to rebuild it.")
+    return load_model(BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def hf_bundled():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(BUNDLED)).eval()
+
+
+def test_logits_match_transformers(bundled, hf_bundled):
+    prompts = [
+        "import os\n\ndef read(path, mode='r'):\n    with open(path, mode) as f:\n        return f.read()\n",
+        eval_tasks.docstring_pairs(bundled.tokenizer, 1, TEST_SEED)[0]["clean"],
+    ]
+    for prompt in prompts:
+        tokens = bundled.to_tokens(prompt)
+        with torch.no_grad():
+            ours = bundled(tokens)
+            theirs = hf_bundled(tokens).logits
+        assert ours.shape == theirs.shape == (1, tokens.shape[1], bundled.cfg.d_vocab)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_prepends_bos_and_round_trips(bundled):
+    tok = bundled.tokenizer
+    text = 'def f(self, key, value):\n    """Set key."""\n\tself[key] = value  # é ✓\n'
+    tokens = bundled.to_tokens(text)[0]
+    assert tokens[0].item() == tok.bos_token_id == 0
+    assert (tokens == tok.bos_token_id).sum().item() == 1
+    assert bundled.to_string(tokens[1:]) == text
+    # the prompts' argument names are single tokens after a space, so an answer is one prediction
+    for name in eval_tasks.name_pool(tok)[:50]:
+        assert len(tok(" " + name, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_learned_the_corpus_on_held_out_files(bundled):
+    """Next-token loss on validation-split standard-library files (never trained on) is far below the
+    uniform model's log(vocab) (8.32 nats; a random initialisation scores that too) and near the value
+    measured after training (3.80 nats, top-1 0.32)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for rel in (p for p in stdlib_files(root) if is_validation(p)):
+        ids += bundled.tokenizer((root / rel).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+        if len(ids) >= 4 * 255:
+            break
+    body = torch.tensor(ids[: 4 * 255]).view(4, 255)
+    tokens = torch.cat([torch.full((4, 1), bundled.tokenizer.bos_token_id), body], dim=1)
+    with torch.no_grad():
+        logits = bundled(tokens)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+    top1 = (logits[:, :-1].argmax(-1) == tokens[:, 1:]).float().mean().item()
+    assert loss < 0.55 * math.log(bundled.cfg.d_vocab), loss
+    assert loss < 4.3 and top1 > 0.25, (loss, top1)
+
+
+NOT_YET_COMPETENT = pytest.mark.xfail(
+    strict=True, reason="the 900-step bundled model scores 0.0 on this task (train/README.md); a longer run is needed"
+)
+
+
+@NOT_YET_COMPETENT
+def test_docstring_task_competence(bundled):
+    pairs = eval_tasks.docstring_pairs(bundled.tokenizer, 50, TEST_SEED)
+    scores = eval_tasks.docstring_scores(bundled, bundled.tokenizer, pairs)
+    assert scores["top1_acc"] >= 0.35, scores["top1_acc"]
+    assert scores["vs_args_acc"] >= 0.5, scores["vs_args_acc"]
+    # renaming the signature's arguments moves the prediction to the corrupt prompt's own answer
+    assert scores["mean_logit_diff_clean"] > 1.0 > -1.0 > scores["mean_logit_diff_corrupt"]
+
+
+@NOT_YET_COMPETENT
+def test_induction_competence(bundled):
+    tok = bundled.tokenizer
+    tokens = eval_tasks.induction_tokens(32, 20, TEST_SEED, tok.bos_token_id, len(tok))
+    acc = eval_tasks.induction_accuracy(bundled, tokens)
+    assert acc["repeat_acc"] >= 0.8, acc
+    assert acc["first_half_acc"] < 0.1, acc  # control: unpredictable without a copy to read
+
+
+@NOT_YET_COMPETENT
+def test_docstring_task_file_is_right_on_clean(bundled):
+    path = BUNDLED / "docstring_task.json"
+    assert path.exists(), "no docstring_task.json: the model is right on no clean prompt yet"
+    task = json.loads(path.read_text())
+    assert len(task) >= 40
+    assert all(set(pair) == {"clean", "corrupt", "answer", "distractor"} for pair in task)
+    tok = bundled.tokenizer
+    for pair in task:
+        assert bundled.to_tokens(pair["clean"]).shape == bundled.to_tokens(pair["corrupt"]).shape
+    clean = eval_tasks.last_logits(bundled, tok, [p["clean"] for p in task])
+    corrupt = eval_tasks.last_logits(bundled, tok, [p["corrupt"] for p in task])
+    answer = torch.tensor([tok(p["answer"], add_special_tokens=False)["input_ids"][0] for p in task])
+    distractor = torch.tensor([tok(p["distractor"], add_special_tokens=False)["input_ids"][0] for p in task])
+    rows = torch.arange(len(task))
+    assert torch.equal(clean.argmax(-1), answer)
+    assert (clean[rows, answer] > clean[rows, distractor]).all()
+    assert (corrupt[rows, answer] < corrupt[rows, distractor]).all()
