@@ -140,6 +140,8 @@ def test_bad_requests_fail_clearly_before_allocating(stories_graph):
         build_graph(rm, prompt="", progress=False)
     with pytest.raises(ValueError, match="context is 512"):
         build_graph(rm, prompt="Once upon a time " * 200, progress=False)
+    with pytest.raises(ValueError, match="dictionaries must be None"):
+        build_graph(rm, PROMPT)  # the prompt given where the dictionaries go
     with pytest.raises(ValueError, match="one answer and one distractor per prompt"):
         build_dataset_graph(rm, prompts=["a b", "c d"], answers=[281], distractors=[410])
     assert stories_graph.count(ERROR) == len(rm.sites) * len(rm.to_tokens(PROMPT))

@@ -54,6 +54,11 @@ def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_fea
 
 def _as_replacement(model, dictionaries) -> ReplacementModel:
     if isinstance(model, ReplacementModel):
+        if dictionaries is not None:
+            raise ValueError(
+                "model is already a ReplacementModel, so dictionaries must be None; pass the prompt(s) by "
+                "keyword, e.g. build_graph(rm, prompt=...) or build_dataset_graph(rm, prompts=...)."
+            )
         return model
     if dictionaries is None:
         raise ValueError("build_graph needs dictionaries (or a ReplacementModel in place of the model).")
