@@ -102,7 +102,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    decay_start = _decay_start(cfg.steps, cfg)
     if step < decay_start:
         return cfg.lr
     progress = min(1.0, (step - decay_start) / max(1, cfg.steps - decay_start))
@@ -118,6 +118,31 @@ def eval_loss(model, tokens: torch.Tensor, bos: int, cfg: TrainConfig) -> float:
               for _ in range(cfg.eval_batches)]
     model.train()
     return sum(losses) / len(losses)
+
+
+def _decay_start(steps: int, cfg: TrainConfig) -> int:
+    return int(steps * (1 - cfg.decay_frac))
+
+
+def _resumable_checkpoint(ckpt_path: Path, stable_path: Path, cfg: TrainConfig) -> dict | None:
+    """The checkpoint to resume from: the latest one when its schedule equals ``cfg``'s so far, else the
+    last constant-LR one when that lies before ``cfg``'s decay, else an error naming the fix."""
+    if not ckpt_path.exists():
+        return None
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    if ckpt["steps"] == cfg.steps or ckpt["step"] <= min(_decay_start(ckpt["steps"], cfg),
+                                                         _decay_start(cfg.steps, cfg)):
+        return ckpt
+    if stable_path.exists():
+        stable = torch.load(stable_path, weights_only=False)
+        if stable["step"] <= _decay_start(cfg.steps, cfg):
+            print(f"{ckpt_path} is in the decay phase of a {ckpt['steps']}-step run; branching from the "
+                  f"constant-LR checkpoint at step {stable['step']}", flush=True)
+            return stable
+    raise ValueError(
+        f"{ckpt_path} (step {ckpt['step']} of a {ckpt['steps']}-step run) has a learning-rate schedule that "
+        f"differs from --steps {cfg.steps}; resume with --steps {ckpt['steps']}, or train afresh with another --work."
+    )
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -149,17 +174,13 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed, history = 0, 0.0, []
-    ckpt_path = work / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt_path, stable_path = work / "checkpoint.pt", work / "checkpoint_stable.pt"
+    ckpt = _resumable_checkpoint(ckpt_path, stable_path, cfg)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         step, elapsed, history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
-        if step > int(cfg.steps * (1 - cfg.decay_frac)) and ckpt["steps"] != cfg.steps:
-            raise ValueError(f"{ckpt_path} is at step {step}, inside the decay phase of a {ckpt['steps']}-step "
-                             f"run; resume it with --steps {ckpt['steps']}, or with --steps large enough "
-                             "that decay starts after this step.")
         print(f"resumed at step {step}", flush=True)
     print(f"params {n_params:,}; config {json.dumps(asdict(cfg))}", flush=True)
 
@@ -184,8 +205,11 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
                             "elapsed_s": time.time() - t0})
             print(f"eval step {step} valid_loss {v:.4f}", flush=True)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                          "step": step, "steps": cfg.steps, "elapsed": time.time() - t0, "history": history}, ckpt_path)
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                     "step": step, "steps": cfg.steps, "elapsed": time.time() - t0, "history": history}
+            _atomic_save(state, ckpt_path)
+            if step <= _decay_start(cfg.steps, cfg):
+                _atomic_save(state, stable_path)  # the last point a longer run can branch from
 
     model.eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)
