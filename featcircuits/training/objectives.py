@@ -82,7 +82,10 @@ def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, mo
         # Inference threshold: running mean of the smallest activation the batch kept (Bussmann et al.).
         kept = values[values > 0]
         if kept.numel():
-            module.threshold.mul_(momentum).add_((1 - momentum) * kept.min().float())
+            smallest = kept.min().float()
+            # The first batch sets the estimate; an average that started at 0 would stay biased low for ~1/(1-m) steps.
+            estimate = momentum * module.threshold + (1 - momentum) * smallest
+            module.threshold.copy_(torch.where(module.threshold == 0, smallest, estimate))
     aux = torch.zeros((), device=pre.device)
     if aux_coefficient > 0 and dead is not None and bool(dead.any()):
         aux = _auxk(module, x, pre.detach(), (target - reconstruction).detach(), dead, k_aux)
