@@ -132,3 +132,18 @@ def test_bad_parameters(tiny_gpt2, graph):
         find_circuit(tiny_gpt2, graph.task, "eap", graph=graph)
     with pytest.raises(ValueError, match="Unknown ablation"):
         ComponentGraph(tiny_gpt2, graph.task, ablation="resample")
+
+
+def test_grouped_query_attention_edges(tiny_llama):
+    """GQA models have no per-head attn_in: q/k/v inputs are hooked with key/value heads ungrouped."""
+    graph = ComponentGraph(tiny_llama, _task(tiny_llama), ablation="patch")
+    task, n_edges = graph.task, len(graph.edge_ids)
+    corrupt = float(logit_diff(task, task.last_logits(tiny_llama(task.corrupt_tokens).detach())))
+    assert graph.edge_metric(torch.zeros(1, n_edges)).item() == pytest.approx(corrupt, abs=1e-4)
+    scores, eps = graph.edge_attribution(), 1e-3
+    picks = torch.tensor([1, n_edges // 2, n_edges - 2])
+    masks = torch.ones(len(picks), n_edges)
+    masks[torch.arange(len(picks)), picks] = 1 - eps
+    slope = (graph.edge_metric(masks) - graph.full_metric) / eps
+    assert torch.allclose(slope, scores[picks], rtol=0.05, atol=2e-3)
+    assert not tiny_llama.cfg.ungroup_grouped_query_attention and not tiny_llama.cfg.use_split_qkv_input

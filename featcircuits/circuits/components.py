@@ -22,19 +22,40 @@ from .tasks import ContrastiveTask, get_metric
 __all__ = ["ComponentGraph"]
 
 
+def _grouped(model) -> bool:
+    return model.cfg.n_key_value_heads is not None and model.cfg.n_key_value_heads != model.cfg.n_heads
+
+
+def _head_input_hooks(model, layer: int) -> list[str]:
+    """Per-head input hooks of a layer. Grouped-query attention has no per-head ``hook_attn_in``, so its
+    query, key and value inputs are hooked separately, with key/value heads ungrouped (one per query head)."""
+    if _grouped(model):
+        return [f"blocks.{layer}.hook_{kind}_input" for kind in ("q", "k", "v")]
+    return [f"blocks.{layer}.hook_attn_in"]
+
+
 @contextmanager
 def _edge_hooks_enabled(model):
     cfg = model.cfg
-    saved = (cfg.use_attn_result, cfg.use_attn_in, cfg.use_hook_mlp_in)
+    saved = (cfg.use_attn_result, cfg.use_attn_in, cfg.use_split_qkv_input, cfg.use_hook_mlp_in,
+             cfg.ungroup_grouped_query_attention)
     model.set_use_attn_result(True)
-    model.set_use_attn_in(True)
+    if _grouped(model):
+        cfg.ungroup_grouped_query_attention = True
+        model.set_use_split_qkv_input(True)
+    else:
+        model.set_use_attn_in(True)
     model.set_use_hook_mlp_in(True)
     try:
         yield
     finally:
         model.set_use_attn_result(saved[0])
-        model.set_use_attn_in(saved[1])
-        model.set_use_hook_mlp_in(saved[2])
+        if _grouped(model):
+            model.set_use_split_qkv_input(saved[2])
+            cfg.ungroup_grouped_query_attention = saved[4]
+        else:
+            model.set_use_attn_in(saved[1])
+        model.set_use_hook_mlp_in(saved[3])
 
 
 class ComponentGraph:
@@ -64,14 +85,15 @@ class ComponentGraph:
         self.sender_ids = ["embed", *self.node_ids]
         # Edges grouped by receiver in topological order; each receiver reads a prefix of the senders.
         self.edge_ids: list[tuple[str, str]] = []
-        self._receiver_groups: list[tuple[str, int, int, int]] = []  # (hook, first edge, n receivers, n senders)
+        # (input hooks, first edge, n receivers, n senders)
+        self._receiver_groups: list[tuple[list[str], int, int, int]] = []
         for layer in range(self.n_layers):
             n_senders = 1 + layer * self.per_layer
-            self._add_receivers(f"blocks.{layer}.hook_attn_in", [f"L{layer}.H{h}" for h in range(self.n_heads)],
+            self._add_receivers(_head_input_hooks(model, layer), [f"L{layer}.H{h}" for h in range(self.n_heads)],
                                 n_senders)
             if self.has_mlp:
-                self._add_receivers(f"blocks.{layer}.hook_mlp_in", [f"L{layer}.MLP"], n_senders + self.n_heads)
-        self._add_receivers(f"blocks.{self.n_layers - 1}.hook_resid_post", ["logits"], len(self.sender_ids))
+                self._add_receivers([f"blocks.{layer}.hook_mlp_in"], [f"L{layer}.MLP"], n_senders + self.n_heads)
+        self._add_receivers([f"blocks.{self.n_layers - 1}.hook_resid_post"], ["logits"], len(self.sender_ids))
         self.forwards = 0
         with torch.no_grad():
             self.clean_last = task.last_logits(self._run(task.clean_tokens, []))[0]
@@ -79,8 +101,8 @@ class ComponentGraph:
         self._node_values: dict[str, torch.Tensor] | None = None
         self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _add_receivers(self, hook: str, receivers: list[str], n_senders: int) -> None:
-        self._receiver_groups.append((hook, len(self.edge_ids), len(receivers), n_senders))
+    def _add_receivers(self, hooks: list[str], receivers: list[str], n_senders: int) -> None:
+        self._receiver_groups.append((hooks, len(self.edge_ids), len(receivers), n_senders))
         self.edge_ids += [(sender, receiver) for receiver in receivers for sender in self.sender_ids[:n_senders]]
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -235,7 +257,8 @@ class ComponentGraph:
             hooks.append((f"blocks.{layer}.attn.hook_result", record(start, self.n_heads)))
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads, 1)))
-        hooks += [(hook, receive(first, n_r, n_s)) for hook, first, n_r, n_s in self._receiver_groups]
+        hooks += [(hook, receive(first, n_r, n_s)) for names, first, n_r, n_s in self._receiver_groups
+                  for hook in names]
         with _edge_hooks_enabled(self.model):
             return self._score(self._run(self._tokens(copies), hooks))
 
@@ -259,11 +282,11 @@ class ComponentGraph:
                 return x - x.detach() + target
             return hook
 
-        receiver_inputs: list[torch.Tensor] = []
+        receiver_inputs: dict[str, torch.Tensor] = {}
 
         def watch(x, hook):
             probe = torch.zeros_like(x, requires_grad=True)
-            receiver_inputs.append(probe)
+            receiver_inputs[hook.name] = probe
             return x + probe
 
         hooks = [("blocks.0.hook_resid_pre", move(0, 1))]
@@ -272,13 +295,15 @@ class ComponentGraph:
             hooks.append((f"blocks.{layer}.attn.hook_result", move(start, self.n_heads)))
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", move(start + self.n_heads, 1)))
-        hooks += [(hook, watch) for hook, *_ in self._receiver_groups]
+        hooks += [(hook, watch) for names, *_ in self._receiver_groups for hook in names]
         with torch.enable_grad(), _edge_hooks_enabled(self.model):
             total = self._score(self._run(self._tokens(steps), hooks)).sum() / steps
-            grads = torch.autograd.grad(total, receiver_inputs)
+            names = list(receiver_inputs)
+            grads = dict(zip(names, torch.autograd.grad(total, [receiver_inputs[n] for n in names]), strict=True))
         delta = delta.repeat(steps, 1, 1, 1)
         scores = []
-        for (_, _, _n_receivers, n_senders), grad in zip(self._receiver_groups, grads, strict=False):
+        for hook_names, _, _, n_senders in self._receiver_groups:
+            grad = sum(grads[name] for name in hook_names)  # q, k and v inputs each carry the residual
             grad = grad if grad.dim() == 4 else grad.unsqueeze(2)  # [batch, pos, receivers, d_model]
             scores.append(torch.einsum("bspd,bprd->rs", delta[:, :n_senders], grad).flatten())
         return torch.cat(scores)
