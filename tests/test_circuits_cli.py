@@ -1,0 +1,64 @@
+"""`featcircuits circuit` end to end on stories260k, and its errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from featcircuits.circuits import Circuit
+from featcircuits.cli import main
+
+PAIRS = [
+    {"clean": "Once upon a time, there was a boy named Lily. He had a big red ball. Every day,",
+     "corrupt": "Once upon a time, there was a boy named Tim. He had a big red ball. Every day,",
+     "answer": "Lily", "distractor": "Tim"},
+    {"clean": "Once upon a time, there was a boy named Tim. He had a big red ball. Every day,",
+     "corrupt": "Once upon a time, there was a boy named Lily. He had a big red ball. Every day,",
+     "answer": "Tim", "distractor": "Lily"},
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_circuit_command_writes_circuit_and_curve(stories_path, tmp_path, capsys):
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(PAIRS))
+    out = tmp_path / "circuit.json"
+    code = main(["circuit", "--model", str(stories_path), "--task", str(task), "--method", "atp", "--out", str(out),
+                 "--ablation", "patch", "--sizes", "0", "10", "45", "--tau", "0.05"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r"faithfulness=(-?[\d.]+) completeness=(-?[\d.]+) nodes=(\d+)", lines[-1])
+    assert match, lines[-1]
+    circuit = Circuit.load(out)
+    assert int(match.group(3)) == len(circuit.nodes) and len(circuit.node_ids) == 45  # 5 x (8 heads + MLP)
+    assert float(match.group(1)) == pytest.approx(circuit.evaluation["faithfulness"], abs=1e-4)
+    curve = (tmp_path / "circuit.curve.csv").read_text().splitlines()
+    assert curve[0] == "size,fraction,faithfulness,completeness" and len(curve) == 4
+    assert float(curve[-1].split(",")[2]) == pytest.approx(1.0, abs=1e-4)  # the whole model is faithful
+
+
+def test_circuit_command_errors(stories_path, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    args = ["circuit", "--model", str(stories_path), "--method", "acdc", "--out", str(tmp_path / "c.json")]
+    assert main([*args, "--task", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**PAIRS[0], "answer": "Tom"}]))
+    assert main([*args, "--task", str(bad)]) == 2
+    assert "answer 'Tom' is not a single token" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(PAIRS))
+    assert main([*args, "--task", str(good), "--tau", "2"]) == 2
+    assert "tau=2.0 is outside [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
