@@ -14,9 +14,10 @@ Steps: random ReLU transcoders for every layer of stories260k (native files, the
 --to circuit-tracer``); the model's TransformerLens weights and config are written for the other venv,
 which builds circuit-tracer's ``ReplacementModel`` from them and loads the transcoders with its own
 ``load_transcoders``. Each side builds the full graph (all active features, the top logits) once to
-warm up and then ``--repeats`` times; the best wall time counts. circuit-tracer zeroes the BOS
-position's features and errors, so the adjacencies are compared on circuit-tracer's nodes, leaving out
-the BOS error columns. Last line: ``speedup_vs_circuit_tracer=<x> max_abs_diff=<y>``.
+warm up and then ``--repeats`` times; the best wall time counts. Both sides run with the same torch
+thread count (``--threads``, default 1) and, by default, the same batch of 128 targets per backward
+pass. circuit-tracer zeroes the BOS position's features and errors, so the adjacencies are compared on
+circuit-tracer's nodes, leaving out the BOS error columns. Last line: ``speedup_vs_circuit_tracer=<x> max_abs_diff=<y>``.
 """
 
 from __future__ import annotations
@@ -155,10 +156,18 @@ def main() -> None:
     parser.add_argument("--ct-python", default="/tmp/fc-graph-ct-venv/bin/python")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="featcircuits' batch (its default)")
-    parser.add_argument("--ct-batch-size", type=int, default=512, help="circuit-tracer's batch (its default)")
+    parser.add_argument("--ct-batch-size", type=int, default=128,
+                        help="circuit-tracer's batch (its own default is 512, slower on CPU than 128)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads on both sides (0: torch's default; 1 is fastest for both "
+                             "on a shared 2-core machine)")
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--bias", type=float, default=-2.0, help="encoder bias of the random transcoders")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.step == "ct":
         circuit_tracer_side(args.work, args.repeats, args.batch_size)
         return
@@ -166,7 +175,7 @@ def main() -> None:
     graph, ours, ours_cpu = featcircuits_side(work, args.repeats, args.batch_size, args.d_sae, args.bias)
     print(f"featcircuits: {graph} in {ours:.2f}s wall, {ours_cpu:.2f}s CPU (best of {args.repeats})")
     result = subprocess.run([args.ct_python, __file__, "ct", "--work", str(work), "--repeats", str(args.repeats),
-                             "--batch-size", str(args.ct_batch_size)], capture_output=True, text=True)
+                             "--batch-size", str(args.ct_batch_size), "--threads", str(args.threads)], capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"circuit-tracer run failed in {args.ct_python}:\n{result.stderr[-4000:]}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
