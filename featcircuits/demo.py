@@ -159,7 +159,10 @@ def _induction_pairs(model: Any, n_pairs: int = 8, length: int = 10, seed: int =
 def builtin_task_pairs(name: str, model: Any) -> list[dict[str, Any]]:
     """Pairs of a built-in task (see the module docstring) for ``model``."""
     if name == "docstring":
-        _, _, task_file = _bundled_inputs()
+        task_file = BUNDLED_DIR / _BUNDLED_TASK
+        if not task_file.is_file():
+            raise FileNotFoundError(f"No docstring task at {task_file}; write it with `python -m "
+                                    f"train.bundled_model.eval_tasks --model pretrained/bundled --write-task {task_file}`.")
         data = json.loads(task_file.read_text())
         return data["pairs"] if isinstance(data, dict) else data
     if name == "names":
@@ -255,6 +258,14 @@ def _demo_text(model: Any, rm: Any, prompt: Any, task: Any, text: str | None) ->
     return torch.nn.utils.rnn.pad_sequence([s.cpu() for s in sequences], batch_first=True, padding_value=pad)
 
 
+def _readable(model: Any, pieces: list[str]) -> list[str]:
+    """Vocabulary pieces (``'Ġfoo'``, ``'▁Tim'``, ``'<0x0A>'``) as the text they decode to."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return pieces
+    return _token_strings(model, tokenizer.convert_tokens_to_ids(pieces))
+
+
 def _summaries(model: Any, rm: Any, circuit: Any, dashboards: Any, n_top: int, n_tokens: int) -> list[FeatureSummary]:
     from .graph import parse_node_id
 
@@ -266,8 +277,8 @@ def _summaries(model: Any, rm: Any, circuit: Any, dashboards: Any, n_top: int, n
         node = parse_node_id(node_id)
         layer = rm.site(node.site).dictionary.cfg.layer
         entry = dashboards.features.get(f"{layer}_{node.feature}", {})
-        promoted = [token for token, _ in entry.get("top_logits", [])[:n_tokens]]
-        firing = [c["tokens"][c["focus"]] for c in entry.get("top_contexts", [])]
+        promoted = _readable(model, [token for token, _ in entry.get("top_logits", [])[:n_tokens]])
+        firing = _readable(model, [c["tokens"][c["focus"]] for c in entry.get("top_contexts", [])])
         activating = list(dict.fromkeys(firing))[:n_tokens]
         out.append(FeatureSummary(node_id, node.site, int(node.feature), node.pos, float(scores[node_id]),
                                   promoted, activating))
@@ -284,7 +295,7 @@ def run_demo(
     method: str = "atp",
     max_feature_nodes: int = 256,
     n_top: int = 8,
-    max_pairs: int = 6,
+    max_pairs: int = 4,
     n_sizes: int = 8,
     text: str | None = None,
     device: str = "cpu",
@@ -308,14 +319,14 @@ def run_demo(
         n_sizes: circuit sizes in the faithfulness sweep (a log grid from 1 to every node).
         text: extra text for the feature cards' top activating contexts.
     """
-    bundled = model is None and dictionaries is None
     if (model is None) != (dictionaries is None):
         raise ValueError("Give both model and dictionaries (or neither, for the bundled model and its transcoders).")
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("The prompt is empty; give some text to attribute (or leave it out for the task's prompt).")
-    if bundled:
-        model, dictionaries, bundled_task = _bundled_inputs()
-        task = task if task is not None else bundled_task
+    if model is None:
+        model, dictionaries, _ = _bundled_inputs()
+    # the bundled model's default task is the docstring task, however it was named
+    bundled = isinstance(model, (str, Path)) and Path(model).resolve() == BUNDLED_DIR.resolve()
     from .circuits import evaluate, find_circuit, make_graph
     from .graph import ReplacementModel, build_graph, graph_scores, parse_node_id
     from .viz.dashboards import compute_dashboards

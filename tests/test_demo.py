@@ -134,7 +134,7 @@ def test_top_features_tokens_match_brute_force(demo, stories_model, transcoders)
     assert demo.top_features
     scores = [abs(f.score) for f in demo.top_features]
     assert scores == sorted(scores, reverse=True)
-    vocab = stories_model.tokenizer.convert_ids_to_tokens(list(range(stories_model.cfg.d_vocab)))
+    vocab = [stories_model.tokenizer.decode([i]) for i in range(stories_model.cfg.d_vocab)]  # readable tokens
     texts = [demo.prompt] + [p[k] for k in ("clean", "corrupt") for p in demo.circuit.graph.task.pairs]
     runs = []
     with torch.no_grad():

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="featcircuits-demo", help="report directory (default: %(default)s)")
     parser.add_argument("--method", default="atp", choices=("atp", "ig", "acdc"), help="circuit discovery method")
     parser.add_argument("--max-feature-nodes", type=int, default=256, help="feature nodes kept in the graph")
-    parser.add_argument("--max-pairs", type=int, default=6, help="task pairs used (default: %(default)s)")
+    parser.add_argument("--max-pairs", type=int, default=4, help="task pairs used (default: %(default)s)")
     parser.add_argument("--top", type=int, default=8, help="features listed (default: %(default)s)")
     parser.add_argument("--text", help="text file on which the feature cards find top activations (besides the "
                         "prompts)")
