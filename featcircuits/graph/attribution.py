@@ -244,7 +244,7 @@ def build_graph(
     for start in range(0, n_targets, batch):  # target rows
         chunk = resolved[start:start + batch]
         seed = torch.zeros_like(computer.out.final)
-        seed[torch.arange(len(chunk)), target_pos[start:start + len(chunk)]] = torch.stack(
+        seed[torch.arange(len(chunk), device=device), target_pos[start:start + len(chunk)]] = torch.stack(
             [t.vector for t in chunk]).to(seed.dtype)
         row_buffer[start:start + len(chunk)] = computer.rows({}, seed, len(chunk))
         bar.update(len(chunk))

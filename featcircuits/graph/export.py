@@ -146,7 +146,7 @@ def to_networkx(graph: AttributionGraph, pruned: PruneResult | None = None):
     keys = graph.node_keys.tolist()
     activations = graph.activations.tolist()
     kinds = ("feature", "error", "embedding", "target")
-    node_mask = pruned.node_mask if pruned is not None else torch.ones(graph.n_nodes, dtype=torch.bool)
+    node_mask = pruned.node_mask if pruned is not None else torch.ones(graph.n_nodes, dtype=torch.bool, device=graph.adjacency.device)
     adjacency = graph.adjacency * pruned.edge_mask if pruned is not None else graph.adjacency
     digraph = nx.DiGraph()
     for i in node_mask.nonzero().squeeze(1).tolist():
