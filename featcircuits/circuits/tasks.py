@@ -109,6 +109,12 @@ class ContrastiveTask:
         if distractors and len(distractors) != len(pairs):
             raise ValueError(f"{source}: either every pair has a distractor or none does.")
         width = max(max(map(len, clean)), max(map(len, corrupt)))
+        lengths = {len(row) for row in clean + corrupt}
+        if len(lengths) > 1 and getattr(getattr(model, "cfg", None), "attention_dir", "causal") != "causal":
+            raise ValueError(
+                f"{source}: prompts have lengths {sorted(lengths)} but the model's attention is bidirectional, "
+                "so padding would change every position. Give prompts of one length."
+            )
 
         def pad(rows: list[list[int]]) -> torch.Tensor:
             return torch.tensor([row + [pad_token] * (width - len(row)) for row in rows], dtype=torch.long)

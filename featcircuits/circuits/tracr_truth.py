@@ -31,20 +31,23 @@ def variable_of(label: str) -> str:
     return "BOS" if label == "tokens:BOS" else label.split(":")[0]
 
 
-def _inputs(tm: TracrModel, count: int, seed: int) -> list[list]:
+def _inputs(tm: TracrModel, count: int, seed: int, length: int | None = None) -> list[list]:
     vocab = sorted((v for v in tm.input_encoding if v not in ("BOS", "compiler_pad")), key=str)
     rng = random.Random(seed)
-    n = tm.model.cfg.n_ctx - 1
+    n = length or tm.model.cfg.n_ctx - 1
     return [[rng.choice(vocab) for _ in range(n)] for _ in range(count)]
 
 
 def tracr_task(tm: TracrModel, n_pairs: int = 8, seed: int = 0) -> ContrastiveTask:
-    """Clean/corrupt pairs of random full-length inputs; the answer is the clean output at the last position
-    (its logit is the metric; a numerical output has one logit, the value itself)."""
+    """Clean/corrupt pairs of random inputs one token shorter than the maximum (at full length a zeroed
+    length computation would read as the maximum length and look unused); the answer is the clean output
+    at the last position (its logit is the metric; a numerical output has one logit, the value itself)."""
     from tracr.rasp import rasp
 
     pairs, attempts = [], 0
-    for clean, corrupt in zip(_inputs(tm, 50 * n_pairs, seed), _inputs(tm, 50 * n_pairs, seed + 1), strict=True):
+    length = max(1, tm.model.cfg.n_ctx - 2)
+    for clean, corrupt in zip(_inputs(tm, 50 * n_pairs, seed, length), _inputs(tm, 50 * n_pairs, seed + 1, length),
+                              strict=True):
         attempts += 1
         value = rasp.evaluate(tm.program, clean)[-1]
         if value is None or (tm.output_values is None and not value):
