@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -87,17 +88,23 @@ class DemoResult:
 # ---- inputs ------------------------------------------------------------------------------------
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (as the recipes write it)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def _bundled_inputs() -> tuple[Path, Path, Path]:
     """The bundled model dir, dictionary dir and task file; BundledMissingError naming what is missing."""
     missing = []
     if not (BUNDLED_DIR / "config.json").is_file():
-        missing.append(f"the bundled model ({BUNDLED_DIR / 'config.json'})")
+        missing.append(f"the bundled model ({_shown(BUNDLED_DIR / 'config.json')})")
     dictionaries = next((BUNDLED_DIR / d for d in _BUNDLED_DICTIONARY_DIRS if (BUNDLED_DIR / d).is_dir()), None)
     if dictionaries is None:
-        missing.append(f"its dictionaries ({' or '.join(str(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)})")
+        missing.append(f"its dictionaries ({' or '.join(_shown(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)})")
     task = BUNDLED_DIR / _BUNDLED_TASK
     if not task.is_file():
-        missing.append(f"its docstring task ({task})")
+        missing.append(f"its docstring task ({_shown(task)})")
     if missing:
         raise BundledMissingError(
             "featcircuits demo without --model/--dictionaries runs on the bundled model, but this checkout lacks "
