@@ -8,10 +8,15 @@ backward is an index-add: neither ever builds a dense ``[batch, d_sae]`` gradien
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 __all__ = ["gathered_pre_acts", "sparse_decode"]
+
+# CSR x dense is all this module uses of sparse tensors, and it is exercised by the tests.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def _rows_times_dense(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n_rows: int) -> torch.Tensor:
