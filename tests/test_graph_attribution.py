@@ -76,6 +76,7 @@ def test_tiny_gpt2_skip_topk_jumprelu_and_bare_mlps_verify_exactly(tiny_gpt2):
         make_dictionary("blocks.1.hook_resid_post", "blocks.1.hook_resid_post", 32, 48, 0.0, kind="sae",
                         activation="jumprelu"),
     ]
+    dictionaries[0].cfg.norm_scale = 1.7  # an unfolded activation-normalisation factor
     tokens = torch.tensor([0, 5, 17, 42, 8, 63, 21])
     graph = build_graph(tiny_gpt2, dictionaries, tokens, progress=False)
     assert graph.sites == ["attn0", "mlp0", "attn1", "mlp1", "resid_post1"]  # mlp1 is bare: error nodes only
