@@ -72,3 +72,21 @@ def test_two_gloo_ranks_match_one_process(stories_cache, tmp_path):
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 12
 
+
+
+def test_dictionaries_distributed_across_ranks(stories_cache, tmp_path):
+    """Two dictionaries on two ranks: each rank trains one from whole batches; rank 0 writes both metrics."""
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(dict(
+        hooks=[HOOK_IN, HOOK_OUT], dataset=str(stories_cache), architecture="topk", k=4, d_sae=64,
+        total_tokens=256 * 6, batch_size=256, buffer_bytes=1024 * 128 * 4, device="cpu", progress=False,
+        distribute_dictionaries=True, out=str(tmp_path / "out"),
+    )))
+    completed = _torchrun(config_path, 2)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted(metrics["dictionaries"]) == sorted([HOOK_IN, HOOK_OUT])
+    for hook in (HOOK_IN, HOOK_OUT):
+        dictionary = load_dictionary(tmp_path / "out" / hook)
+        assert dictionary.cfg.hook_in == hook and dictionary.cfg.kind == "sae"
+        assert metrics["dictionaries"][hook]["fvu"] < 1.0
