@@ -94,14 +94,28 @@ def _shown(path: Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
-def _bundled_inputs() -> tuple[Path, Path, Path]:
+def _bundled_release() -> str | None:
+    """A registry release of transcoders shipped inside BUNDLED_DIR (``local_dir``), if the registry has one."""
+    from .hub.registry import get_release, list_releases
+
+    for name in list_releases(include_saelens=False):
+        release = get_release(name)
+        if release.local_dir is not None and release.kind == "transcoder" and release.dictionaries and \
+                BUNDLED_DIR.resolve() in (release.local_dir.resolve(), *release.local_dir.resolve().parents):
+            return name
+    return None
+
+
+def _bundled_inputs() -> tuple[Path, Path | str, Path]:
     """The bundled model dir, dictionary dir and task file; BundledMissingError naming what is missing."""
     missing = []
     if not (BUNDLED_DIR / "config.json").is_file():
         missing.append(f"the bundled model ({_shown(BUNDLED_DIR / 'config.json')})")
     dictionaries = next((BUNDLED_DIR / d for d in _BUNDLED_DICTIONARY_DIRS if (BUNDLED_DIR / d).is_dir()), None)
+    dictionaries = dictionaries or _bundled_release()
     if dictionaries is None:
-        missing.append(f"its dictionaries ({' or '.join(_shown(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)})")
+        missing.append(f"its dictionaries ({' or '.join(_shown(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)}, "
+                       "or a transcoder release in pretrained/registry.yaml with its local_dir there)")
     task = BUNDLED_DIR / _BUNDLED_TASK
     if not task.is_file():
         missing.append(f"its docstring task ({_shown(task)})")
