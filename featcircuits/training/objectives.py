@@ -99,11 +99,12 @@ def relu_loss(module, x, x_raw, target, l1_coefficient) -> StepOutput:
     reconstruction = feature_acts @ module.W_dec + module.b_dec + _skip(module, x_raw)
     recon_loss = _squared_error(reconstruction, target)
     # Weighting by decoder norms stops the optimiser from shrinking activations and growing decoders.
-    l1 = (feature_acts * module.W_dec.norm(dim=-1)).sum(-1).mean()
-    active = feature_acts > 0
+    # Summing over the batch first avoids a [batch, d_sae] product (and its backward); same value.
+    l1 = (feature_acts.sum(0) * module.W_dec.norm(dim=-1)).sum() / feature_acts.shape[0]
+    fire_counts = (feature_acts > 0).sum(0)
     loss = recon_loss + l1_coefficient * l1
-    return StepOutput(loss, recon_loss.detach(), reconstruction, active.sum(0), active.sum(-1).float().mean(),
-                      torch.zeros((), device=x.device))
+    return StepOutput(loss, recon_loss.detach(), reconstruction, fire_counts,
+                      fire_counts.sum().float() / feature_acts.shape[0], torch.zeros((), device=x.device))
 
 
 class _JumpReLU(torch.autograd.Function):
