@@ -67,11 +67,14 @@ class ComponentGraph:
         ablation: ``zero``, ``mean`` (over the task's clean prompts) or ``patch`` (from the corrupt run).
         metric: ``logit_diff``, ``prob_diff``, ``kl`` or a function ``(task, last_logits [copies, n, vocab], clean_last [n, vocab]) -> [copies]``.
         max_copies: most ablation patterns per forward (bounds memory).
+        skip_clean_prefix: edge ablations start the forward at the first layer that has a removed edge in
+            any pattern, from the clean residual stream: everything before it is the clean run's.
     """
 
     def __init__(self, model, task: ContrastiveTask, ablation: str = "patch",
-                 metric: str | Callable = "logit_diff", max_copies: int = 64) -> None:
+                 metric: str | Callable = "logit_diff", max_copies: int = 64, skip_clean_prefix: bool = True) -> None:
         self.model, self.task, self.ablation = model, task, check_ablation(ablation)
+        self.skip_clean_prefix = skip_clean_prefix
         self.metric_fn, self.max_copies = get_metric(metric), max_copies
         cfg = model.cfg
         self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
@@ -140,6 +143,7 @@ class ComponentGraph:
         """Clean and ablated sender outputs, each ``[n | 1, senders, pos, d_model]``."""
         if self._sender_values is None:
             names = ["blocks.0.hook_resid_pre"]
+            resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)]
             for layer in range(self.n_layers):
                 names.append(f"blocks.{layer}.attn.hook_result")
                 if self.has_mlp:
@@ -153,8 +157,9 @@ class ComponentGraph:
                 return torch.cat(parts, dim=1)
 
             with torch.no_grad(), _edge_hooks_enabled(self.model):
-                _, cache = self.model.run_with_cache(self.task.clean_tokens, names_filter=names)
+                _, cache = self.model.run_with_cache(self.task.clean_tokens, names_filter=names + resid_names)
                 clean = stack(cache)
+                self._clean_resid = [cache[name] for name in resid_names]  # [n, pos, d_model] each
                 corrupt = None
                 if self.ablation == "patch":
                     _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names)
@@ -251,16 +256,31 @@ class ComponentGraph:
                 return x - torch.einsum("bs,bspd->bpd", off[:, 0], diffs[:, :n_senders])
             return hook
 
-        hooks = [("blocks.0.hook_resid_pre", record(0, 1))]
-        for layer in range(self.n_layers):
+        start_layer = 0
+        if self.skip_clean_prefix:
+            start_layer = self.n_layers - 1
+            for names, first, n_r, n_s in self._receiver_groups:  # topological order: the first hit is earliest
+                if removed[:, first:first + n_r * n_s].any():
+                    start_layer = min(start_layer, int(names[0].split(".")[1]))
+                    break
+        if start_layer > 0:
+            clean, _ = self._sender_outputs()
+            prefix = 1 + start_layer * self.per_layer  # senders before the first block run
+            diffs[:, :prefix] = repeat_copies(clean[:, :prefix], copies, n) - ablated[:, :prefix]
+        hooks = [("blocks.0.hook_resid_pre", record(0, 1))] if start_layer == 0 else []
+        for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer
             hooks.append((f"blocks.{layer}.attn.hook_result", record(start, self.n_heads)))
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads, 1)))
         hooks += [(hook, receive(first, n_r, n_s)) for names, first, n_r, n_s in self._receiver_groups
-                  for hook in names]
+                  for hook in names if int(hook.split(".")[1]) >= start_layer]
         with _edge_hooks_enabled(self.model):
-            return self._score(self._run(self._tokens(copies), hooks))
+            if start_layer == 0:
+                return self._score(self._run(self._tokens(copies), hooks))
+            self.forwards += 1
+            resid = repeat_copies(self._clean_resid[start_layer], copies, n)
+            return self._score(self.model.run_with_hooks(resid, start_at_layer=start_layer, fwd_hooks=hooks))
 
     def edge_attribution(self, steps: int = 1) -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
