@@ -103,6 +103,12 @@ def test_batched_acdc_finds_the_same_circuit_as_one_forward_per_edge(graph):
     assert naive.forwards >= n_edges and batched.forwards < naive.forwards and guided.forwards < naive.forwards
     # ACDC's own guarantee: each surviving edge's removal moved the metric by at least the threshold
     assert (naive.scores[naive.keep] >= naive.threshold).all()
+    # starting forwards after the clean prefix changes nothing: compare with full forwards
+    plain = ComponentGraph(graph.model, graph.task, ablation="patch", skip_clean_prefix=False)
+    late = torch.ones(2, n_edges)
+    late[0, -5:] = 0  # only edges into the logits removed
+    late[1] = naive.keep.float()
+    assert torch.allclose(graph.edge_metric(late), plain.edge_metric(late), atol=1e-4)
 
 
 def test_find_circuit_and_evaluate(tiny_gpt2, graph):
