@@ -198,7 +198,9 @@ class ComponentGraph:
 
         Every node's value is set to ``clean + alpha * (ablated - clean)`` while gradients flow through
         it as through the identity, so each node's gradient includes its paths through later nodes.
-        Score = ``(ablated - clean) . mean_alpha grad``: the first-order estimate of the metric change.
+        Score = ``(ablated - clean) . mean_alpha grad``. At ``alpha = 0`` (AtP) this is the exact derivative;
+        for IG all nodes move together in one batched pass, a cheaper stand-in for one IG path per node
+        (exact, complete IG when no node feeds another).
         """
         values, n = self.node_values(), len(self.task)
         alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
