@@ -305,6 +305,13 @@ def test_push_in_offline_mode_is_refused_before_anything(tmp_path, monkeypatch):
     run_dir, _ = trained_folder(tmp_path)
     with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE=1 is set"):
         push_to_hub(run_dir, "tester/tiny-transcoders", token=TOKEN)
+    # A dry run needs neither network nor token, and writes what the command's --dry-run writes.
+    folder = Path(push_to_hub(run_dir, "tester/tiny-transcoders", dry_run=tmp_path / "dry-api"))
+    assert cli_main(["push", str(run_dir), "tester/tiny-transcoders", "--dry-run", str(tmp_path / "dry-cli")]) == 0
+    listing = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    cli_dir = tmp_path / "dry-cli"
+    assert listing == {p.relative_to(cli_dir).as_posix(): p.read_bytes() for p in cli_dir.rglob("*") if p.is_file()}
+    assert "native/blocks.0.ln2.hook_normalized/dictionary.safetensors" in listing
 
 
 def test_pushed_repo_loads_back_through_hf_hub_download(fake_hub, tmp_path, monkeypatch):

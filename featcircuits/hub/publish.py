@@ -163,8 +163,12 @@ def push_to_hub(
     base_model: str | None = None,
     commit_message: str | None = None,
     endpoint: str | None = None,
+    dry_run: str | Path | None = None,
 ) -> str:
     """Upload ``dictionaries`` (objects, or a ``featcircuits train --out`` folder) to ``repo_id``.
+
+    With ``dry_run=DIR`` nothing is sent: the exact folder that would be uploaded is written to ``DIR``
+    (works offline, needs no token) and its path is returned.
 
     Creates the repo if needed (``private``), the branch ``revision`` if it is new, and commits the
     folder :func:`build_upload_folder` writes in one commit. Returns the commit URL.
@@ -174,6 +178,8 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
+    if dry_run is not None:
+        return str(build_upload_folder(dictionaries, Path(dry_run), repo_id, metrics, base_model))
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError("HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; unset it to push to the Hub.")
     api = HfApi(endpoint=endpoint)
