@@ -114,7 +114,9 @@ class DictionaryTrainer:
         )
         with autocast:
             out = self._loss_fn(module, x, x_raw, target, dead, step)
-        self.optimizer.zero_grad(set_to_none=False)
+        # Dropping the gradients lets backward assign its fresh ones instead of zero-filling and adding
+        # into them; the data-parallel all-reduce needs every rank to hold the same gradient tensors.
+        self.optimizer.zero_grad(set_to_none=not self.sync_gradients)
         out.loss.backward()
         fire_counts = out.fire_counts
         if self.sync_gradients:
