@@ -59,3 +59,12 @@ def tiny_llama():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

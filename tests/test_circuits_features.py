@@ -8,14 +8,7 @@ import torch
 from featcircuits.circuits import ContrastiveTask, FeatureGraph, evaluate, find_circuit, roc_auc
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

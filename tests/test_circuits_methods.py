@@ -8,14 +8,7 @@ import torch
 from featcircuits.circuits import ComponentGraph, ContrastiveTask, acdc, evaluate, find_circuit
 from featcircuits.circuits.tasks import logit_diff
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _task(model, n=4, length=6, seed=0):

@@ -11,14 +11,7 @@ from featcircuits.circuits import Circuit, ContrastiveTask, load_task, roc_auc
 from featcircuits.circuits.evaluate import area_under
 from featcircuits.circuits.tasks import kl_to_clean, logit_diff, prob_diff
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster single-threaded; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_metrics_match_direct_model_logits(stories_model):
