@@ -53,7 +53,8 @@ class TrainConfig:
     auxk_coefficient: float = 1 / 32
     auxk_k: int = 0  # 0 -> d_in // 2
     dead_after_tokens: int = 10_000_000
-    batchtopk_threshold_momentum: float = 0.99
+    batchtopk_threshold_momentum: float = 0.99  # running threshold estimate (mid-training evaluation only)
+    batchtopk_calibration_batches: int = 8  # fresh batches that set the final inference threshold; 0 -> running
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into weights on save
     init_b_dec_geometric_median: bool = True
     init_scale: float = 0.1  # initial encoder row norm (and decoder row norm when it is not constrained)

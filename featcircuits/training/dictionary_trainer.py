@@ -12,7 +12,14 @@ from ..dictionaries import DictionaryConfig
 from . import distributed
 from .config import TrainConfig
 from .module import TrainableDictionary
-from .objectives import StepOutput, batchtopk_loss, jumprelu_loss, relu_loss, topk_loss
+from .objectives import (
+    StepOutput,
+    batchtopk_loss,
+    batchtopk_smallest_kept,
+    jumprelu_loss,
+    relu_loss,
+    topk_loss,
+)
 
 __all__ = ["DictionaryTrainer", "learning_rate", "sparsity_coefficient"]
 
@@ -139,6 +146,29 @@ class DictionaryTrainer:
                                           torch.tensor(float(x_in.shape[0]), device=self.device),
                                           torch.ones((), device=self.device)])
         return out
+
+    # -- BatchTopK inference threshold ----------------------------------------------------------
+
+    def batchtopk_threshold_sample(self, x_in: torch.Tensor) -> torch.Tensor:
+        """``[2]``: (smallest activation a BatchTopK selection keeps on ``x_in [batch, d_in]`` with the current
+        weights, 1), or zeros when it keeps nothing positive; sum these over batches for ``set_threshold``."""
+        module = self.module
+        x_raw = x_in * module.norm_scale
+        x = x_raw - module.b_dec if self.dict_cfg.apply_b_dec_to_input else x_raw
+        return batchtopk_smallest_kept(module, x, self.config.k)
+
+    @torch.no_grad()
+    def set_threshold(self, summed_samples: torch.Tensor) -> None:
+        """Inference threshold = mean of ``batchtopk_threshold_sample`` over batches (and ranks).
+
+        A threshold at the average smallest kept activation keeps ~``k`` latents per token on data like the
+        batches', i.e. it is the JumpReLU that best imitates the batch selection of the final weights.
+        """
+        summed = summed_samples.clone()
+        if self.sync_gradients:
+            distributed.sum_(summed)
+        if summed[1] > 0:
+            self.module.threshold.copy_(summed[0] / summed[1])
 
     def reset_running(self) -> None:
         self._running = torch.zeros(6, device=self.device)

@@ -16,7 +16,7 @@ import torch
 from .module import TrainableDictionary
 from .sparse_ops import gathered_pre_acts, sparse_decode
 
-__all__ = ["StepOutput", "topk_loss", "batchtopk_loss", "relu_loss", "jumprelu_loss"]
+__all__ = ["StepOutput", "topk_loss", "batchtopk_loss", "batchtopk_smallest_kept", "relu_loss", "jumprelu_loss"]
 
 
 @dataclass
@@ -80,23 +80,47 @@ def topk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient) -> Step
     return StepOutput(loss, recon_loss.detach(), reconstruction, fire_counts, active.sum(-1).float().mean(), aux.detach())
 
 
+def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k * batch`` largest rectified pre-activations of ``pre [batch, d_sae]``: ``(values, flat_indices)``."""
+    flat = pre.relu().reshape(-1)
+    return flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+
+
+def _smallest_kept(values: torch.Tensor) -> torch.Tensor:
+    """``[2]``: the smallest positive kept value and 1, or ``[0, 0]`` when the batch kept nothing positive.
+
+    The count lets callers average over batches (and ranks) that kept something without a host sync.
+    """
+    positive = values > 0
+    smallest = values.masked_fill(~positive, float("inf")).min().float()
+    has_any = positive.any()
+    return torch.stack([torch.where(has_any, smallest, torch.zeros_like(smallest)), has_any.float()])
+
+
+@torch.no_grad()
+def batchtopk_smallest_kept(module: TrainableDictionary, x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[2]`` (smallest kept activation, 1) of a BatchTopK selection over ``x [batch, d_in]`` with the
+    current weights (see ``_smallest_kept``): one sample for calibrating the inference threshold."""
+    values, _ = _batch_topk(torch.addmm(module.b_enc, x, module.W_enc_t.t()), k)
+    return _smallest_kept(values)
+
+
 def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, momentum) -> StepOutput:
     pre = torch.addmm(module.b_enc, x, module.W_enc_t.t())
-    flat = pre.relu().reshape(-1)
-    n_keep = min(k * pre.shape[0], flat.numel())
-    values, flat_indices = flat.topk(n_keep, sorted=False)
-    feature_acts = torch.zeros_like(flat).scatter(0, flat_indices, values).reshape(pre.shape)
+    values, flat_indices = _batch_topk(pre, k)
+    feature_acts = torch.zeros_like(pre).reshape(-1).scatter(0, flat_indices, values).reshape(pre.shape)
     reconstruction = feature_acts @ module.W_dec + module.b_dec + _skip(module, x_raw)
     recon_loss = _squared_error(reconstruction, target)
     active = feature_acts > 0
     with torch.no_grad():
-        # Inference threshold: running mean of the smallest activation the batch kept (Bussmann et al.).
-        kept = values[values > 0]
-        if kept.numel():
-            smallest = kept.min().float()
-            # The first batch sets the estimate; an average that started at 0 would stay biased low for ~1/(1-m) steps.
-            estimate = momentum * module.threshold + (1 - momentum) * smallest
-            module.threshold.copy_(torch.where(module.threshold == 0, smallest, estimate))
+        # Running estimate of the inference threshold: an exponential average of the smallest activation
+        # each batch kept (Bussmann et al. 2024). It lags the weights by ~1/(1-momentum) steps, so it only
+        # serves mid-training evaluation; the Trainer recalibrates it with the final weights at the end.
+        smallest, kept_any = _smallest_kept(values)
+        # The first batch sets the estimate; an average that started at 0 would stay biased low for ~1/(1-m) steps.
+        estimate = momentum * module.threshold + (1 - momentum) * smallest
+        updated = torch.where(module.threshold == 0, smallest, estimate)
+        module.threshold.copy_(torch.where(kept_any > 0, updated, module.threshold))
     aux = torch.zeros((), device=pre.device)
     if aux_coefficient > 0 and dead is not None and bool(dead.any()):
         aux = _auxk(module, x, pre.detach(), (target - reconstruction).detach(), dead, k_aux)

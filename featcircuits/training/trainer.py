@@ -125,6 +125,7 @@ class Trainer:
                     save_checkpoint(checkpoint_path(config.out, self.rank), self._state(tokens_seen))
         finally:
             logger.close()
+        self._calibrate_batchtopk_thresholds()
         dictionaries = [trainer.module.export() for trainer in self.trainers]
         evaluation = self._evaluate(dictionaries)
         last = self.history[-1] if self.history else {}
@@ -141,6 +142,27 @@ class Trainer:
             "tokens": tokens_seen,
             "history": self.history,
         }
+
+    @torch.no_grad()
+    def _calibrate_batchtopk_thresholds(self) -> None:
+        """Set each BatchTopK dictionary's inference threshold from fresh batches and the final weights.
+
+        The running estimate kept during training averages the smallest kept activation over the last
+        ~1/(1-momentum) steps, while activations grow from their small initial scale: it trails the final
+        weights and lets ~2k latents through per token after a short run. Fresh batches (after the training
+        stream, so the training data and a resumed run see the same) fix that at the cost of a few forwards.
+        """
+        trainers = [t for t in self.trainers if t.config.architecture == "batchtopk"]
+        n_batches = self.config.batchtopk_calibration_batches
+        if not trainers or n_batches <= 0:
+            return
+        sums = [torch.zeros(2, device=t.device) for t in trainers]
+        for _ in range(n_batches):
+            batch = self._local(self.store.next_batch())
+            for trainer, summed in zip(trainers, sums, strict=True):
+                summed += trainer.batchtopk_threshold_sample(batch[trainer.dict_cfg.hook_in])
+        for trainer, summed in zip(trainers, sums, strict=True):
+            trainer.set_threshold(summed)
 
     def _check_finite(self) -> None:
         # One host sync per log interval would be cheaper, but a NaN weight must not be checkpointed.
