@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .attribution_graph import EMBEDDING, ERROR, FEATURE, TARGET, AttributionGraph
 from .influence import normalize_adjacency
+from .linear_backward import LinearBackward, unsupported_reason
 from .replacement import CleanRun, ReplacementModel
 from .targets import Target, resolve_targets
 
@@ -37,15 +38,20 @@ class GraphTooLargeError(ValueError):
 
 
 def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_feature_rows: int,
-                          n_targets: int, batch_size: int) -> dict[str, int]:
-    """Bytes needed by :func:`build_graph`: the batched forward/backward, the row buffer, the adjacency."""
+                          n_targets: int, batch_size: int, engine: str = "autograd") -> dict[str, int]:
+    """Bytes needed by :func:`build_graph`: the gradients of one batch (with ``engine="autograd"``, the
+    batched forward's autograd graph), the row buffer (only when ``n_feature_rows < n_active``: otherwise
+    rows are written straight into the adjacency) and the dense adjacency."""
     cfg = rm.cfg
     itemsize = torch.finfo(cfg.dtype).bits // 8
-    per_token = cfg.n_layers * (16 * cfg.d_model + 4 * cfg.d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
-    per_token += len(rm.sites) * 2 * cfg.d_model  # deltas and their gradients
-    forward = 2 * batch_size * n_pos * per_token * itemsize
+    if engine == "autograd":
+        per_token = cfg.n_layers * (16 * cfg.d_model + 4 * cfg.d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
+        per_token += len(rm.sites) * 2 * cfg.d_model  # deltas and their gradients
+        forward = 2 * batch_size * n_pos * per_token * itemsize
+    else:  # a few [batch, pos, d_model] gradients per site, and the seeds
+        forward = (len(rm.sites) + 4) * 2 * batch_size * n_pos * cfg.d_model * itemsize
     n_cols = n_active + (len(rm.sites) + 1) * n_pos
-    rows = (n_feature_rows + n_targets) * n_cols * 4
+    rows = (n_feature_rows + n_targets) * n_cols * 4 if n_feature_rows < n_active else 0
     n_final = n_feature_rows + (len(rm.sites) + 1) * n_pos + n_targets
     adjacency = n_final * n_final * 4
     total = forward + rows + adjacency
@@ -66,67 +72,112 @@ def _as_replacement(model, dictionaries) -> ReplacementModel:
 
 
 class _RowComputer:
-    """One batched frozen forward; each call seeds up to ``batch`` targets and returns their rows."""
+    """Seeds up to ``batch`` targets per call and returns their rows of the adjacency.
+
+    Two engines give the same gradients: ``"linear"`` walks the transpose of the frozen model layer by
+    layer (:class:`LinearBackward`; no forward pass, work only below the highest seed and up to the
+    last seeded position); ``"autograd"`` runs one batched frozen forward through the HookedTransformer
+    and one ``autograd.grad`` per call (any architecture the replacement model supports).
+    """
 
     def __init__(self, rm: ReplacementModel, clean: CleanRun, batch: int, feature_site: torch.Tensor,
-                 feature_pos: torch.Tensor, feature_id: torch.Tensor, feature_act: torch.Tensor) -> None:
+                 feature_pos: torch.Tensor, feature_id: torch.Tensor, feature_act: torch.Tensor,
+                 engine: str) -> None:
         self.rm, self.clean, self.batch = rm, clean, batch
         self.feature_site, self.feature_pos, self.feature_id = feature_site, feature_pos, feature_id
         n_pos, device, dtype = clean.n_pos, rm.cfg.device, rm.cfg.dtype
         self.names = [site.name for site in rm.sites] + ["embed"]
-        self.deltas = {
-            name: torch.zeros(batch, n_pos, rm.cfg.d_model, device=device, dtype=dtype, requires_grad=True)
-            for name in self.names
-        }
-        with torch.enable_grad():
-            self.out = rm.run(clean.tokens, clean=clean, batch_size=batch, output_deltas=self.deltas,
-                              compute_logits=False)
+        self.linear = LinearBackward(rm, clean) if engine == "linear" else None
+        if self.linear is None:
+            self.deltas = {
+                name: torch.zeros(batch, n_pos, rm.cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+                for name in self.names
+            }
+            with torch.enable_grad():
+                self.out = rm.run(clean.tokens, clean=clean, batch_size=batch, output_deltas=self.deltas,
+                                  compute_logits=False)
         # what each source writes: decoder rows scaled by activations, error vectors, embeddings
         self.n_active = int(feature_site.numel())
         self.decoder_vectors = torch.empty(self.n_active, rm.cfg.d_model, device=device, dtype=dtype)
-        self.site_spans: dict[int, tuple[int, int]] = {}
         for index, site in enumerate(rm.sites):
             members = (feature_site == index).nonzero().squeeze(1)
             if members.numel() == 0:
                 continue
             start, end = int(members[0]), int(members[-1]) + 1
-            self.site_spans[index] = (start, end)
             d = site.dictionary
             self.decoder_vectors[start:end] = (
                 feature_act[start:end, None] * d.W_dec.detach()[feature_id[start:end]] / d.cfg.norm_scale
             )
-        # per site, (position, start, end) of each run of its features sharing a position
-        keys = feature_site * n_pos + feature_pos
-        runs, counts = torch.unique_consecutive(keys, return_counts=True)
-        ends = counts.cumsum(0)
-        self.position_spans: dict[int, list[tuple[int, int, int]]] = {}
-        for key, count, end in zip(runs.tolist(), counts.tolist(), ends.tolist(), strict=True):
-            self.position_spans.setdefault(key // n_pos, []).append((key % n_pos, end - count, end))
+        # Per site, its decoder vectors laid out [pos, slot, d_model] (zero-padded to the busiest position) so
+        # that one batched matmul over positions contracts a site's gradient with all its features at once;
+        # ``flat_index`` maps each feature (in column order) to its (pos, slot) in that layout.
+        self.site_layouts: dict[int, dict] = {}
+        for index in range(len(rm.sites)):
+            members = (feature_site == index).nonzero().squeeze(1)
+            if members.numel() == 0:
+                continue
+            start, pos = int(members[0]), feature_pos[members]
+            per_pos = torch.bincount(pos, minlength=n_pos)
+            first = torch.cumsum(per_pos, 0) - per_pos  # features at earlier positions
+            slot = torch.arange(pos.numel(), device=device) - first[pos]
+            slots = int(per_pos.max())
+            padded = torch.zeros(n_pos, slots, rm.cfg.d_model, device=device, dtype=dtype)
+            padded[pos, slot] = self.decoder_vectors[members]
+            self.site_layouts[index] = {
+                "start": start, "slots": slots, "padded_T": padded.transpose(1, 2).contiguous(),
+                "flat_index": pos * slots + slot, "before": torch.cat([first, per_pos.sum().reshape(1)]).tolist(),
+            }
         self.sources = [clean.errors[site.name] for site in rm.sites] + [clean.embeddings]  # each [pos, d]
         self.n_cols = self.n_active + (len(rm.sites) + 1) * n_pos
-        self.buffer = torch.empty(batch, self.n_cols, device=device, dtype=torch.float32)  # reused per call
 
-    def rows(self, seeds: dict[str, torch.Tensor], final_seed: torch.Tensor | None, k: int) -> torch.Tensor:
-        """``[k, n_cols]`` rows for the ``k`` seeded batch rows; ``seeds`` per site ``[batch, pos, d_in]``.
-
-        The result is a view of a buffer that the next call overwrites.
-        """
-        outputs = [self.out.inputs[name] for name in seeds] + ([self.out.final] if final_seed is not None else [])
-        grad_outputs = list(seeds.values()) + ([final_seed] if final_seed is not None else [])
+    def _grads(self, seeds: dict[int, torch.Tensor], final_seed: torch.Tensor | None, k: int,
+               n_pos: int) -> list[torch.Tensor | None]:
+        """Per site, then the embeddings: the gradient ``[k, n_pos, d_model]`` of the ``k`` seeded targets."""
+        if self.linear is not None:
+            site_grads, embed_grad = self.linear.grads(
+                {index: seed[:, :n_pos] for index, seed in seeds.items()},
+                None if final_seed is None else final_seed[:, :n_pos], n_pos)
+            return [*site_grads, embed_grad]
+        sites = self.rm.sites
+        outputs = [self.out.inputs[sites[index].name] for index in seeds]
+        grad_outputs = [self._padded(seed) for seed in seeds.values()]
+        if final_seed is not None:
+            outputs.append(self.out.final)
+            grad_outputs.append(self._padded(final_seed))
         inputs = [self.deltas[name] for name in self.names]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
-        rows = self.buffer[:k]
-        rows.zero_()
+        return [None if grad is None else grad[:k] for grad in grads]
+
+    def _padded(self, seed: torch.Tensor) -> torch.Tensor:
+        """A ``[k, pos, d]`` seed as the ``[batch, pos, d]`` gradient of the batched forward."""
+        if seed.shape[0] == self.batch:
+            return seed
+        return torch.cat([seed, seed.new_zeros(self.batch - seed.shape[0], *seed.shape[1:])])
+
+    def rows(self, seeds: dict[int, torch.Tensor], final_seed: torch.Tensor | None, n_pos: int,
+             rows: torch.Tensor) -> None:
+        """Write the rows of the ``k`` seeded targets into ``rows`` ``[k, n_cols]`` (zero on entry).
+
+        ``seeds`` per site index ``[k, pos, d_in]`` (the encoder direction at each target's input);
+        ``final_seed`` ``[k, pos, d_model]`` at the unembedding input; every seed lies before ``n_pos``.
+        """
+        k = rows.shape[0]
+        n_pos = self.clean.n_pos if self.linear is None else n_pos
+        grads = self._grads(seeds, final_seed, k, n_pos)
         for index, grad in enumerate(grads):
             if grad is None:  # none of the seeded targets depends on this site
                 continue
-            grad = grad[:k]
-            rows[:, self._site_columns(index)] = torch.einsum("kpd,pd->kp", grad, self.sources[index])
-            # Features of one site at one position are contiguous (sorted by site, pos, feature): one small
-            # matmul per (site, position) contracts exactly the needed gradients, with no gathered copies.
-            for p, lo, hi in self.position_spans.get(index, ()):
-                rows[:, lo:hi] = grad[:, p] @ self.decoder_vectors[lo:hi].T
-        return rows
+            columns = self._site_columns(index)
+            rows[:, columns.start:columns.start + n_pos] = torch.einsum(
+                "kpd,pd->kp", grad, self.sources[index][:n_pos])
+            layout = self.site_layouts.get(index)
+            if layout is None:
+                continue
+            n_features = layout["before"][n_pos]  # features after n_pos receive nothing from the seeds
+            by_position = torch.bmm(grad.transpose(0, 1), layout["padded_T"][:n_pos])  # [pos, k, slots]
+            flat = by_position.transpose(0, 1).reshape(k, n_pos * layout["slots"])
+            start = layout["start"]
+            torch.index_select(flat, 1, layout["flat_index"][:n_features], out=rows[:, start:start + n_features])
 
     def _site_columns(self, index: int) -> slice:
         """Columns of the error nodes of site ``index`` (the embeddings for ``index == n_sites``)."""
@@ -134,19 +185,22 @@ class _RowComputer:
         start = self.n_active + index * n_pos
         return slice(start, start + n_pos)
 
-    def feature_seeds(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encoder directions of ``features`` (indices into the active list) at their sites' inputs."""
-        seeds: dict[str, torch.Tensor] = {}
-        row = torch.arange(features.numel(), device=features.device)
-        for index in self.feature_site[features].unique().tolist():
-            site = self.rm.sites[index]
-            member = self.feature_site[features] == index
-            d = site.dictionary
-            seed = torch.zeros_like(self.out.inputs[site.name])
+    def feature_seeds(self, features: torch.Tensor) -> tuple[dict[int, torch.Tensor], int]:
+        """Encoder directions of ``features`` (indices into the active list) at their sites' inputs,
+        per site index ``[k, pos, d_in]``, and the number of positions they span (last position + 1)."""
+        seeds: dict[int, torch.Tensor] = {}
+        k, n_pos = features.numel(), self.clean.n_pos
+        row = torch.arange(k, device=features.device)
+        sites = self.feature_site[features]
+        for index in sites.unique().tolist():
+            d = self.rm.sites[index].dictionary
+            member = sites == index
             chosen = features[member]
-            seed[row[member], self.feature_pos[chosen]] = (d.cfg.norm_scale * d.W_enc.detach()[:, self.feature_id[chosen]].T).to(seed.dtype)
-            seeds[site.name] = seed
-        return seeds
+            seed = torch.zeros(k, n_pos, d.cfg.d_in, device=features.device, dtype=self.rm.cfg.dtype)
+            seed[row[member], self.feature_pos[chosen]] = (
+                d.cfg.norm_scale * d.W_enc.detach()[:, self.feature_id[chosen]].T).to(seed.dtype)
+            seeds[index] = seed
+        return seeds, int(self.feature_pos[features].max()) + 1
 
 
 def _partial_influence(rows: torch.Tensor, row_col: torch.Tensor, weights: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -178,6 +232,7 @@ def build_graph(
     batch_size: int = 128,
     memory_budget_gb: float = 4.0,
     progress: bool = True,
+    engine: str = "auto",
 ) -> AttributionGraph:
     """Attribution graph of one prompt.
 
@@ -192,8 +247,12 @@ def build_graph(
         batch_size: targets seeded per backward pass.
         memory_budget_gb: refuse (before allocating) graphs whose estimated memory exceeds this.
         progress: show a progress bar over attribution rows.
+        engine: how gradients are taken: ``"linear"`` (the frozen model's transpose written out; fast),
+            ``"autograd"`` (through the HookedTransformer; any architecture), or ``"auto"``: linear where
+            the model allows it (see :func:`featcircuits.graph.linear_backward.unsupported_reason`).
     """
     rm = _as_replacement(model, dictionaries)
+    engine = _choose_engine(rm, engine)
     clean = rm.clean_run(prompt)
     n_pos = clean.n_pos
     resolved = resolve_targets(rm.model, clean.logits[-1], targets, max_n_logits, desired_logit_prob)
@@ -226,7 +285,7 @@ def build_graph(
     n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     batch = max(1, min(batch_size, max(n_keep, n_targets)))
 
-    memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch)
+    memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine)
     if memory["total"] > memory_budget_gb * 2**30:
         raise GraphTooLargeError(
             f"This graph needs about {memory['total'] / 2**30:.2f} GiB ({n_active} active features, {n_pos} tokens; "
@@ -235,25 +294,35 @@ def build_graph(
             "Lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget_gb."
         )
 
-    computer = _RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act)
+    computer = _RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act, engine)
     n_cols = computer.n_cols
-    row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
+    n_sites = len(rm.sites)
+    # With every feature kept, rows land straight in the adjacency (features first, targets last);
+    # otherwise in a buffer, ranked by influence as they arrive, and the kept ones are gathered after.
+    full = n_keep == n_active
+    if full:
+        adjacency = torch.zeros(n_cols + n_targets, n_cols + n_targets, device=device)
+        row_buffer = None
+        target_rows, feature_rows_out = adjacency[n_cols:, :n_cols], adjacency[:n_active, :n_cols]
+    else:
+        row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
+        target_rows, feature_rows_out = row_buffer[:n_targets], row_buffer[n_targets:]
     row_col = torch.full((n_targets + n_keep,), -1, dtype=torch.long, device=device)
     bar = tqdm(total=n_targets + n_keep, desc="attribution rows", disable=not progress)
 
     for start in range(0, n_targets, batch):  # target rows
         chunk = resolved[start:start + batch]
-        seed = torch.zeros_like(computer.out.final)
-        seed[torch.arange(len(chunk), device=device), target_pos[start:start + len(chunk)]] = torch.stack(
-            [t.vector for t in chunk]).to(seed.dtype)
-        row_buffer[start:start + len(chunk)] = computer.rows({}, seed, len(chunk))
+        chunk_pos = target_pos[start:start + len(chunk)]
+        seed = torch.zeros(len(chunk), n_pos, rm.cfg.d_model, device=device, dtype=rm.cfg.dtype)
+        seed[torch.arange(len(chunk), device=device), chunk_pos] = torch.stack([t.vector for t in chunk]).to(seed.dtype)
+        computer.rows({}, seed, int(chunk_pos.max()) + 1, target_rows[start:start + len(chunk)])
         bar.update(len(chunk))
 
     weights = torch.tensor([t.weight for t in resolved], device=device, dtype=torch.float32)
     visited = torch.zeros(n_active, dtype=torch.bool, device=device)
     filled = n_targets
     while filled < n_targets + n_keep:
-        if n_keep == n_active:
+        if full:
             order = torch.arange(n_active, device=device)[filled - n_targets:]
         else:  # most influential unvisited features first, re-ranked every few batches
             influence = _partial_influence(row_buffer[:filled], row_col[:filled], weights, n_cols)[:n_active]
@@ -262,7 +331,9 @@ def build_graph(
         for lo in range(0, order.numel(), batch):
             features = order[lo:lo + batch]
             k = features.numel()
-            row_buffer[filled:filled + k] = computer.rows(computer.feature_seeds(features), None, k)
+            seeds, seeded_pos = computer.feature_seeds(features)
+            row = filled - n_targets
+            computer.rows(seeds, None, seeded_pos, feature_rows_out[row:row + k])
             row_col[filled:filled + k] = features
             visited[features] = True
             filled += k
@@ -271,15 +342,15 @@ def build_graph(
     del computer
 
     selected = visited.nonzero().squeeze(1)  # ascending: keeps (site, pos, feature) order
-    keep_cols = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
-    n_sites = len(rm.sites)
     n_final = selected.numel() + (n_sites + 1) * n_pos + n_targets
-    adjacency = torch.zeros(n_final, n_final, device=device)
-    feature_rows = torch.full((n_active,), -1, dtype=torch.long, device=device)
-    feature_rows[row_col[n_targets:filled]] = torch.arange(n_targets, filled, device=device)
-    adjacency[: selected.numel(), : keep_cols.numel()] = row_buffer[feature_rows[selected]][:, keep_cols]
-    adjacency[n_final - n_targets:, : keep_cols.numel()] = row_buffer[:n_targets][:, keep_cols]
-    del row_buffer
+    if not full:
+        keep_cols = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
+        adjacency = torch.zeros(n_final, n_final, device=device)
+        feature_rows = torch.full((n_active,), -1, dtype=torch.long, device=device)
+        feature_rows[row_col[n_targets:filled]] = torch.arange(n_targets, filled, device=device)
+        adjacency[: selected.numel(), : keep_cols.numel()] = row_buffer[feature_rows[selected]][:, keep_cols]
+        adjacency[n_final - n_targets:, : keep_cols.numel()] = row_buffer[:n_targets][:, keep_cols]
+        del row_buffer
 
     positions = torch.arange(n_pos, device=device)
     minus = torch.full((n_pos,), -1, dtype=torch.long, device=device)
@@ -294,7 +365,7 @@ def build_graph(
                      target_pos, torch.arange(n_targets, device=device)], dim=1),
     ])
     with torch.no_grad():
-        final = rm.run(clean.tokens, clean=clean, compute_logits=False).final[0]
+        final = clean.final
         target_values = torch.stack([final[p] @ t.vector + t.bias for t, p in zip(resolved, target_pos.tolist(), strict=True)])
     activations = torch.cat([
         feature_act[selected].float(),
@@ -308,6 +379,17 @@ def build_graph(
         targets=[_with_pos(t, p) for t, p in zip(resolved, target_pos.tolist(), strict=True)], tokens=clean.tokens,
         prompt=prompt_text, n_active_features=n_active, replacement=rm, clean=clean,
     )
+
+
+def _choose_engine(rm: ReplacementModel, engine: str) -> str:
+    if engine not in ("auto", "linear", "autograd"):
+        raise ValueError(f"engine must be 'auto', 'linear' or 'autograd', got {engine!r}.")
+    reason = unsupported_reason(rm)
+    if engine == "linear" and reason is not None:
+        raise ValueError(f"engine='linear' cannot run this model ({reason}); use engine='autograd'.")
+    if engine == "auto":
+        return "linear" if reason is None else "autograd"
+    return engine
 
 
 def _with_pos(target: Target, pos: int) -> Target:

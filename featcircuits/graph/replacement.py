@@ -59,7 +59,7 @@ class CleanRun:
     """Everything the frozen replacement model needs from one clean forward pass of one prompt.
 
     Tensors carry no batch axis: ``tokens [pos]``, ``logits [pos, d_vocab]``, ``embeddings [pos, d_model]``
-    (resid_pre of block 0), per site ``inputs [pos, d_in]``, ``pre_acts``/``feature_acts [pos, d_sae]``,
+    (resid_pre of block 0), ``final [pos, d_model]`` (the unembedding's input), per site ``inputs [pos, d_in]``, ``pre_acts``/``feature_acts [pos, d_sae]``,
     ``recon_features [pos, d_out]`` (decoder part without the skip path), ``errors [pos, d_out]``;
     ``patterns`` per layer ``[1, n_heads, pos, pos]`` and ``scales`` per hook ``[1, pos, 1]``.
     """
@@ -67,6 +67,7 @@ class CleanRun:
     tokens: torch.Tensor
     logits: torch.Tensor
     embeddings: torch.Tensor
+    final: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     pre_acts: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -235,12 +236,15 @@ class ReplacementModel:
         hooks = [(name, keep(run.patterns, name)) for name in self._pattern_hooks()]
         hooks += [(name, keep(run.scales, name)) for name in self._scale_hooks()]
         hooks.append(("blocks.0.hook_resid_pre", keep(raw, "embed")))
+        hooks.append((f"blocks.{self.cfg.n_layers - 1}.hook_resid_post", keep(raw, "resid_final")))
         for site in self.sites:
             hooks.append((site.hook_in, keep(raw, "in:" + site.hook_in)))
             hooks.append((site.hook_out, keep(raw, "out:" + site.hook_out)))
         logits = self.model.run_with_hooks(tokens[None], fwd_hooks=hooks)
         run.logits = logits[0]
         run.embeddings = raw["embed"][0]
+        resid = raw["resid_final"][0]
+        run.final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
         for site in self.sites:
             original = raw["out:" + site.hook_out][0]
             if site.dictionary is None:
