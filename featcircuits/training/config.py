@@ -66,7 +66,8 @@ class TrainConfig:
     device: str = ""  # "" -> cuda when available, else cpu
     dtype: str = "float32"
     autocast: bool = True  # bf16 autocast of the dictionary forward on CUDA (ignored on CPU)
-    compile: bool = False
+    compile: bool = False  # torch.compile the ReLU/JumpReLU losses (TopK/BatchTopK run their own sparse kernels)
+    compile_backend: str = "inductor"  # aot_eager needs no C++ compiler/Triton
     log_every: int = 50
     eval_every: int = 0  # 0 -> evaluate only at the end
     eval_sequences: int = 16  # sequences for the CE/KL evaluation with the dictionaries spliced in

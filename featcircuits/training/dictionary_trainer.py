@@ -10,6 +10,7 @@ import torch
 
 from ..dictionaries import DictionaryConfig
 from . import distributed
+from .compiled import COMPILED_ARCHITECTURES, compile_loss, explain_compile_failure
 from .config import TrainConfig
 from .module import TrainableDictionary
 from .objectives import (
@@ -78,15 +79,24 @@ class DictionaryTrainer:
         elif arch == "batchtopk":
             fn = lambda m, x, xr, t, dead, step: batchtopk_loss(  # noqa: E731
                 m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient, c.batchtopk_threshold_momentum)
-        elif arch == "relu":
-            fn = lambda m, x, xr, t, dead, step: relu_loss(  # noqa: E731
-                m, x, xr, t, sparsity_coefficient(c.l1_coefficient, c, step))
         else:
-            fn = lambda m, x, xr, t, dead, step: jumprelu_loss(  # noqa: E731
-                m, x, xr, t, sparsity_coefficient(c.l0_coefficient, c, step), c.jumprelu_bandwidth)
-        if c.compile and arch in ("relu", "jumprelu"):
-            fn = torch.compile(fn, dynamic=False)
+            # The coefficient goes in as a 0-d tensor refilled each step: a compiled loss would otherwise
+            # recompile for every value it takes during the sparsity warmup.
+            base = c.l1_coefficient if arch == "relu" else c.l0_coefficient
+            coefficient = torch.zeros((), device=self.device)
+            loss = relu_loss if arch == "relu" else jumprelu_loss
+            extra = () if arch == "relu" else (c.jumprelu_bandwidth,)
+            if c.compile:
+                loss = compile_loss(loss, c.compile_backend)
+
+            def fn(m, x, xr, t, dead, step):
+                return loss(m, x, xr, t, coefficient.fill_(sparsity_coefficient(base, c, step)), *extra)
         return fn
+
+    def _compile_guard(self):
+        if self.config.compile and self.config.architecture in COMPILED_ARCHITECTURES:
+            return explain_compile_failure(self.config.compile_backend, self.config.architecture)
+        return nullcontext()
 
     # -- initialisation --------------------------------------------------------------------------
 
@@ -119,12 +129,13 @@ class DictionaryTrainer:
             torch.autocast("cuda", dtype=torch.bfloat16)
             if config.autocast and self.device.type == "cuda" else nullcontext()
         )
-        with autocast:
-            out = self._loss_fn(module, x, x_raw, target, dead, step)
-        # Dropping the gradients lets backward assign its fresh ones instead of zero-filling and adding
-        # into them; the data-parallel all-reduce needs every rank to hold the same gradient tensors.
-        self.optimizer.zero_grad(set_to_none=not self.sync_gradients)
-        out.loss.backward()
+        with self._compile_guard():
+            with autocast:
+                out = self._loss_fn(module, x, x_raw, target, dead, step)
+            # Dropping the gradients lets backward assign its fresh ones instead of zero-filling and adding
+            # into them; the data-parallel all-reduce needs every rank to hold the same gradient tensors.
+            self.optimizer.zero_grad(set_to_none=not self.sync_gradients)
+            out.loss.backward()
         fire_counts = out.fire_counts
         if self.sync_gradients:
             distributed.average_gradients(module.parameters())
