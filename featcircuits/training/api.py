@@ -91,12 +91,6 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
                                   model_name=model.cfg.model_name if model is not None else "")
         widths = source.widths()
         model_name = manifest.get("model_name", "")
-        if sync:  # the cache is cheap to read: every rank reads the global stream and keeps its slice
-            if config.batch_size % world:
-                raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks.")
-            per_rank = config.batch_size // world
-            rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
-        store_batch = config.batch_size
         if model is not None:
             eval_tokens = _eval_tokens_from_manifest(manifest, model, config)
     else:
@@ -110,17 +104,23 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         n_eval = min(config.eval_sequences, len(tokens) // 4)
         eval_tokens, train_tokens = tokens[len(tokens) - n_eval:], tokens[: len(tokens) - n_eval]
         _check_enough_tokens(train_tokens, config, special_ids, world)
+        # Data-parallel ranks share each model batch's forward and gather the rows (see ModelSource).
         source = ModelSource(model, train_tokens, hooks, config.model_batch_size, special_ids,
                              config.drop_special_tokens, seed=config.seed, rank=rank if sync else 0,
                              world_size=world if sync else 1)
         widths = source.widths()
         model_name = model.cfg.model_name
-        if sync and config.batch_size % world:
+    if sync:
+        # Every rank's store holds the global stream (read from the cache, or gathered from the shared
+        # forwards) and serves the global batch; the trainer keeps this rank's slice. The union of the
+        # slices is then the single-process batch, step for step.
+        if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} ranks.")
-        store_batch = config.batch_size // world if sync else config.batch_size
+        per_rank = config.batch_size // world
+        rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
 
-    store = ActivationStore(source, widths, store_batch, config.buffer_bytes, device=device, seed=config.seed,
-                            max_rows=store_batch * config.n_steps)
+    store = ActivationStore(source, widths, config.batch_size, config.buffer_bytes, device=device,
+                            seed=config.seed, max_rows=config.batch_size * config.n_steps)
     trainers, names = [], []
     for hook_in, hook_out in my_pairs:
         dict_cfg = _dictionary_config(config, hook_in, hook_out, widths, model_name)

@@ -24,9 +24,14 @@ def hook_layer(hook: str) -> int | None:
 class ModelSource:
     """Runs ``model`` over ``tokens`` ``[n_seq, ctx]`` and captures every hook in one forward.
 
-    Sequences are visited in a seeded random order, a new one per epoch; with several data-parallel
-    ranks each rank takes every ``world_size``-th sequence. Positions holding special tokens (BOS, pad,
-    ...) are dropped: their activations are outliers no dictionary should spend capacity on.
+    Sequences are visited in a seeded random order, a new one per epoch. Positions holding special tokens
+    (BOS, pad, ...) are dropped: their activations are outliers no dictionary should spend capacity on.
+
+    With ``world_size`` > 1 data-parallel ranks (all calling ``next_chunk`` together), each rank runs the
+    forward of every ``world_size``-th sequence of the model batch and the activations are all-gathered
+    back into batch order: every rank then holds exactly the chunk a single process would compute, for a
+    ``1/world_size`` share of the model's work. Each rank's store serves the global batch and the trainer
+    keeps this rank's slice, so a data-parallel run follows the single-process run step for step.
     """
 
     def __init__(
@@ -57,25 +62,22 @@ class ModelSource:
         self.stop_at_layer = None if None in layers else max(layers) + 1  # type: ignore[type-var]
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order()
+        self._widths: dict[str, int] | None = None
         if len(self._order) == 0:
-            raise ValueError(
-                f"The dataset has {len(tokens)} sequences, too few for {world_size} data-parallel ranks."
-            )
+            raise ValueError("The dataset has no token sequences; give a longer text or a smaller context_size.")
 
     def _epoch_order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.shuffle:
-            order = torch.randperm(len(self.tokens), generator=generator)
-        else:  # in file order: the disk cache records how far it got as a sequence count
-            order = torch.arange(len(self.tokens))
-        return order[self.rank :: self.world_size]
+            return torch.randperm(len(self.tokens), generator=generator)
+        return torch.arange(len(self.tokens))  # file order: the disk cache records its progress as a count
 
     def widths(self) -> dict[str, int]:
-        chunk = self._forward(self.tokens[:1])
-        return {hook: acts.shape[-1] for hook, acts in chunk.items()}
+        return {hook: acts.shape[-1] for hook, acts in self._capture(self.tokens[:1]).items()}
 
     @torch.no_grad()
-    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward of ``batch [n_seq, pos]``: ``{hook: [n_seq, pos, d_hook]}`` (heads concatenated)."""
         captured: dict[str, torch.Tensor] = {}
 
         def capture(acts: torch.Tensor, hook: Any) -> None:
@@ -88,14 +90,41 @@ class ModelSource:
             stop_at_layer=self.stop_at_layer,
             return_type=None,
         )
-        keep = ~torch.isin(batch, self.special).reshape(-1).to(device)
+        # per-head hooks [batch, pos, head, d_head] -> concatenated heads
+        return {hook: acts.flatten(2) if acts.dim() == 4 else acts for hook, acts in captured.items()}
+
+    def _capture_shared(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``_capture(batch)`` computed a ``1/world_size`` share per rank and all-gathered in batch order.
+
+        Rank ``r`` runs sequences ``r, r + W, r + 2W, ...``; shares are zero-padded to one length so the
+        gather has equal shapes (a rank whose share is empty runs no forward).
+        """
+        from . import distributed
+
+        if self._widths is None:
+            self._widths = self.widths()
+        world = self.world_size
+        per_rank = -(-len(batch) // world)
+        mine = batch[self.rank :: world]
+        captured = self._capture(mine) if len(mine) else {}
+        device = next(self.model.parameters()).device
         out = {}
         for hook in self.hooks:
-            acts = captured[hook]
-            if acts.dim() == 4:  # per-head hooks [batch, pos, head, d_head] -> concatenated heads
-                acts = acts.flatten(2)
-            out[hook] = acts.reshape(-1, acts.shape[-1])[keep]
+            # The model's dtype on every rank, also on one with nothing to run: the gather needs one dtype.
+            share = torch.zeros(per_rank, batch.shape[1], self._widths[hook], device=device, dtype=self.model.cfg.dtype)
+            if captured:
+                share[: len(mine)] = captured[hook]
+            gathered = distributed.all_gather_rows(share)  # [world * per_rank, pos, d], rank-major
+            # Sequence j of the batch is row j // W of rank j % W: as [per_rank, world] the flat index is j.
+            out[hook] = gathered.view(world, per_rank, *share.shape[1:]).transpose(0, 1).flatten(0, 1)[: len(batch)]
         return out
+
+    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{hook: [rows, d_hook]}``: the activations of ``batch [n_seq, pos]`` without special positions."""
+        captured = self._capture_shared(batch) if self.world_size > 1 else self._capture(batch)
+        device = next(iter(captured.values())).device
+        keep = ~torch.isin(batch, self.special).reshape(-1).to(device)
+        return {hook: acts.reshape(-1, acts.shape[-1])[keep] for hook, acts in captured.items()}
 
     def next_chunk(self) -> dict[str, torch.Tensor]:
         """One model forward: ``{hook: [rows, d_hook]}`` (rows = kept positions of the batch)."""
