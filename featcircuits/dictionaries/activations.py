@@ -61,8 +61,8 @@ class TopK(nn.Module):
 class BatchTopK(nn.Module):
     """``k * n_tokens`` largest pre-activations across a training batch; at inference a global threshold.
 
-    The threshold (a scalar buffer) is what the trainer estimates as the running mean of the smallest
-    kept activation; in eval mode the activation is a JumpReLU with that one threshold for every
+    The threshold (a scalar buffer) is the mean smallest activation a batch selection keeps, which the
+    trainer measures with the final weights; in eval mode the activation is a JumpReLU with that one threshold for every
     feature, so a token's features no longer depend on the rest of its batch.
     """
 
