@@ -62,8 +62,8 @@ class BatchTopK(nn.Module):
     """``k * n_tokens`` largest pre-activations across a training batch; at inference a global threshold.
 
     The threshold (a scalar buffer) is the mean smallest activation a batch selection keeps, which the
-    trainer measures with the final weights; in eval mode the activation is a JumpReLU with that one threshold for every
-    feature, so a token's features no longer depend on the rest of its batch.
+    trainer measures with the final weights; in eval mode the activation is a JumpReLU with that one
+    threshold for every feature, so a token's features no longer depend on the rest of its batch.
     """
 
     def __init__(self, d_sae: int, k: int | None = None) -> None:
