@@ -24,7 +24,13 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--tau", type=float, default=0.01)
-    parser.add_argument("--sae-steps", type=int, default=4000)
+    parser.add_argument("--ablation", default="zero", choices=("zero", "mean", "patch"))
+    parser.add_argument("--architecture", default="relu", choices=("relu", "topk", "batchtopk", "jumprelu"))
+    parser.add_argument("--l1", type=float, default=0.1, help="L1 coefficient (relu)")
+    parser.add_argument("--k", type=int, default=4, help="active latents (topk, batchtopk)")
+    parser.add_argument("--sae-steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=3, help="training runs; per site the lowest held-out FVU is kept")
+    parser.add_argument("--verbose", action="store_true", help="print every feature unit with its score")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -32,11 +38,12 @@ def main() -> None:
 
     from featcircuits.circuits import find_circuit, make_graph, roc_auc
     from featcircuits.circuits.tracr import compile_tracr, tracr_program
+    from featcircuits.circuits.tracr_saes import train_residual_saes
     from featcircuits.circuits.tracr_truth import (
         feature_truth_units,
         label_recovery,
         tracr_task,
-        train_residual_saes,
+        variable_truth_units,
     )
     from featcircuits.graph.replacement import ReplacementModel
 
@@ -70,20 +77,28 @@ def main() -> None:
             print(f"components {level:5s} {method:4s}: ROC AUC {results[(level, method)]:.3f}  "
                   f"({len(circuit.selected)}/{len(truth)} selected, {int(truth.sum())} true)")
     start = time.time()
-    saes = train_residual_saes(tm, steps=args.sae_steps)
+    saes, info = train_residual_saes(tm, architecture=args.architecture, l1_coefficient=args.l1, k=args.k,
+                                     steps=args.sae_steps, seeds=tuple(range(args.seeds)))
     recovery = label_recovery(tm, saes)
-    print(f"SAEs on {len(saes)} residual sites ({time.time() - start:.0f}s): {int(recovery['directions'])} labelled "
-          f"directions, best decoder cosine mean {recovery['mean_cosine']:.3f} min {recovery['min_cosine']:.3f}, "
-          f"{recovery['recovered_0.9']:.0%} at >= 0.9")
+    fvus = " ".join(f"{fvu:.3f}" for fvu in info["fvu"].values())
+    print(f"SAEs ({args.architecture}) on {len(saes)} residual sites ({time.time() - start:.0f}s), held-out FVU {fvus}: "
+          f"{int(recovery['directions'])} labelled directions, best decoder cosine mean {recovery['mean_cosine']:.3f} "
+          f"min {recovery['min_cosine']:.3f}, {recovery['recovered_0.9']:.0%} at >= 0.9")
     replacement = ReplacementModel(tm.model, saes)
-    graph = make_graph(replacement, task, ablation="zero", positions="sum")
+    graph = make_graph(replacement, task, ablation=args.ablation, positions="sum")
     for method in ("acdc", "atp"):
         circuit = find_circuit(replacement, task, method, tau=args.tau, graph=graph)
-        names, scores, truth = feature_truth_units(tm, graph, torch.tensor(circuit.node_scores))
-        results[("features", method)] = roc_auc(scores, truth)
-        print(f"features {method:4s}: ROC AUC {results[('features', method)]:.3f} over {len(names)} units "
-              f"({int(truth.sum())} true; {len(graph.node_ids)} feature/error nodes, {len(circuit.nodes)} kept)")
-    print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features={results[('features', 'acdc')]:.4f}")
+        node_scores = torch.tensor(circuit.node_scores)
+        for grain, units in (("variables", variable_truth_units), ("labels", feature_truth_units)):
+            names, scores, truth = units(tm, graph, node_scores)
+            results[(grain, method)] = roc_auc(scores, truth)
+            print(f"features {method:4s} {grain:9s}: ROC AUC {results[(grain, method)]:.3f} over {len(names)} units "
+                  f"({int(truth.sum())} true; {len(graph.node_ids)} feature/error nodes, {len(circuit.nodes)} kept)")
+            if args.verbose:
+                for name, score, true in sorted(zip(names, scores.tolist(), truth.tolist(), strict=True),
+                                                key=lambda unit: -unit[1]):
+                    print(f"    {score:8.4f} {'true ' if true else 'false'} {name}")
+    print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features={results[('variables', 'acdc')]:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Feature and error nodes on the ReplacementModel, and tracr ground truth, checked by interventions."""
+"""Feature and error nodes on the ReplacementModel, checked by interventions (tracr: test_circuits_tracr.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from featcircuits.circuits import ContrastiveTask, FeatureGraph, evaluate, find_circuit, roc_auc
+from featcircuits.circuits import ContrastiveTask, FeatureGraph, evaluate, find_circuit
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -79,27 +79,3 @@ def test_sites_without_dictionaries_are_refused(replacement, task):
     with pytest.raises(ValueError, match=r"No dictionary covers site\(s\) \['mlp1'\]"):
         FeatureGraph(replacement, task, sites=["mlp0", "mlp1"])
 
-
-def test_tracr_programs_compile_and_component_circuits_match_the_compiled_graph():
-    pytest.importorskip("tracr")
-    from tracr.rasp import rasp
-
-    from featcircuits.circuits.tracr import compile_tracr, tracr_program
-    from featcircuits.circuits.tracr_truth import tracr_task
-
-    for name in ("frac_prevs", "reverse"):
-        program, vocab, n = tracr_program(name)
-        tm = compile_tracr(program, vocab, n)
-        for tokens in (list("wxyxz")[:n], list("zzxwx")[:n]) if name == "frac_prevs" else (list("abcab"), list("cabba")):
-            want = rasp.evaluate(program, tokens)
-            logits = tm.model(torch.tensor([tm.encode(tokens)]))[0, 1:].detach()
-            if tm.output_values is None:
-                assert torch.allclose(logits[:, 0], torch.tensor(want, dtype=torch.float32), atol=1e-3)
-            else:
-                assert [tm.output_values[i] for i in logits.argmax(-1).tolist()] == want
-        if name == "frac_prevs":
-            task = tracr_task(tm, 4)
-            for method in ("acdc", "atp"):
-                circuit = find_circuit(tm.model, task, method, level="edges", ablation="zero")
-                truth = tm.edge_truth(circuit.edge_ids)
-                assert roc_auc([abs(s) for s in circuit.edge_scores], truth) == 1.0

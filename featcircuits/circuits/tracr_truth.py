@@ -1,16 +1,27 @@
-"""Recovering tracr ground truth: tasks, residual-stream SAEs, and ROC AUC of found circuits.
+"""Recovering tracr ground truth: tasks, the true feature circuit, and ROC AUC of found circuits.
 
 Components: a head or MLP is in the true circuit when the compiler gave it weights; an edge when the
 sender writes a residual label the receiver reads (:class:`featcircuits.circuits.tracr.TracrModel`).
 
-Features: SAEs on the residual stream (``resid_pre`` of every layer and the final ``resid_post``) should
-learn tracr's labelled directions. Each feature is assigned the label its decoder row points along, and
-labels are grouped into program variables (the SOp a label belongs to; ``tokens:BOS`` apart as the
-compiler's attention sink; the compiler's constant ``one`` is left out). The true feature circuit is the
-program's dataflow through the residual stream: variable ``v`` at ``resid_pre{L}`` is in it when a head
-or MLP of layer ``L`` or later reads ``v`` (or ``v`` is the output), at the final ``resid_post`` only the
-output. A unit ``(site, variable)`` scores the largest |score| of its features; bare MLP error nodes
-(the whole MLP) are scored against whether the MLP has weights.
+Features: SAEs on the residual stream (:mod:`featcircuits.circuits.tracr_saes`) are scored against the
+program's dataflow at two grains.
+
+* Variables (:func:`variable_truth_units`): the unit is (site, program variable), the SOp a label belongs
+  to (``tokens:BOS`` is a value of ``tokens``; the compiler's constant ``one`` is not a variable). Variable
+  ``v`` at ``resid_pre{L}`` is in the true circuit when a head or MLP of layer ``L`` or later reads a label
+  of ``v`` (or ``v`` is the output); at the final ``resid_post`` only the output. This is RASP's own
+  dataflow graph (an SOp reads another SOp), and it is identifiable: see the note below.
+* Labels (:func:`feature_truth_units`): the unit is (site, label group), the same rule per label. Finer
+  than the program: tracr's lookup-table MLP for ``tokens == "x"`` has weights only on ``tokens:x``.
+
+Why labels are not identifiable from activations: every position holds exactly one value of each
+categorical variable, so for any vector ``s`` the directions ``e_value + s`` of one variable and ``e - s``
+of another (or ``b_dec - s``) reconstruct every residual vector exactly, with the same codes. An L1
+penalty picks the shift that centres each variable (feature ``e_value - mean``), the usual outcome of SAE
+training: each feature then stays inside its variable's subspace (variable units are exact), but ablating
+``tokens:w`` moves ``tokens:x`` towards the mean, so a label unit the program never reads has an effect.
+
+MLP units: bare MLPs are error nodes, scored against whether the MLP has weights.
 """
 
 from __future__ import annotations
@@ -23,12 +34,15 @@ import torch
 from .tasks import ContrastiveTask
 from .tracr import TracrModel
 
-__all__ = ["tracr_task", "train_residual_saes", "label_recovery", "feature_truth_units", "variable_of"]
+__all__ = ["tracr_task", "label_recovery", "feature_truth_units", "variable_truth_units", "variable_of"]
+
+# Compiler plumbing that is never a unit: the constant direction and the (never used) padding token.
+_NOT_UNITS = ("one", "tokens:compiler_pad")
 
 
 def variable_of(label: str) -> str:
-    """Program variable of a residual label: ``"opp_idx_4:-3" -> "opp_idx_4"``; ``tokens:BOS -> "BOS"``."""
-    return "BOS" if label == "tokens:BOS" else label.split(":")[0]
+    """Program variable (SOp) of a residual label: ``"opp_idx_4:-3" -> "opp_idx_4"``, ``"tokens:BOS" -> "tokens"``."""
+    return label.split(":")[0]
 
 
 def _inputs(tm: TracrModel, count: int, seed: int, length: int | None = None) -> list[list]:
@@ -61,86 +75,29 @@ def tracr_task(tm: TracrModel, n_pairs: int = 8, seed: int = 0) -> ContrastiveTa
     return ContrastiveTask.from_pairs(tm.model, pairs, source=f"tracr task {tm.output_label}")
 
 
-def residual_sites(tm: TracrModel) -> list[str]:
-    last = tm.model.cfg.n_layers - 1
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(last + 1)] + [f"blocks.{last}.hook_resid_post"]
+def _varying_rows(tm: TracrModel, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """Residual rows ``{hook: [rows, d_model]}`` of random inputs of every length (the SAEs' data distribution)."""
+    from .tracr_saes import TracrSource
 
-
-def _fit_sae(acts: torch.Tensor, d_sae: int, steps: int, l1: float, seed: int, hook: str, model_name: str):
-    """A ReLU SAE fitted full-batch to the distinct rows of ``acts [rows, d_model]``, weighted by frequency.
-
-    Loss: squared error plus ``l1`` times the decoder-norm-weighted L1 of the feature activations, Adam
-    with a cosine learning-rate decay. The decoder bias is fixed to the data's constant part (tracr's
-    ``one`` direction, the sum of the one-hot token directions): left free, every feature would have to
-    carry a share of it and would point between labels.
-    """
-    from ..dictionaries import Dictionary, DictionaryConfig
-
-    generator = torch.Generator().manual_seed(seed)
-    cfg = DictionaryConfig(d_in=acts.shape[1], d_sae=d_sae, activation="relu", hook_in=hook, hook_out=hook,
-                           layer=int(hook.split(".")[1]), model_name=model_name, dataset="tracr random inputs",
-                           apply_b_dec_to_input=True)
-    sae = Dictionary.from_config(cfg)
-    rows, counts = torch.unique(acts, dim=0, return_counts=True)
-    weights = counts.float() / counts.sum()
-    with torch.no_grad():
-        constant = rows.std(0) < 1e-6
-        sae.b_dec.copy_(torch.where(constant, rows.mean(0), torch.zeros_like(rows[0])))
-        W_dec = torch.randn(d_sae, acts.shape[1], generator=generator)
-        sae.W_dec.copy_(W_dec / W_dec.norm(dim=-1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
-    optimizer = torch.optim.Adam([sae.W_enc, sae.b_enc, sae.W_dec], lr=1e-2)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    centred = rows - sae.b_dec
-    with torch.enable_grad():
-        for _ in range(steps):
-            feature_acts = torch.relu(centred @ sae.W_enc + sae.b_enc)
-            error = (feature_acts @ sae.W_dec - centred).pow(2).sum(-1)
-            sparsity = (feature_acts * sae.W_dec.norm(dim=-1)).sum(-1)
-            loss = ((error + l1 * sparsity) * weights).sum()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    sae.requires_grad_(False)
-    return sae.eval()
-
-
-def train_residual_saes(tm: TracrModel, steps: int = 1500, n_inputs: int = 512, expansion: int = 1,
-                        l1: float = 0.05, seed: int = 0) -> list:
-    """ReLU SAEs on every residual site (``resid_pre`` of each layer and the final ``resid_post``), fitted to
-    the residual vectors of ``n_inputs`` random program inputs. Width ``expansion * d_model``: the
-    distinct residual vectors are few, and a wider dictionary memorises combinations of labels (one
-    feature per combination costs less L1 than one per label)."""
-    tokens = torch.tensor([tm.encode(x) for x in _inputs(tm, n_inputs, seed + 7)])
-    hooks = residual_sites(tm)
-    with torch.no_grad():
-        _, cache = tm.model.run_with_cache(tokens, names_filter=hooks)
-    d_model = tm.model.cfg.d_model
-    return [_fit_sae(cache[hook].reshape(-1, d_model), expansion * d_model, steps, l1, seed + i, hook,
-                     tm.model.cfg.model_name) for i, hook in enumerate(hooks)]
+    return TracrSource(tm, hooks, inputs_per_length=128, seed=99).next_chunk()
 
 
 def _label_groups(tm: TracrModel, hooks: list[str]) -> dict[str, list[list[int]]]:
-    """Per hook, the labels that vary over random inputs, grouped where their activations are identical
-    (a token and a map that copies it): no dictionary can tell such labels apart."""
-    tokens = torch.tensor([tm.encode(x) for x in _inputs(tm, 256, 99)])
-    with torch.no_grad():
-        _, cache = tm.model.run_with_cache(tokens, names_filter=hooks)
+    """Per hook, the labels that vary over random inputs of every length, grouped where their activations
+    are identical (a token and a map that copies it): no dictionary can tell such labels apart."""
     groups = {}
-    for hook in hooks:
-        acts = cache[hook].reshape(-1, tm.model.cfg.d_model)
-        varying = (acts.std(0) > 1e-6).nonzero()[:, 0].tolist()
-        found: list[list[int]] = []
-        for label in varying:
-            for group in found:
-                if (acts[:, group[0]] - acts[:, label]).abs().max() < 1e-6:
-                    group.append(label)
-                    break
-            else:
-                found.append([label])
-        groups[hook] = found
+    for hook, acts in _varying_rows(tm, hooks).items():
+        varying = (acts.std(0) > 1e-6).nonzero()[:, 0]
+        columns = acts[:, varying]
+        # same[i, j]: labels i and j have identical activations on every row
+        same = (columns[:, :, None] - columns[:, None, :]).abs().amax(0) < 1e-6
+        first = same.float().argmax(0)  # each label's first identical label names its group
+        groups[hook] = [varying[first == leader].tolist() for leader in first.unique().tolist()]
     return groups
+
+
+def _unit_vectors(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _group_cosines(tm: TracrModel, sae, groups: list[list[int]]) -> torch.Tensor:
@@ -148,8 +105,7 @@ def _group_cosines(tm: TracrModel, sae, groups: list[list[int]]) -> torch.Tensor
     targets = torch.zeros(len(groups), tm.model.cfg.d_model)
     for index, group in enumerate(groups):
         targets[index, group] = 1.0 / len(group) ** 0.5
-    rows = sae.W_dec.detach()
-    return ((rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ targets.T).abs()
+    return (_unit_vectors(sae.W_dec.detach().float().cpu()) @ targets.T).abs()
 
 
 def label_recovery(tm: TracrModel, saes: list) -> dict[str, float]:
@@ -160,52 +116,127 @@ def label_recovery(tm: TracrModel, saes: list) -> dict[str, float]:
             "recovered_0.9": float((best >= 0.9).float().mean())}
 
 
-def feature_truth_units(tm: TracrModel, graph: Any, node_scores: torch.Tensor,
-                        min_cosine: float = 0.7) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Units and their ``(names, scores, truth)`` for a feature graph (``positions="sum"``) built on a
-    ReplacementModel of ``tm.model`` with :func:`train_residual_saes`' SAEs.
-
-    Units: every varying label group at every SAE site (``tokens:BOS``, the compiler's attention sink, is
-    left out like the constant ``one``), and every MLP (its bare-site error node). A group at
-    ``resid_pre{L}`` is in the true circuit when a head or MLP of layer ``L`` or later reads one of its
-    labels, or it holds the program's output; at the final ``resid_post`` only the output counts. A
-    group scores the largest |score| among features whose decoder row has |cosine| >= ``min_cosine``
-    with it; an MLP scores its error node.
-    """
+def _read_from(tm: TracrModel) -> dict[int, set[int]]:
+    """Layer ``L`` -> residual labels read by a head or MLP of layer ``L`` or later, or holding the output."""
     rw = tm._reads_writes()
-    n_layers = tm.model.cfg.n_layers
-    output = {i for i, label in enumerate(tm.residual_labels) if variable_of(label) == tm.output_label}
+    later = {i for i, label in enumerate(tm.residual_labels) if variable_of(label) == tm.output_label}
     read_from: dict[int, set[int]] = {}
-    later = set(output)
-    for layer in reversed(range(n_layers)):
+    for layer in reversed(range(tm.model.cfg.n_layers)):
         for name, (reads, _) in rw.items():
             if name.startswith(f"L{layer}."):
                 later |= set(reads.nonzero()[:, 0].tolist())
         read_from[layer] = set(later)
+    return read_from
+
+
+def _positives(tm: TracrModel, site: Any, read_from: dict[int, set[int]]) -> set[int]:
+    if site.hook_out.endswith("resid_post"):
+        return {i for i, label in enumerate(tm.residual_labels) if variable_of(label) == tm.output_label}
+    return read_from[site.layer]
+
+
+def _feature_magnitudes(graph: Any, site: Any, node_scores: torch.Tensor) -> torch.Tensor:
+    """``[d_sae]`` |score| of each feature of ``site`` (0 where the feature is no node: it never changed)."""
+    magnitudes = torch.zeros(site.dictionary.cfg.d_sae)
+    prefix = f"{site.name}:"
+    found = [(int(node_id[len(prefix):]), i) for i, node_id in enumerate(graph.node_ids)
+             if node_id.startswith(prefix) and node_id[len(prefix):].isdigit()]
+    if found:
+        features, indices = torch.tensor(found).T
+        magnitudes[features] = node_scores.abs().float().cpu()[indices]
+    return magnitudes
+
+
+def _error_unit(tm: TracrModel, graph: Any, site: Any, node_scores: torch.Tensor) -> tuple[str, float, bool]:
+    index = {node_id: i for i, node_id in enumerate(graph.node_ids)}.get(f"{site.name}:error")
+    score = float(node_scores[index].abs()) if index is not None else 0.0  # no node: its output never changes
+    return f"{site.name}:error", score, bool(tm._reads_writes()[f"L{site.layer}.MLP"][1].any())
+
+
+def feature_truth_units(tm: TracrModel, graph: Any, node_scores: torch.Tensor,
+                        min_cosine: float = 0.7) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Label-grain units ``(names, scores, truth)`` for a feature graph (``positions="sum"``) built on a
+    ReplacementModel of ``tm.model`` with residual SAEs.
+
+    Units: every varying label group at every SAE site (the constant ``one`` and ``tokens:BOS``, the
+    compiler's attention sink, left out) and every MLP (its bare-site error node). A group is true when a
+    label of it is read at or after the site's layer (at the final ``resid_post``: holds the output); it
+    scores the largest |score| among features whose decoder row has |cosine| >= ``min_cosine`` with it.
+    """
+    read_from = _read_from(tm)
     sae_sites = [site for site in graph.rm.sites if site.dictionary is not None]
     groups = _label_groups(tm, [site.hook_in for site in sae_sites])
     bos = tm.residual_labels.index("tokens:BOS") if "tokens:BOS" in tm.residual_labels else -1
     names, scores, truth = [], [], []
-    node_index = {node_id: i for i, node_id in enumerate(graph.node_ids)}
-    magnitudes = node_scores.abs()
     for site in graph.rm.sites:
         if site.dictionary is None:
-            names.append(f"{site.name}:error")
-            index = node_index.get(f"{site.name}:error")
-            scores.append(float(magnitudes[index]) if index is not None else 0.0)  # no node: output never changes
-            truth.append(bool(rw[f"L{site.layer}.MLP"][1].any()))
+            name, score, true = _error_unit(tm, graph, site, node_scores)
+            names.append(name), scores.append(score), truth.append(true)
             continue
         site_groups = [g for g in groups[site.hook_in] if g != [bos]]
-        cosine = _group_cosines(tm, site.dictionary, site_groups)  # [d_sae, groups]
-        best = torch.zeros(len(site_groups))
-        for feature in range(cosine.shape[0]):
-            index = node_index.get(f"{site.name}:{feature}")
-            if index is not None:
-                members = cosine[feature] >= min_cosine
-                best[members] = torch.maximum(best[members], magnitudes[index])
-        positives = output if site.hook_out.endswith("resid_post") else read_from[site.layer]
+        members = _group_cosines(tm, site.dictionary, site_groups) >= min_cosine  # [d_sae, groups]
+        magnitudes = _feature_magnitudes(graph, site, node_scores)
+        best = (members * magnitudes[:, None]).amax(0)
+        positives = _positives(tm, site, read_from)
         for group, score in zip(site_groups, best.tolist(), strict=True):
             names.append(f"{site.name}:" + "+".join(tm.residual_labels[i] for i in group))
             scores.append(score)
             truth.append(any(i in positives for i in group))
+    return names, torch.tensor(scores), torch.tensor(truth)
+
+
+def _merged_variables(group_variables: torch.Tensor) -> list[list[int]]:
+    """Variables that share a label group (``[groups, variables]`` bool) merged into one unit: at that site
+    their values coincide on every input (``opp_idx - 1`` and ``opp_idx`` at one length), so no feature
+    can belong to one and not the other."""
+    units: list[set[int]] = []
+    for row in group_variables:
+        linked = set(row.nonzero()[:, 0].tolist())
+        if not linked:
+            continue
+        touching = [unit for unit in units if unit & linked]
+        for unit in touching:
+            units.remove(unit)
+            linked |= unit
+        units.append(linked)
+    return sorted(sorted(unit) for unit in units)
+
+
+def variable_truth_units(tm: TracrModel, graph: Any,
+                         node_scores: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Variable-grain units ``(names, scores, truth)`` for a feature graph (``positions="sum"``).
+
+    Units: every program variable with a label that varies at an SAE site, and every MLP (its error
+    node). Variables whose labels coincide at the site are one unit. A feature belongs to the variables of
+    the label group its decoder row is closest to (|cosine|); a unit scores the largest |score| among its
+    features, and is true when a label of it is read at or after the site's layer (at the final
+    ``resid_post``: it is the output).
+    """
+    read_from = _read_from(tm)
+    labels = tm.residual_labels
+    variables = sorted({variable_of(label) for label in labels if label not in _NOT_UNITS})
+    membership = torch.zeros(len(labels), len(variables))  # [d_model, variables]
+    for index, label in enumerate(labels):
+        if label not in _NOT_UNITS:
+            membership[index, variables.index(variable_of(label))] = 1.0
+    sae_sites = [site for site in graph.rm.sites if site.dictionary is not None]
+    groups = _label_groups(tm, [site.hook_in for site in sae_sites])
+    names, scores, truth = [], [], []
+    for site in graph.rm.sites:
+        if site.dictionary is None:
+            name, score, true = _error_unit(tm, graph, site, node_scores)
+            names.append(name), scores.append(score), truth.append(true)
+            continue
+        site_groups = [g for g in groups[site.hook_in] if not all(labels[i] in _NOT_UNITS for i in g)]
+        group_variables = torch.stack([membership[g].amax(0) for g in site_groups])  # [groups, variables]
+        nearest = _group_cosines(tm, site.dictionary, site_groups).argmax(-1)  # [d_sae]
+        magnitudes = _feature_magnitudes(graph, site, node_scores)
+        best = ((group_variables[nearest] > 0) * magnitudes[:, None]).amax(0)  # [variables]
+        positives = torch.zeros(len(labels), dtype=torch.bool)
+        positives[list(_positives(tm, site, read_from))] = True
+        true_variables = (membership[positives] > 0).any(0)
+        for unit in _merged_variables(group_variables > 0):
+            names.append(f"{site.name}:" + "+".join(variables[v] for v in unit))
+            scores.append(float(best[unit].max()))
+            truth.append(bool(true_variables[unit].any()))
     return names, torch.tensor(scores), torch.tensor(truth)
