@@ -10,6 +10,8 @@ command-line face of this function.
 Built-in tasks (``task=`` a name; a JSON file or a list of pairs works too, see ``circuits.tasks``):
 
 * ``docstring``: the bundled model's docstring task (``pretrained/bundled/docstring_task.json``).
+* ``forwarding``: the bundled model's argument-forwarding task (``pretrained/bundled/forwarding_task.json``):
+  a method passes its arguments on in order and the model names the next one.
 * ``names``: repeat a story character's name seen earlier (TinyStories-style prompts; the names that are
   one token in the model's vocabulary), corrupted by swapping the name.
 * ``induction``: a random token sequence repeated; the corrupt run changes the token to be copied.
@@ -32,10 +34,16 @@ __all__ = ["run_demo", "DemoResult", "FeatureSummary", "BundledMissingError", "b
            "BUNDLED_DIR", "BUILTIN_TASKS"]
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "bundled"
-BUILTIN_TASKS = ("docstring", "names", "induction")
+BUILTIN_TASKS = ("docstring", "forwarding", "names", "induction")
 # Bundled dictionaries: the first of these (relative to BUNDLED_DIR) that exists.
 _BUNDLED_DICTIONARY_DIRS = ("transcoders", "dictionaries")
-_BUNDLED_TASK = "docstring_task.json"
+# The bundled model's task files, in order of preference for the default task (each holds only pairs
+# the model gets right; train.bundled_model.eval_tasks --write-task writes them).
+_BUNDLED_TASKS = {"docstring": "docstring_task.json", "forwarding": "forwarding_task.json"}
+
+
+def _bundled_default_task() -> str | None:
+    return next((name for name, file in _BUNDLED_TASKS.items() if (BUNDLED_DIR / file).is_file()), None)
 
 _NAME_PREFIX = "Once upon a time, there was a little dog named"
 _NAME_TEMPLATE = _NAME_PREFIX + " {name}. {name} liked to play with the ball. One day,"
@@ -116,9 +124,9 @@ def _bundled_inputs() -> tuple[Path, Path | str, Path]:
     if dictionaries is None:
         missing.append(f"its dictionaries ({' or '.join(_shown(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)}, "
                        "or a transcoder release in pretrained/registry.yaml with its local_dir there)")
-    task = BUNDLED_DIR / _BUNDLED_TASK
-    if not task.is_file():
-        missing.append(f"its docstring task ({_shown(task)})")
+    default_task = _bundled_default_task()
+    if default_task is None:
+        missing.append("its task (" + " or ".join(_shown(BUNDLED_DIR / f) for f in _BUNDLED_TASKS.values()) + ")")
     if missing:
         raise BundledMissingError(
             "featcircuits demo without --model/--dictionaries runs on the bundled model, but this checkout lacks "
@@ -127,13 +135,13 @@ def _bundled_inputs() -> tuple[Path, Path | str, Path]:
             "  python -m train.bundled_model.train_tokenizer --corpus /tmp/bundled/corpus --out pretrained/bundled\n"
             "  python -m train.bundled_model.eval_tasks --write-names --corpus /tmp/bundled/corpus --model pretrained/bundled\n"
             "  python -m train.bundled_model.train_model --out pretrained/bundled --work /tmp/bundled/run\n"
-            "  python -m train.bundled_model.eval_tasks --model pretrained/bundled --write-task "
-            f"pretrained/bundled/{_BUNDLED_TASK}\n"
+            "  python -m train.bundled_model.eval_tasks --model pretrained/bundled --task forwarding --write-task "
+            "pretrained/bundled/forwarding_task.json\n"
             "  featcircuits train --model pretrained/bundled --kind transcoder --hook blocks.L.ln2.hook_normalized "
             "--hook-out blocks.L.hook_mlp_out ... --out pretrained/bundled/transcoders\n"
             "or run on any model: featcircuits demo --model MODEL_DIR --dictionaries DICT_DIR [--prompt TEXT]."
         )
-    return BUNDLED_DIR, dictionaries, task  # type: ignore[return-value]
+    return BUNDLED_DIR, dictionaries, BUNDLED_DIR / _BUNDLED_TASKS[default_task]  # type: ignore[return-value]
 
 
 def _continuation_token(model: Any, prefix: str, word: str) -> int | None:
@@ -180,11 +188,11 @@ def _induction_pairs(model: Any, n_pairs: int = 8, length: int = 10, seed: int =
 
 def builtin_task_pairs(name: str, model: Any) -> list[dict[str, Any]]:
     """Pairs of a built-in task (see the module docstring) for ``model``."""
-    if name == "docstring":
-        task_file = BUNDLED_DIR / _BUNDLED_TASK
+    if name in _BUNDLED_TASKS:
+        task_file = BUNDLED_DIR / _BUNDLED_TASKS[name]
         if not task_file.is_file():
-            raise FileNotFoundError(f"No docstring task at {task_file}; write it with `python -m "
-                                    f"train.bundled_model.eval_tasks --model pretrained/bundled --write-task {task_file}`.")
+            raise FileNotFoundError(f"No {name} task at {task_file}; write it with `python -m train.bundled_model."
+                                    f"eval_tasks --model pretrained/bundled --task {name} --write-task {task_file}`.")
         data = json.loads(task_file.read_text())
         return data["pairs"] if isinstance(data, dict) else data
     if name == "names":
@@ -207,7 +215,8 @@ def _resolve_task(task: Any, model: Any, bundled: bool, max_pairs: int) -> tuple
     if isinstance(task, (list, tuple)):
         return "custom", ContrastiveTask.from_pairs(model, list(task)[:max_pairs])
     if task is None:
-        task = "docstring" if bundled else ("names" if _names_pairs(model) else "induction")
+        default = _bundled_default_task() if bundled else None
+        task = default or ("names" if _names_pairs(model) else "induction")
     if str(task) in BUILTIN_TASKS:
         pairs = builtin_task_pairs(str(task), model)[:max_pairs]
         return str(task), ContrastiveTask.from_pairs(model, pairs, source=f"task {task}")
@@ -331,7 +340,8 @@ def run_demo(
             None for the bundled transcoders. Checked against ``model`` before anything runs.
         prompt: text (or token ids) whose attribution graph is built; default the task's first clean prompt.
         task: a built-in task name (``BUILTIN_TASKS``), a task JSON file, a list of pairs or a
-            ``ContrastiveTask``; default ``docstring`` on the bundled model, else ``names`` when the model
+            ``ContrastiveTask``; default the bundled task (``docstring``, else ``forwarding``) on the bundled
+            model, else ``names`` when the model
             knows the names, else ``induction``.
         out: directory for the report and its data files (created; earlier demo files are replaced).
         method: circuit discovery method (``atp``, ``ig``, ``acdc``).
@@ -347,7 +357,7 @@ def run_demo(
         raise ValueError("The prompt is empty; give some text to attribute (or leave it out for the task's prompt).")
     if model is None:
         model, dictionaries, _ = _bundled_inputs()
-    # the bundled model's default task is the docstring task, however it was named
+    # the bundled model's default task is its own, however the model was named
     bundled = isinstance(model, (str, Path)) and Path(model).resolve() == BUNDLED_DIR.resolve()
     from .circuits import evaluate, find_circuit, make_graph
     from .graph import ReplacementModel, build_graph, graph_scores, parse_node_id

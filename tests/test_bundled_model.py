@@ -2,9 +2,12 @@
 its corpus (held-out standard-library files), and its task skills on held-out prompts from
 train/bundled_model/eval_tasks.py.
 
-The shipped model (900 steps, 3.7M tokens; train/README.md) has NOT yet learned the docstring task or
-induction: measured top-1 0.0 on both. The competence tests state the targets and are strict xfails, so
-they fail loudly (XPASS) once a longer run reaches competence, and must then become plain tests with
+The shipped model (4000 steps, 16.4M tokens; train/README.md) names the next forwarded argument from the
+signature (argument forwarding: logit difference +5.2 clean, -2.8 with the signature renamed, on this
+file's prompts) and copies repeated text partly (random-token induction top-1 0.22 against 0.00 on the
+first copy), but has NOT learned the docstring task (top-1 0.00: ``:param`` lines are rare in the standard
+library). The tests of full docstring and induction competence state the targets and are strict xfails,
+so they fail loudly (XPASS) once a better model reaches them, and must then become plain tests with
 thresholds set below the new measurements.
 """
 
@@ -71,7 +74,7 @@ def test_tokenizer_prepends_bos_and_round_trips(bundled):
 def test_learned_the_corpus_on_held_out_files(bundled):
     """Next-token loss on validation-split standard-library files (never trained on) is far below the
     uniform model's log(vocab) (8.32 nats; a random initialisation scores that too) and near the value
-    measured after training (3.80 nats, top-1 0.32)."""
+    measured after training (3.03 nats, top-1 0.43; the 900-step model scored 3.80 and 0.32)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     ids: list[int] = []
     for rel in (p for p in stdlib_files(root) if is_validation(p)):
@@ -85,12 +88,31 @@ def test_learned_the_corpus_on_held_out_files(bundled):
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
     top1 = (logits[:, :-1].argmax(-1) == tokens[:, 1:]).float().mean().item()
     assert loss < 0.55 * math.log(bundled.cfg.d_vocab), loss
-    assert loss < 4.3 and top1 > 0.25, (loss, top1)
+    assert loss < 3.4 and top1 > 0.38, (loss, top1)
 
 
 NOT_YET_COMPETENT = pytest.mark.xfail(
-    strict=True, reason="the 900-step bundled model scores 0.0 on this task (train/README.md); a longer run is needed"
+    strict=True, reason="the 4000-step bundled model scores 0.00 (docstring) and 0.22 (induction) top-1 (train/README.md)"
 )
+
+
+def test_argument_forwarding_uses_the_signature(bundled):
+    """Measured on these 50 prompts: top-1 0.24, beats the other arguments 0.48 (chance 0.25), logit
+    difference answer - distractor +5.2 clean and -2.8 once the signature's arguments are renamed."""
+    pairs = eval_tasks.task_pairs("forwarding", bundled.tokenizer, 50, TEST_SEED)
+    scores = eval_tasks.docstring_scores(bundled, bundled.tokenizer, pairs)
+    assert scores["top1_acc"] >= 0.15, scores["top1_acc"]
+    assert scores["vs_args_acc"] >= 0.38, scores["vs_args_acc"]
+    assert scores["mean_logit_diff_clean"] > 3.0 and scores["mean_logit_diff_corrupt"] < -1.5, scores
+
+
+def test_copies_repeated_sequences(bundled):
+    """Partial induction: a random 20-token sequence repeated is predicted on its second copy (measured
+    0.22) and never on its first (0.00)."""
+    tok = bundled.tokenizer
+    tokens = eval_tasks.induction_tokens(32, 20, TEST_SEED, tok.bos_token_id, len(tok))
+    acc = eval_tasks.induction_accuracy(bundled, tokens)
+    assert acc["repeat_acc"] >= 0.12 and acc["first_half_acc"] < 0.03, acc
 
 
 @NOT_YET_COMPETENT
@@ -112,10 +134,9 @@ def test_induction_competence(bundled):
     assert acc["first_half_acc"] < 0.1, acc  # control: unpredictable without a copy to read
 
 
-@NOT_YET_COMPETENT
-def test_docstring_task_file_is_right_on_clean(bundled):
-    path = BUNDLED / "docstring_task.json"
-    assert path.exists(), "no docstring_task.json: the model is right on no clean prompt yet"
+def test_forwarding_task_file_is_right_on_clean(bundled):
+    """pretrained/bundled/forwarding_task.json (the demo's task) holds only pairs the model gets right."""
+    path = BUNDLED / "forwarding_task.json"
     task = json.loads(path.read_text())
     assert len(task) >= 40
     assert all(set(pair) == {"clean", "corrupt", "answer", "distractor"} for pair in task)

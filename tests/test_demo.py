@@ -197,7 +197,7 @@ def test_no_arguments_without_the_bundled_model_is_a_clear_error(monkeypatch, tm
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert "config.json" in error and "transcoders" in error and "docstring_task.json" in error
+    assert "config.json" in error and "transcoders" in error and "forwarding_task.json" in error
     assert "python -m train.bundled_model.train_model" in error and "featcircuits train" in error
     assert not out.exists()  # nothing pretended
 

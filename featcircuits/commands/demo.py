@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "release (default: the bundled transcoders)")
     parser.add_argument("--prompt", help="text whose attribution graph is built (default: the task's first prompt)")
     parser.add_argument("--task", help="task JSON file (clean/corrupt/answer/distractor pairs) or a built-in task: "
-                        "docstring, names, induction (default: docstring on the bundled model, else names, "
+                        "docstring, forwarding, names, induction (default: the bundled model's task, else names, "
                         "else induction)")
     parser.add_argument("--out", default="featcircuits-demo", help="report directory (default: %(default)s)")
     parser.add_argument("--method", default="atp", choices=("atp", "ig", "acdc"), help="circuit discovery method")

@@ -15,6 +15,9 @@ answer `` files``. Names are drawn at random from the argument names the corpus'
 (same token count), so the clean answer is no longer an argument; its distractor is the corrupt
 prompt's own answer.
 
+*Argument forwarding*: the same signature, and a body that passes the arguments on in order; the model
+names the next one (``return self._g(load, size,`` -> `` files``); corrupted the same way.
+
 *Induction*: ``BOS, s, s`` for a random token sequence ``s``; on the second copy the model can predict
 every token after the first by copying.
 
@@ -88,9 +91,23 @@ def docstring_prompt(func: str, args: list[str], documented: list[str], words: l
     return "\n".join(lines) + "\n    :param"
 
 
-def docstring_pairs(tokenizer, n: int, seed: int, names_file: Path | None = None) -> list[dict]:
-    """``n`` clean/corrupt pairs ``{"clean", "corrupt", "answer", "distractor", "args"}``; answers lead
-    with a space. Names come from :func:`name_pool`, random combinations that the corpus does not hold."""
+def forwarding_prompt(func: str, args: list[str], callee: str) -> str:
+    """The argument-forwarding prompt: a method passes its arguments on, in order, and the model names
+    the next one: ``def f(self, a, b, c, d):\n    return self._g(a, b,`` -> `` c``."""
+    return f"def {func}(self, {', '.join(args)}):\n    return self._{callee}({', '.join(args[:N_DOCUMENTED])},"
+
+
+TASKS = ("docstring", "forwarding")
+
+
+def task_pairs(task: str, tokenizer, n: int, seed: int, names_file: Path | None = None) -> list[dict]:
+    """``n`` clean/corrupt pairs ``{"clean", "corrupt", "answer", "distractor", "args"}`` of ``task``
+    (``docstring`` or ``forwarding``); answers lead with a space. Names come from :func:`name_pool`,
+    random combinations that the corpus does not hold. The corrupt prompt renames every argument in the
+    signature (same token count), so the clean answer is no longer an argument; its distractor is the
+    corrupt prompt's own answer."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
     pool = name_pool(tokenizer, names_file)
     rng = random.Random(seed)
     pairs = []
@@ -98,14 +115,24 @@ def docstring_pairs(tokenizer, n: int, seed: int, names_file: Path | None = None
         names = rng.sample(pool, 2 * N_ARGS + 1 + 3 + 2 * N_DOCUMENTED)
         args, fresh, func = names[:N_ARGS], names[N_ARGS:2 * N_ARGS], names[2 * N_ARGS]
         words = names[2 * N_ARGS + 1:]
-        documented = args[:N_DOCUMENTED]
-        clean = docstring_prompt(func, args, documented, words)
-        corrupt = docstring_prompt(func, fresh, documented, words)
+        if task == "docstring":
+            documented = args[:N_DOCUMENTED]
+            clean = docstring_prompt(func, args, documented, words)
+            corrupt = docstring_prompt(func, fresh, documented, words)
+        else:
+            clean = forwarding_prompt(func, args, words[0])
+            corrupt = forwarding_prompt(func, fresh, words[0]).replace(
+                f"({', '.join(fresh[:N_DOCUMENTED])},", f"({', '.join(args[:N_DOCUMENTED])},")
         if len(tokenizer(clean)["input_ids"]) != len(tokenizer(corrupt)["input_ids"]):
             continue  # cannot happen with single-token names, but the task format requires equal lengths
         pairs.append({"clean": clean, "corrupt": corrupt, "answer": " " + args[N_DOCUMENTED],
                       "distractor": " " + fresh[N_DOCUMENTED], "args": [" " + a for a in args]})
     return pairs
+
+
+def docstring_pairs(tokenizer, n: int, seed: int, names_file: Path | None = None) -> list[dict]:
+    """``n`` pairs of the docstring task (see :func:`task_pairs`)."""
+    return task_pairs("docstring", tokenizer, n, seed, names_file)
 
 
 def _first_token(tokenizer, text: str) -> int:
@@ -173,10 +200,11 @@ def induction_accuracy(logits_fn: LogitsFn, tokens: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("pretrained/bundled"))
-    parser.add_argument("--n", type=int, default=300, help="docstring prompts to score")
+    parser.add_argument("--n", type=int, default=300, help="prompts to score per task")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--write-task", type=Path, default=None,
-                        help="write up to --task-size pairs the model gets right (top-1) on clean")
+                        help="write up to --task-size pairs of --task the model gets right (top-1) on clean")
+    parser.add_argument("--task", choices=TASKS, default="docstring", help="the task --write-task writes")
     parser.add_argument("--task-size", type=int, default=50)
     parser.add_argument("--write-names", action="store_true", help=f"write MODEL/{NAMES_FILE} from --corpus")
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/bundled/corpus"))
@@ -193,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model)
     tok = model.tokenizer
-    pairs = docstring_pairs(tok, args.n, args.seed)
-    scores = docstring_scores(model, tok, pairs)
+    summary: dict = {}
+    scores_of = {}
+    for task in TASKS:
+        pairs = task_pairs(task, tok, args.n, args.seed)
+        scores_of[task] = (pairs, docstring_scores(model, tok, pairs))
+        summary.update({f"{task}_{k}": round(v, 4) for k, v in scores_of[task][1].items()
+                        if not isinstance(v, torch.Tensor)})
     ind = induction_accuracy(model, induction_tokens(64, 20, args.seed, tok.bos_token_id, len(tok)))
-    summary = {k: round(v, 4) for k, v in scores.items() if not isinstance(v, torch.Tensor)}
-    print(json.dumps({"docstring_n": len(pairs), **summary, **{k: round(v, 4) for k, v in ind.items()}}))
+    print(json.dumps({"n_prompts": args.n, **summary, **{k: round(v, 4) for k, v in ind.items()}}))
     if args.write_task:
+        pairs, scores = scores_of[args.task]
         keep = scores["top1"] & (scores["logit_diff_clean"] > 0) & (scores["logit_diff_corrupt"] < 0)
         task = [{k: p[k] for k in ("clean", "corrupt", "answer", "distractor")}
                 for p, ok in zip(pairs, keep.tolist(), strict=True) if ok][:args.task_size]
