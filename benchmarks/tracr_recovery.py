@@ -4,9 +4,11 @@
 
 Compiles the program (tracr lib, customary arguments), checks the HookedTransformer against tracr's RASP
 interpreter, finds component circuits (edges, zero ablation) with ACDC and AtP and scores them by ROC AUC
-against the compiled graph, trains SAEs on every residual site, and scores the feature circuit (ACDC over
-feature and error nodes summed over positions) against the program's dataflow. Last line:
-``roc_auc_components=<ACDC edges> roc_auc_features=<ACDC features>``.
+against the compiled graph, trains SAEs on every residual site with the library's Trainer (random inputs of
+every length; best of ``--seeds`` runs per site by held-out FVU), and scores the feature circuit (ACDC, AtP
+and AtP-IG over feature and error nodes summed over positions) against the program's dataflow, per program
+variable and per label (see featcircuits/circuits/tracr_truth.py). Last line:
+``roc_auc_components=<ACDC edges> roc_auc_features=<ACDC, variable units>``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import random
 import time
 
 import torch
+
+
+def _roc(scores, truth) -> float:
+    """ROC AUC, or NaN where every unit is true (or none is): e.g. a 1-layer program uses its only head and MLP."""
+    from featcircuits.circuits import roc_auc
+
+    truth = torch.as_tensor(truth)
+    return roc_auc(scores, truth) if 0 < int(truth.sum()) < len(truth) else float("nan")
 
 
 def main() -> None:
@@ -36,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tracr.rasp import rasp
 
-    from featcircuits.circuits import find_circuit, make_graph, roc_auc
+    from featcircuits.circuits import find_circuit, make_graph
     from featcircuits.circuits.tracr import compile_tracr, tracr_program
     from featcircuits.circuits.tracr_saes import train_residual_saes
     from featcircuits.circuits.tracr_truth import (
@@ -73,7 +83,7 @@ def main() -> None:
         for method in ("acdc", "atp"):
             circuit = find_circuit(tm.model, task, method, level=level, tau=args.tau, graph=graph)
             scores = circuit.node_scores if level == "nodes" else circuit.edge_scores
-            results[(level, method)] = roc_auc([abs(s) for s in scores], truth)
+            results[(level, method)] = _roc([abs(s) for s in scores], truth)
             print(f"components {level:5s} {method:4s}: ROC AUC {results[(level, method)]:.3f}  "
                   f"({len(circuit.selected)}/{len(truth)} selected, {int(truth.sum())} true)")
     start = time.time()
@@ -86,12 +96,12 @@ def main() -> None:
           f"min {recovery['min_cosine']:.3f}, {recovery['recovered_0.9']:.0%} at >= 0.9")
     replacement = ReplacementModel(tm.model, saes)
     graph = make_graph(replacement, task, ablation=args.ablation, positions="sum")
-    for method in ("acdc", "atp"):
+    for method in ("acdc", "atp", "ig"):
         circuit = find_circuit(replacement, task, method, tau=args.tau, graph=graph)
         node_scores = torch.tensor(circuit.node_scores)
         for grain, units in (("variables", variable_truth_units), ("labels", feature_truth_units)):
             names, scores, truth = units(tm, graph, node_scores)
-            results[(grain, method)] = roc_auc(scores, truth)
+            results[(grain, method)] = _roc(scores, truth)
             print(f"features {method:4s} {grain:9s}: ROC AUC {results[(grain, method)]:.3f} over {len(names)} units "
                   f"({int(truth.sum())} true; {len(graph.node_ids)} feature/error nodes, {len(circuit.nodes)} kept)")
             if args.verbose:
