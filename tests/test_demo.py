@@ -202,6 +202,27 @@ def test_no_arguments_without_the_bundled_model_is_a_clear_error(monkeypatch, tm
     assert not out.exists()  # nothing pretended
 
 
+def test_no_arguments_runs_on_the_bundled_model_and_its_transcoders(tmp_path, capsys):
+    """The README's main command: offline, the bundled model, its shipped transcoders and its forwarding
+    task. The full-model end of the metric is the bundled model's own logit difference on those pairs."""
+    from featcircuits import load_model
+    from featcircuits.demo import BUNDLED_DIR
+
+    out = tmp_path / "report"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "with 4 dictionaries (transcoder, d_sae 1024)" in printed and "task 'forwarding'" in printed
+    assert (out / "report.html").is_file()
+    saved = json.loads((out / "circuit.json").read_text())
+    model = load_model(BUNDLED_DIR)
+    first_token = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    pairs = [{**p, "answer": first_token(p["answer"]), "distractor": first_token(p["distractor"])}
+             for p in json.loads((BUNDLED_DIR / "forwarding_task.json").read_text())[:4]]
+    expected = float(torch.cat([_logit_diffs(model, [pair], "clean") for pair in pairs]).mean())  # lengths differ
+    assert saved["evaluation"]["m_full"] == pytest.approx(expected, abs=1e-3)
+    assert expected > 2.0  # the model is right on these pairs, by a margin
+
+
 def test_dictionaries_for_another_model(stories_path, tmp_path, capsys):
     cfg = DictionaryConfig(d_in=32, d_sae=16, d_out=32, kind="transcoder", hook_in=mlp_in(0), hook_out=mlp_out(0),
                            layer=0, model_name="tiny-llama")
