@@ -131,14 +131,15 @@ def _bundled_inputs() -> tuple[Path, Path | str, Path]:
         raise BundledMissingError(
             "featcircuits demo without --model/--dictionaries runs on the bundled model, but this checkout lacks "
             + "; ".join(missing) + ". Produce them with the recipes in train/ (see train/README.md):\n"
-            "  python -m train.bundled_model.build_corpus --out /tmp/bundled/corpus\n"
-            "  python -m train.bundled_model.train_tokenizer --corpus /tmp/bundled/corpus --out pretrained/bundled\n"
-            "  python -m train.bundled_model.eval_tasks --write-names --corpus /tmp/bundled/corpus --model pretrained/bundled\n"
-            "  python -m train.bundled_model.train_model --out pretrained/bundled --work /tmp/bundled/run\n"
+            "  python -m train.bundled_model.build_corpus --out runs/bundled_corpus\n"
+            "  python -m train.bundled_model.train_tokenizer --corpus runs/bundled_corpus --out pretrained/bundled\n"
+            "  python -m train.bundled_model.eval_tasks --write-names --corpus runs/bundled_corpus --model pretrained/bundled\n"
+            "  python -m train.bundled_model.train_model --out pretrained/bundled --corpus runs/bundled_corpus "
+            "--work runs/bundled_run --steps 4000 --warmup 150\n"
             "  python -m train.bundled_model.eval_tasks --model pretrained/bundled --task forwarding --write-task "
             "pretrained/bundled/forwarding_task.json\n"
-            "  featcircuits train --model pretrained/bundled --kind transcoder --hook blocks.L.ln2.hook_normalized "
-            "--hook-out blocks.L.hook_mlp_out ... --out pretrained/bundled/transcoders\n"
+            "  featcircuits train train/bundled_transcoders.yaml, then copy runs/bundled_transcoders/{blocks.*,metrics.json} "
+            "into pretrained/bundled/transcoders\n"
             "or run on any model: featcircuits demo --model MODEL_DIR --dictionaries DICT_DIR [--prompt TEXT]."
         )
     return BUNDLED_DIR, dictionaries, BUNDLED_DIR / _BUNDLED_TASKS[default_task]  # type: ignore[return-value]

@@ -7,7 +7,7 @@ of the relative path, so the split does not depend on which other files exist.
 
 Usage::
 
-    python -m train.bundled_model.build_corpus --out /tmp/bundled/corpus
+    python -m train.bundled_model.build_corpus --out runs/bundled_corpus
 
 writes ``train.txt``, ``valid.txt`` and ``manifest.json`` (Python version, file lists, sizes, sha256).
 """
@@ -80,7 +80,7 @@ def build_corpus(out_dir: Path, root: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bundled/corpus"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bundled_corpus"))
     parser.add_argument("--stdlib", type=Path, default=None, help="standard library root (default: sysconfig)")
     args = parser.parse_args(argv)
     m = build_corpus(args.out, args.stdlib)

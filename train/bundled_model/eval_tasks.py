@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=TASKS, default="docstring", help="the task --write-task writes")
     parser.add_argument("--task-size", type=int, default=50)
     parser.add_argument("--write-names", action="store_true", help=f"write MODEL/{NAMES_FILE} from --corpus")
-    parser.add_argument("--corpus", type=Path, default=Path("/tmp/bundled/corpus"))
+    parser.add_argument("--corpus", type=Path, default=Path("runs/bundled_corpus"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.write_names:

@@ -7,7 +7,7 @@ state) are written atomically every ``--ckpt-every`` steps so an interrupted or 
 
 Usage (CPU, one thread, in the background)::
 
-    nohup python -m train.bundled_model.train_model --out pretrained/bundled > /tmp/bundled/train.log 2>&1 &
+    nohup python -m train.bundled_model.train_model --out pretrained/bundled --steps 4000 --warmup 150 > runs/bundled_train.log 2>&1 &
 
 ``--out`` must already hold the tokenizer (see train_tokenizer.py); the model is saved beside it.
 """
@@ -34,7 +34,7 @@ class TrainConfig:
     d_mlp: int = 384
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 3000
+    steps: int = 4000
     lr: float = 3e-3
     min_lr_frac: float = 0.05
     decay_frac: float = 0.25
@@ -227,8 +227,8 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("pretrained/bundled"))
-    parser.add_argument("--corpus", type=Path, default=Path("/tmp/bundled/corpus"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bundled/run"), help="token cache, checkpoints")
+    parser.add_argument("--corpus", type=Path, default=Path("runs/bundled_corpus"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bundled_run"), help="token cache, checkpoints")
     for name, field in TrainConfig.__dataclass_fields__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
