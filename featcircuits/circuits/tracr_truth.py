@@ -9,8 +9,9 @@ program's dataflow at two grains.
 * Variables (:func:`variable_truth_units`): the unit is (site, program variable), the SOp a label belongs
   to (``tokens:BOS`` is a value of ``tokens``; the compiler's constant ``one`` is not a variable). Variable
   ``v`` at ``resid_pre{L}`` is in the true circuit when a head or MLP of layer ``L`` or later reads a label
-  of ``v`` (or ``v`` is the output); at the final ``resid_post`` only the output. This is RASP's own
-  dataflow graph (an SOp reads another SOp), and it is identifiable: see the note below.
+  of ``v`` (or ``v`` is the output); at the final ``resid_post`` only the output. Variables whose labels
+  coincide at a site are one unit. This is RASP's own dataflow graph (an SOp reads another SOp), and it
+  is identifiable: see the note below.
 * Labels (:func:`feature_truth_units`): the unit is (site, label group), the same rule per label. Finer
   than the program: tracr's lookup-table MLP for ``tokens == "x"`` has weights only on ``tokens:x``.
 
@@ -18,8 +19,9 @@ Why labels are not identifiable from activations: every position holds exactly o
 categorical variable, so for any vector ``s`` the directions ``e_value + s`` of one variable and ``e - s``
 of another (or ``b_dec - s``) reconstruct every residual vector exactly, with the same codes. An L1
 penalty picks the shift that centres each variable (feature ``e_value - mean``), the usual outcome of SAE
-training: each feature then stays inside its variable's subspace (variable units are exact), but ablating
-``tokens:w`` moves ``tokens:x`` towards the mean, so a label unit the program never reads has an effect.
+training: each feature then stays inside its variable's subspace (so the shift leaves variable units
+alone; feature absorption of correlated variables does not), but ablating ``tokens:w`` moves ``tokens:x``
+towards the mean, so a label unit the program never reads has an effect.
 
 MLP units: bare MLPs are error nodes, scored against whether the MLP has weights.
 """
@@ -171,7 +173,9 @@ def feature_truth_units(tm: TracrModel, graph: Any, node_scores: torch.Tensor,
     for site in graph.rm.sites:
         if site.dictionary is None:
             name, score, true = _error_unit(tm, graph, site, node_scores)
-            names.append(name), scores.append(score), truth.append(true)
+            names.append(name)
+            scores.append(score)
+            truth.append(true)
             continue
         site_groups = [g for g in groups[site.hook_in] if g != [bos]]
         members = _group_cosines(tm, site.dictionary, site_groups) >= min_cosine  # [d_sae, groups]
@@ -225,7 +229,9 @@ def variable_truth_units(tm: TracrModel, graph: Any,
     for site in graph.rm.sites:
         if site.dictionary is None:
             name, score, true = _error_unit(tm, graph, site, node_scores)
-            names.append(name), scores.append(score), truth.append(true)
+            names.append(name)
+            scores.append(score)
+            truth.append(true)
             continue
         site_groups = [g for g in groups[site.hook_in] if not all(labels[i] in _NOT_UNITS for i in g)]
         group_variables = torch.stack([membership[g].amax(0) for g in site_groups])  # [groups, variables]
