@@ -151,3 +151,25 @@ def test_forwarding_task_file_is_right_on_clean(bundled):
     assert torch.equal(clean.argmax(-1), answer)
     assert (clean[rows, answer] > clean[rows, distractor]).all()
     assert (corrupt[rows, answer] < corrupt[rows, distractor]).all()
+
+
+def test_derived_docstrings_document_every_argument_in_order():
+    from train.bundled_model.build_corpus import FILE_SEPARATOR
+    from train.bundled_model.docstrings import derived_docstrings
+
+    source = (
+        "class C:\n"
+        "    def send(self, method, url, body=None):\n"
+        '        """Send a request.\n\n        More text."""\n'
+        "    def one(self, only):\n        pass\n"
+        "def free(alpha, beta):\n    return alpha\n"
+    )
+    snippets = derived_docstrings(source + FILE_SEPARATOR + "def broken(:\n", seed=0)
+    assert len(snippets) == 2  # `one` has a single argument besides self; the invalid file is skipped
+    by_name = {snippet.split("(")[0][4:]: snippet for snippet in snippets}
+    lines = by_name["send"].splitlines()
+    assert lines[:3] == ["def send(self, method, url, body):", '    """Send a request.', ""]
+    assert [line.split(":")[1].split()[-1] for line in lines[3:6]] == ["method", "url", "body"]
+    assert all(len(line.split(": ", 1)[1].split()) == 2 for line in lines[3:6]) and lines[6] == '    """'
+    assert by_name["free"].startswith("def free(alpha, beta):\n")
+    assert derived_docstrings(source, seed=0) == derived_docstrings(source, seed=0)  # deterministic

@@ -46,6 +46,10 @@ class TrainConfig:
     eval_every: int = 250
     ckpt_every: int = 250
     eval_batches: int = 20
+    # From this step on (-1: never), this fraction of each batch's windows comes from the derived
+    # ``:param`` docstrings (train/bundled_model/docstrings.py) instead of the plain training split.
+    docstrings_from: int = -1
+    docstrings_fraction: float = 0.25
 
 
 def llama_config(vocab_size: int, bos_id: int, cfg: TrainConfig):
@@ -85,12 +89,26 @@ def tokenize_split(tokenizer, text_file: Path, cache: Path) -> torch.Tensor:
     return tokens
 
 
-def sample_batch(tokens: torch.Tensor, bos: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """``[batch, seq_len]`` windows at random offsets, each with BOS in front of ``seq_len - 1`` tokens."""
-    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=gen)
+def sample_batch(tokens: torch.Tensor, bos: int, cfg: TrainConfig, gen: torch.Generator,
+                 n: int | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` (default ``batch_size``) windows at random offsets, each with BOS in front of
+    ``seq_len - 1`` tokens."""
+    n = cfg.batch_size if n is None else n
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (n,), generator=gen)
     offsets = torch.arange(cfg.seq_len - 1)
     body = tokens[starts[:, None] + offsets].long()
-    return torch.cat([torch.full((cfg.batch_size, 1), bos), body], dim=1)
+    return torch.cat([torch.full((n, 1), bos), body], dim=1)
+
+
+def training_batch(train_tokens: torch.Tensor, doc_tokens: torch.Tensor | None, bos: int, cfg: TrainConfig,
+                   gen: torch.Generator, step: int) -> torch.Tensor:
+    """The batch of ``step``: plain training windows, with ``docstrings_fraction`` of them drawn from the
+    derived docstrings once ``step >= docstrings_from``."""
+    if doc_tokens is None or cfg.docstrings_from < 0 or step < cfg.docstrings_from:
+        return sample_batch(train_tokens, bos, cfg, gen)
+    n_doc = round(cfg.docstrings_fraction * cfg.batch_size)
+    return torch.cat([sample_batch(doc_tokens, bos, cfg, gen, n_doc),
+                      sample_batch(train_tokens, bos, cfg, gen, cfg.batch_size - n_doc)])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -161,7 +179,15 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
     bos = tokenizer.convert_tokens_to_ids(FILE_SEPARATOR)
     train_tokens = tokenize_split(tokenizer, corpus / "train.txt", work / "train_tokens.pt")
     valid_tokens = tokenize_split(tokenizer, corpus / "valid.txt", work / "valid_tokens.pt")
-    print(f"tokens: train {len(train_tokens):,} valid {len(valid_tokens):,}", flush=True)
+    doc_tokens = None
+    if cfg.docstrings_from >= 0:
+        doc_file = corpus / "train_docstrings.txt"
+        if not doc_file.exists():
+            raise FileNotFoundError(f"--docstrings-from needs {doc_file}; write it with "
+                                    f"`python -m train.bundled_model.docstrings --corpus {corpus}`.")
+        doc_tokens = tokenize_split(tokenizer, doc_file, work / "train_docstrings_tokens.pt")
+    print(f"tokens: train {len(train_tokens):,} valid {len(valid_tokens):,}"
+          + (f" derived docstrings {len(doc_tokens):,}" if doc_tokens is not None else ""), flush=True)
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(llama_config(len(tokenizer), bos, cfg))
@@ -189,7 +215,7 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = sample_batch(train_tokens, bos, cfg, gen)
+        batch = training_batch(train_tokens, doc_tokens, bos, cfg, gen, step)
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
