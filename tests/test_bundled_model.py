@@ -2,13 +2,12 @@
 its corpus (held-out standard-library files), and its task skills on held-out prompts from
 train/bundled_model/eval_tasks.py.
 
-The shipped model (4000 steps, 16.4M tokens; train/README.md) names the next forwarded argument from the
-signature (argument forwarding: logit difference +5.2 clean, -2.8 with the signature renamed, on this
-file's prompts) and copies repeated text partly (random-token induction top-1 0.22 against 0.00 on the
-first copy), but has NOT learned the docstring task (top-1 0.00: ``:param`` lines are rare in the standard
-library). The tests of full docstring and induction competence state the targets and are strict xfails,
-so they fail loudly (XPASS) once a better model reaches them, and must then become plain tests with
-thresholds set below the new measurements.
+The shipped model (4000 steps, 16.4M tokens, derived ``:param`` docstrings mixed into the last 1000;
+train/README.md) does the docstring task (top-1 0.60 on this file's prompts, logit difference +8.2 clean
+and -5.8 with the signature renamed) and argument forwarding (top-1 0.76), and copies repeated text partly
+(random-token induction top-1 0.21 against 0.00 on the first copy). The test of full induction states the
+target and is a strict xfail, so it fails loudly (XPASS) once a better model reaches it, and must then
+become a plain test with thresholds set below the new measurements.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def test_tokenizer_prepends_bos_and_round_trips(bundled):
 def test_learned_the_corpus_on_held_out_files(bundled):
     """Next-token loss on validation-split standard-library files (never trained on) is far below the
     uniform model's log(vocab) (8.32 nats; a random initialisation scores that too) and near the value
-    measured after training (3.03 nats, top-1 0.43; the 900-step model scored 3.80 and 0.32)."""
+    measured after training (3.11 nats, top-1 0.42; the 900-step model scored 3.80 and 0.32)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     ids: list[int] = []
     for rel in (p for p in stdlib_files(root) if is_validation(p)):
@@ -92,31 +91,32 @@ def test_learned_the_corpus_on_held_out_files(bundled):
 
 
 NOT_YET_COMPETENT = pytest.mark.xfail(
-    strict=True, reason="the 4000-step bundled model scores 0.00 (docstring) and 0.22 (induction) top-1 (train/README.md)"
+    strict=True, reason="the bundled model's random-token induction top-1 is 0.21 (train/README.md)"
 )
 
 
 def test_argument_forwarding_uses_the_signature(bundled):
-    """Measured on these 50 prompts: top-1 0.24, beats the other arguments 0.48 (chance 0.25), logit
-    difference answer - distractor +5.2 clean and -2.8 once the signature's arguments are renamed."""
+    """Measured on these 50 prompts: top-1 0.76, beats the other arguments 0.88 (chance 0.25), logit
+    difference answer - distractor +7.6 clean and -2.6 once the signature's arguments are renamed."""
     pairs = eval_tasks.task_pairs("forwarding", bundled.tokenizer, 50, TEST_SEED)
     scores = eval_tasks.docstring_scores(bundled, bundled.tokenizer, pairs)
-    assert scores["top1_acc"] >= 0.15, scores["top1_acc"]
-    assert scores["vs_args_acc"] >= 0.38, scores["vs_args_acc"]
-    assert scores["mean_logit_diff_clean"] > 3.0 and scores["mean_logit_diff_corrupt"] < -1.5, scores
+    assert scores["top1_acc"] >= 0.5, scores["top1_acc"]
+    assert scores["vs_args_acc"] >= 0.7, scores["vs_args_acc"]
+    assert scores["mean_logit_diff_clean"] > 4.0 and scores["mean_logit_diff_corrupt"] < -1.5, scores
 
 
 def test_copies_repeated_sequences(bundled):
     """Partial induction: a random 20-token sequence repeated is predicted on its second copy (measured
-    0.22) and never on its first (0.00)."""
+    0.21) and never on its first (0.00)."""
     tok = bundled.tokenizer
     tokens = eval_tasks.induction_tokens(32, 20, TEST_SEED, tok.bos_token_id, len(tok))
     acc = eval_tasks.induction_accuracy(bundled, tokens)
     assert acc["repeat_acc"] >= 0.12 and acc["first_half_acc"] < 0.03, acc
 
 
-@NOT_YET_COMPETENT
 def test_docstring_task_competence(bundled):
+    """Measured on these 50 prompts: top-1 0.60, beats the other arguments 0.62, logit difference +8.2
+    clean and -5.8 corrupt."""
     pairs = eval_tasks.docstring_pairs(bundled.tokenizer, 50, TEST_SEED)
     scores = eval_tasks.docstring_scores(bundled, bundled.tokenizer, pairs)
     assert scores["top1_acc"] >= 0.35, scores["top1_acc"]
@@ -134,9 +134,11 @@ def test_induction_competence(bundled):
     assert acc["first_half_acc"] < 0.1, acc  # control: unpredictable without a copy to read
 
 
-def test_forwarding_task_file_is_right_on_clean(bundled):
-    """pretrained/bundled/forwarding_task.json (the demo's task) holds only pairs the model gets right."""
-    path = BUNDLED / "forwarding_task.json"
+@pytest.mark.parametrize("name", ["docstring", "forwarding"])
+def test_task_files_are_right_on_clean(bundled, name):
+    """pretrained/bundled/{docstring,forwarding}_task.json (the demo's tasks) hold only pairs the model
+    gets right."""
+    path = BUNDLED / f"{name}_task.json"
     task = json.loads(path.read_text())
     assert len(task) >= 40
     assert all(set(pair) == {"clean", "corrupt", "answer", "distractor"} for pair in task)

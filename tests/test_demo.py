@@ -203,7 +203,7 @@ def test_no_arguments_without_the_bundled_model_is_a_clear_error(monkeypatch, tm
 
 
 def test_no_arguments_runs_on_the_bundled_model_and_its_transcoders(tmp_path, capsys):
-    """The README's main command: offline, the bundled model, its shipped transcoders and its forwarding
+    """The README's main command: offline, the bundled model, its shipped transcoders and its docstring
     task. The full-model end of the metric is the bundled model's own logit difference on those pairs."""
     from featcircuits import load_model
     from featcircuits.demo import BUNDLED_DIR
@@ -211,13 +211,13 @@ def test_no_arguments_runs_on_the_bundled_model_and_its_transcoders(tmp_path, ca
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "with 4 dictionaries (transcoder, d_sae 1024)" in printed and "task 'forwarding'" in printed
+    assert "with 4 dictionaries (transcoder, d_sae 1024)" in printed and "task 'docstring'" in printed
     assert (out / "report.html").is_file()
     saved = json.loads((out / "circuit.json").read_text())
     model = load_model(BUNDLED_DIR)
     first_token = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
     pairs = [{**p, "answer": first_token(p["answer"]), "distractor": first_token(p["distractor"])}
-             for p in json.loads((BUNDLED_DIR / "forwarding_task.json").read_text())[:4]]
+             for p in json.loads((BUNDLED_DIR / "docstring_task.json").read_text())[:4]]
     expected = float(torch.cat([_logit_diffs(model, [pair], "clean") for pair in pairs]).mean())  # lengths differ
     assert saved["evaluation"]["m_full"] == pytest.approx(expected, abs=1e-3)
     assert expected > 2.0  # the model is right on these pairs, by a margin
