@@ -65,7 +65,7 @@ class HeadlessChromium:
         self._events: list[dict[str, Any]] = []
         self._next_id = 0
         self._process: subprocess.Popen | None = None
-        self._profile: tempfile.TemporaryDirectory | None = None
+        self._profile: Path | None = None
         self._socket = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -75,8 +75,7 @@ class HeadlessChromium:
             import websocket  # websocket-client
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise BrowserError("Driving Chromium needs `pip install websocket-client`.") from error
-        self._profile = tempfile.TemporaryDirectory(prefix="featcircuits-chromium-")
-        profile = Path(self._profile.name)
+        self._profile = profile = Path(tempfile.mkdtemp(prefix="featcircuits-chromium-"))
         self._process = subprocess.Popen(
             [self.binary, *_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
              f"--window-size={self.width},{self.height}", "about:blank"],
@@ -106,7 +105,17 @@ class HeadlessChromium:
                 self._process.wait()
             self._process = None
         if self._profile is not None:
-            self._profile.cleanup()
+            # Chromium's helper processes can still be writing the profile for a moment after the main
+            # process exits: retry briefly, then leave whatever remains in the temp dir rather than fail.
+            for _ in range(20):
+                try:
+                    shutil.rmtree(self._profile)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            shutil.rmtree(self._profile, ignore_errors=True)
             self._profile = None
 
     def _wait_for_port(self, port_file: Path) -> int:
