@@ -47,12 +47,8 @@ def _torchrun(config_path, n_procs: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_gloo_ranks_match_one_process(stories_cache, tmp_path):
-    fields = dict(
-        hooks=[HOOK_IN], hooks_out=[HOOK_OUT], dataset=str(stories_cache), architecture="topk", k=8, d_sae=96,
-        total_tokens=512 * 12, batch_size=512, lr=1e-3, buffer_bytes=2048 * 128 * 4, device="cpu",
-        progress=False, log_every=4, lr_decay_fraction=0.0,
-    )
+def _two_ranks_and_one_process(fields: dict, tmp_path) -> dict[str, float]:
+    """Train ``fields`` with 2 gloo ranks and in this process; max |difference| of each parameter."""
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps({**fields, "out": str(tmp_path / "two")}))
     completed = _torchrun(config_path, 2)
@@ -65,13 +61,21 @@ def test_two_gloo_ranks_match_one_process(stories_cache, tmp_path):
         torch.set_num_threads(previous)
     one = load_dictionary(tmp_path / "one" / HOOK_IN)
     two = load_dictionary(tmp_path / "two" / HOOK_IN)
-    for param in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        difference = (getattr(one, param) - getattr(two, param)).abs().max().item()
+    return {param: (getattr(one, param) - getattr(two, param)).abs().max().item()
+            for param in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+def test_two_gloo_ranks_match_one_process(stories_cache, tmp_path):
+    fields = dict(
+        hooks=[HOOK_IN], hooks_out=[HOOK_OUT], dataset=str(stories_cache), architecture="topk", k=8, d_sae=96,
+        total_tokens=512 * 12, batch_size=512, lr=1e-3, buffer_bytes=2048 * 128 * 4, device="cpu",
+        progress=False, log_every=4, lr_decay_fraction=0.0,
+    )
+    for param, difference in _two_ranks_and_one_process(fields, tmp_path).items():
         # Averaging two half-batch gradients reorders float sums; nothing else may differ.
         assert difference < 1e-4, (param, difference)
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 12
-
 
 
 def test_two_gloo_ranks_from_text_match_one_process(stories_path, tmp_path):
@@ -84,20 +88,7 @@ def test_two_gloo_ranks_from_text_match_one_process(stories_path, tmp_path):
         model_batch_size=5, buffer_bytes=2048 * 128 * 4, device="cpu", progress=False, log_every=8,
         lr_decay_fraction=0.0, eval_sequences=2,
     )
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps({**fields, "out": str(tmp_path / "two")}))
-    completed = _torchrun(config_path, 2)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(TrainConfig(**fields, out=str(tmp_path / "one")))
-    finally:
-        torch.set_num_threads(previous)
-    one = load_dictionary(tmp_path / "one" / HOOK_IN)
-    two = load_dictionary(tmp_path / "two" / HOOK_IN)
-    for param in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        difference = (getattr(one, param) - getattr(two, param)).abs().max().item()
+    for param, difference in _two_ranks_and_one_process(fields, tmp_path).items():
         # Same rows, same steps: only float rounding differs (model forwards over 3 or 2 sequences instead of 5,
         # half-batch gradients averaged instead of one sum), ~1e-7 per step, 16 Adam steps of lr 1e-3 stay far
         # below 1e-4; a different row anywhere in a batch moves weights by ~lr = 1e-3.

@@ -91,16 +91,13 @@ class LinearBackward:
                 "ln2": self._norm(block.ln2, f"blocks.{layer}.ln2.hook_scale"),
             })
         self.ln_final = self._norm(getattr(rm.model, "ln_final", None), "ln_final.hook_scale")
-        # per hook, the forward order of site reads (hook_in) and writes (hook_out) applied there
+        # per hook, the forward order of site reads (hook_in) and writes (hook_out) applied there: the
+        # replacement model registers each site's read, then its write, site by site (so an SAE reads its
+        # hook before replacing it)
         self.events: dict[str, list[tuple[str, int]]] = {}
         for index, site in enumerate(rm.sites):
             self.events.setdefault(site.hook_in, []).append(("read", index))
             self.events.setdefault(site.hook_out, []).append(("write", index))
-        for index, site in enumerate(rm.sites):  # an SAE reads its hook before replacing it
-            if site.hook_in == site.hook_out:
-                events = self.events[site.hook_in]
-                events.remove(("read", index))
-                events.insert(events.index(("write", index)), ("read", index))
         self.skip_T = {
             index: site.dictionary.W_skip.detach().T for index, site in enumerate(rm.sites)
             if site.dictionary is not None and site.dictionary.W_skip is not None

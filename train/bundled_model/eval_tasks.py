@@ -91,10 +91,10 @@ def docstring_prompt(func: str, args: list[str], documented: list[str], words: l
     return "\n".join(lines) + "\n    :param"
 
 
-def forwarding_prompt(func: str, args: list[str], callee: str) -> str:
-    """The argument-forwarding prompt: a method passes its arguments on, in order, and the model names
-    the next one: ``def f(self, a, b, c, d):\n    return self._g(a, b,`` -> `` c``."""
-    return f"def {func}(self, {', '.join(args)}):\n    return self._{callee}({', '.join(args[:N_DOCUMENTED])},"
+def forwarding_prompt(func: str, args: list[str], passed: list[str], callee: str) -> str:
+    """The argument-forwarding prompt: a method passes ``passed`` on, and the model names the next
+    argument: ``def f(self, a, b, c, d):\n    return self._g(a, b,`` -> `` c``."""
+    return f"def {func}(self, {', '.join(args)}):\n    return self._{callee}({', '.join(passed)},"
 
 
 TASKS = ("docstring", "forwarding")
@@ -120,9 +120,8 @@ def task_pairs(task: str, tokenizer, n: int, seed: int, names_file: Path | None 
             clean = docstring_prompt(func, args, documented, words)
             corrupt = docstring_prompt(func, fresh, documented, words)
         else:
-            clean = forwarding_prompt(func, args, words[0])
-            corrupt = forwarding_prompt(func, fresh, words[0]).replace(
-                f"({', '.join(fresh[:N_DOCUMENTED])},", f"({', '.join(args[:N_DOCUMENTED])},")
+            clean = forwarding_prompt(func, args, args[:N_DOCUMENTED], words[0])
+            corrupt = forwarding_prompt(func, fresh, args[:N_DOCUMENTED], words[0])
         if len(tokenizer(clean)["input_ids"]) != len(tokenizer(corrupt)["input_ids"]):
             continue  # cannot happen with single-token names, but the task format requires equal lengths
         pairs.append({"clean": clean, "corrupt": corrupt, "answer": " " + args[N_DOCUMENTED],
