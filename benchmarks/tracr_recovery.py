@@ -3,8 +3,9 @@
     python benchmarks/tracr_recovery.py --program frac_prevs
 
 Compiles the program (tracr lib, customary arguments), checks the HookedTransformer against tracr's RASP
-interpreter, finds component circuits (edges, zero ablation) with ACDC and AtP and scores them by ROC AUC
-against the compiled graph, trains SAEs on every residual site with the library's Trainer (random inputs of
+interpreter, finds component circuits (edges, zero ablation) with ACDC and AtP (plain, and with exact
+receivers / the secant downstream: featcircuits/circuits/receivers.py) and scores them by ROC AUC against the
+compiled graph, trains SAEs on every residual site with the library's Trainer (random inputs of
 every length; best of ``--seeds`` runs per site by held-out FVU), and scores the feature circuit (ACDC, AtP
 and AtP-IG over feature and error nodes summed over positions) against the program's dataflow, per program
 variable and per label (see featcircuits/circuits/tracr_truth.py). Last line:
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training runs; per site the lowest held-out FVU is kept")
     parser.add_argument("--verbose", action="store_true", help="print every feature unit with its score")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
+    parser.add_argument("--components-only", action="store_true", help="skip the SAEs and the feature circuits")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tracr.rasp import rasp
@@ -80,12 +82,25 @@ def main() -> None:
     for level in ("nodes", "edges"):
         graph = make_graph(tm.model, task, ablation="zero")
         truth = tm.component_truth(graph.node_ids) if level == "nodes" else tm.edge_truth(graph.edge_ids)
-        for method in ("acdc", "atp"):
-            circuit = find_circuit(tm.model, task, method, level=level, tau=args.tau, graph=graph)
+        # edge AtP three ways: plain (linear receivers), exact receivers, exact receivers + secant downstream
+        variants = [("acdc", "linear"), ("atp", "linear")]
+        variants += [("atp", "exact"), ("atp", "secant")] if level == "edges" else []
+        for method, receivers in variants:
+            circuit = find_circuit(tm.model, task, method, level=level, tau=args.tau, graph=graph, receivers=receivers)
             scores = circuit.node_scores if level == "nodes" else circuit.edge_scores
-            results[(level, method)] = _roc([abs(s) for s in scores], truth)
-            print(f"components {level:5s} {method:4s}: ROC AUC {results[(level, method)]:.3f}  "
+            name = method if receivers == "linear" else f"{method}-{receivers}"
+            results[(level, name)] = _roc([abs(s) for s in scores], truth)
+            print(f"components {level:5s} {name:10s}: ROC AUC {results[(level, name)]:.3f}  "
                   f"({len(circuit.selected)}/{len(truth)} selected, {int(truth.sum())} true)")
+        if level == "edges":  # reference: every single-edge ablation measured (one batched forward of them all)
+            n_edges = len(graph.edge_ids)
+            effects = (graph.edge_metric(1.0 - torch.eye(n_edges)) - graph.full_metric).abs()
+            results[(level, "patching")] = _roc(effects, truth)
+            print(f"components {level:5s} {'patching':10s}: ROC AUC {results[(level, 'patching')]:.3f}  "
+                  f"(each edge's own ablation effect, {n_edges} patterns)")
+    if args.components_only:
+        print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features=nan")
+        return
     start = time.time()
     saes, info = train_residual_saes(tm, architecture=args.architecture, l1_coefficient=args.l1, k=args.k,
                                      steps=args.sae_steps, seeds=tuple(range(args.seeds)))

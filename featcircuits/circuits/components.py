@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
+from .receivers import check_receivers, exact_edge_scores
 from .tasks import ContrastiveTask, get_metric
 
 __all__ = ["ComponentGraph"]
@@ -144,6 +145,8 @@ class ComponentGraph:
         if self._sender_values is None:
             names = ["blocks.0.hook_resid_pre"]
             resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)]
+            mlp_in_names = [f"blocks.{layer}.hook_mlp_in" for layer in range(self.n_layers)] if self.has_mlp else []
+            final_name = f"blocks.{self.n_layers - 1}.hook_resid_post"
             for layer in range(self.n_layers):
                 names.append(f"blocks.{layer}.attn.hook_result")
                 if self.has_mlp:
@@ -157,9 +160,12 @@ class ComponentGraph:
                 return torch.cat(parts, dim=1)
 
             with torch.no_grad(), _edge_hooks_enabled(self.model):
-                _, cache = self.model.run_with_cache(self.task.clean_tokens, names_filter=names + resid_names)
+                _, cache = self.model.run_with_cache(self.task.clean_tokens,
+                                                     names_filter=names + resid_names + mlp_in_names + [final_name])
                 clean = stack(cache)
                 self._clean_resid = [cache[name] for name in resid_names]  # [n, pos, d_model] each
+                self._clean_mlp_in = [cache[name] for name in mlp_in_names]  # receivers' inputs (exact receivers)
+                self._clean_final = cache[final_name]
                 corrupt = None
                 if self.ablation == "patch":
                     _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names)
@@ -284,12 +290,18 @@ class ComponentGraph:
             resid = repeat_copies(self._clean_resid[start_layer], copies, n)
             return self._score(self.model.run_with_hooks(resid, start_at_layer=start_layer, fwd_hooks=hooks))
 
-    def edge_attribution(self, steps: int = 1) -> torch.Tensor:
+    def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
 
         For IG every sender's output is moved along ``clean + alpha * (ablated - clean)`` (gradients pass
         through as the identity) and receiver-input gradients are averaged over the ``steps`` midpoints.
+        ``receivers``: ``linear`` (plain AtP, above), ``exact`` or ``secant`` (each receiver rerun with the
+        edge removed, AtP*'s QK fix extended to values and MLPs; ``secant`` also scales the part along the
+        receiver's own ablation by its exact node effect): see :mod:`featcircuits.circuits.receivers`.
         """
+        if check_receivers(receivers) != "linear" and steps != 1:
+            raise ValueError(f"receivers={receivers!r} is an AtP estimator (steps=1); integrated gradients "
+                             "(steps > 1) use receivers='linear'.")
         clean, ablated = self._sender_outputs()
         n = len(self.task)
         delta = repeat_copies(ablated, 1, n) - clean  # [n, senders, pos, d_model]
@@ -321,7 +333,10 @@ class ComponentGraph:
         with torch.enable_grad(), _edge_hooks_enabled(self.model):
             total = self._score(self._run(self._tokens(steps), hooks)).sum() / steps
             names = list(receiver_inputs)
-            grads = dict(zip(names, torch.autograd.grad(total, [receiver_inputs[n] for n in names]), strict=True))
+            target_grad, *input_grads = torch.autograd.grad(total, [targets] + [receiver_inputs[n] for n in names])
+            grads = dict(zip(names, input_grads, strict=True))
+        if receivers != "linear":
+            return exact_edge_scores(self, target_grad, delta, secant=receivers == "secant")
         delta = delta.repeat(steps, 1, 1, 1)
         scores = []
         for hook_names, _, _, n_senders in self._receiver_groups:

@@ -13,6 +13,7 @@ from .circuit import Circuit
 from .components import ComponentGraph
 from .evaluate import evaluate_circuit
 from .features import FeatureGraph
+from .receivers import check_receivers
 from .tasks import ContrastiveTask, load_task
 
 __all__ = ["find_circuit", "evaluate", "make_graph", "METHODS"]
@@ -68,6 +69,7 @@ def find_circuit(
     sites: Sequence[str] | None = None,
     batch_size: int = 64,
     graph: ComponentGraph | FeatureGraph | None = None,
+    receivers: str = "linear",
 ) -> Circuit:
     """Find a circuit for ``task`` and return it scored and selected.
 
@@ -85,12 +87,19 @@ def find_circuit(
         prefilter: ACDC only tries the ``prefilter`` units with the largest AtP scores; the rest start removed.
         batch_size: ablation patterns per forward (ACDC's speculative chain length).
         graph: reuse a graph from :func:`make_graph` (then model/task/ablation/... are taken from it).
+        receivers: edge AtP estimator (``level="edges"``): ``linear`` (plain AtP/EAP), ``exact`` (each
+            receiver rerun with the edge removed: AtP*'s QK fix extended to values and MLPs) or ``secant``
+            (``exact``, plus the receiver's exact node effect along its own ablation); see
+            :mod:`featcircuits.circuits.receivers`. ACDC uses it for its guesses and pre-filter.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     if level not in ("nodes", "edges"):
         raise ValueError(f"level={level!r}; choose 'nodes' or 'edges'.")
     check_tau(tau)
+    if check_receivers(receivers) != "linear" and (level != "edges" or method == "ig"):
+        raise ValueError(f"receivers={receivers!r} refines edge AtP; use it with level='edges' and method "
+                         "'atp' or 'acdc'.")
     if steps < 1:
         raise ValueError(f"steps={steps}; integrated gradients needs at least 1 step.")
     if graph is None:
@@ -99,13 +108,19 @@ def find_circuit(
         raise ValueError("Edge-level circuits are available for component graphs; use level='nodes' for features.")
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
-    attribute = graph.node_attribution if level == "nodes" else graph.edge_attribution
+    if level == "nodes":
+        attribute = graph.node_attribution
+    else:
+        def attribute(steps: int = 1) -> torch.Tensor:
+            return graph.edge_attribution(steps=steps, receivers=receivers)
     n_units = len(units)
     forwards_before = graph.forwards
     with torch.no_grad():
         ends = run(torch.stack([torch.ones(n_units), torch.zeros(n_units)])).cpu()
     gap = float((ends[0] - ends[1]).abs())
     params: dict[str, Any] = {"ablation": graph.ablation, "tau": tau, "metric": getattr(graph.metric_fn, "__name__", "")}
+    if receivers != "linear":
+        params["receivers"] = receivers
     if method in ("atp", "ig"):
         scores = attribute(steps=1 if method == "atp" else steps).detach().cpu()
         if method == "ig":
