@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--l1", type=float, default=0.1, help="L1 coefficient (relu)")
     parser.add_argument("--k", type=int, default=4, help="active latents (topk, batchtopk)")
     parser.add_argument("--sae-steps", type=int, default=1500)
+    parser.add_argument("--expansion-factor", type=int, default=1, help="SAE width as a multiple of d_model")
     parser.add_argument("--seeds", type=int, default=3, help="training runs; per site the lowest held-out FVU is kept")
     parser.add_argument("--verbose", action="store_true", help="print every feature unit with its score")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
@@ -103,7 +104,8 @@ def main() -> None:
         return
     start = time.time()
     saes, info = train_residual_saes(tm, architecture=args.architecture, l1_coefficient=args.l1, k=args.k,
-                                     steps=args.sae_steps, seeds=tuple(range(args.seeds)))
+                                     steps=args.sae_steps, seeds=tuple(range(args.seeds)),
+                                     expansion_factor=args.expansion_factor)
     recovery = label_recovery(tm, saes)
     fvus = " ".join(f"{fvu:.3f}" for fvu in info["fvu"].values())
     print(f"SAEs ({args.architecture}) on {len(saes)} residual sites ({time.time() - start:.0f}s), held-out FVU {fvus}: "

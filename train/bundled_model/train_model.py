@@ -50,6 +50,13 @@ class TrainConfig:
     # ``:param`` docstrings (train/bundled_model/docstrings.py) instead of the plain training split.
     docstrings_from: int = -1
     docstrings_fraction: float = 0.25
+    # From this step on (-1: never), this fraction of each batch's windows are synthetic repeats: a random
+    # sequence of token ids repeated to fill the window. Natural source code repeats mostly frequent
+    # tokens, which leaves copying of rare tokens (plain induction on arbitrary ids) undertrained.
+    induction_from: int = -1
+    induction_fraction: float = 0.125
+    induction_min_len: int = 8
+    induction_max_len: int = 64
 
 
 def llama_config(vocab_size: int, bos_id: int, cfg: TrainConfig):
@@ -100,15 +107,29 @@ def sample_batch(tokens: torch.Tensor, bos: int, cfg: TrainConfig, gen: torch.Ge
     return torch.cat([torch.full((n, 1), bos), body], dim=1)
 
 
+def repeat_windows(n: int, bos: int, vocab_size: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """``[n, seq_len]`` synthetic induction windows: BOS, then a sequence of ``induction_min_len`` to
+    ``induction_max_len`` ids drawn uniformly from the non-BOS vocabulary, repeated until the window is full."""
+    lengths = torch.randint(cfg.induction_min_len, cfg.induction_max_len + 1, (n,), generator=gen)
+    ids = torch.randint(0, vocab_size - 1, (n, cfg.induction_max_len), generator=gen)
+    ids = ids + (ids >= bos).long()  # skip BOS: it marks a document start everywhere else
+    positions = torch.arange(cfg.seq_len - 1)
+    body = ids.gather(1, positions[None, :] % lengths[:, None])
+    return torch.cat([torch.full((n, 1), bos), body], dim=1)
+
+
 def training_batch(train_tokens: torch.Tensor, doc_tokens: torch.Tensor | None, bos: int, cfg: TrainConfig,
-                   gen: torch.Generator, step: int) -> torch.Tensor:
+                   gen: torch.Generator, step: int, vocab_size: int = 0) -> torch.Tensor:
     """The batch of ``step``: plain training windows, with ``docstrings_fraction`` of them drawn from the
-    derived docstrings once ``step >= docstrings_from``."""
-    if doc_tokens is None or cfg.docstrings_from < 0 or step < cfg.docstrings_from:
-        return sample_batch(train_tokens, bos, cfg, gen)
-    n_doc = round(cfg.docstrings_fraction * cfg.batch_size)
-    return torch.cat([sample_batch(doc_tokens, bos, cfg, gen, n_doc),
-                      sample_batch(train_tokens, bos, cfg, gen, cfg.batch_size - n_doc)])
+    derived docstrings once ``step >= docstrings_from`` and ``induction_fraction`` of them synthetic
+    repeats (``repeat_windows``) once ``step >= induction_from``."""
+    parts = []
+    if doc_tokens is not None and 0 <= cfg.docstrings_from <= step:
+        parts.append(sample_batch(doc_tokens, bos, cfg, gen, round(cfg.docstrings_fraction * cfg.batch_size)))
+    if 0 <= cfg.induction_from <= step:
+        parts.append(repeat_windows(round(cfg.induction_fraction * cfg.batch_size), bos, vocab_size, cfg, gen))
+    n_plain = cfg.batch_size - sum(len(p) for p in parts)
+    return torch.cat([*parts, sample_batch(train_tokens, bos, cfg, gen, n_plain)])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -215,7 +236,7 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = training_batch(train_tokens, doc_tokens, bos, cfg, gen, step)
+        batch = training_batch(train_tokens, doc_tokens, bos, cfg, gen, step, len(tokenizer))
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
