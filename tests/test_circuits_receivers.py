@@ -18,20 +18,23 @@ def _task(model, n=3, length=5, seed=1):
     return ContrastiveTask.from_pairs(model, pairs)
 
 
-def test_receiver_changes_match_a_hand_written_edge_ablation(tiny_llama):
-    """Grouped-query attention, rotary, RMSNorm: the batched receiver rerun gives each receiver's output under
-    the one-edge ablation that a plain hooked forward gives; edges into the logits score their exact effect."""
-    from featcircuits.circuits.components import _edge_hooks_enabled
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_receiver_changes_match_a_hand_written_edge_ablation(name, request):
+    """Grouped-query attention, rotary, RMSNorm (tiny_llama) and per-head attn_in, LayerNorm (tiny_gpt2): the
+    batched receiver rerun gives each receiver's output under the one-edge ablation that a plain hooked
+    forward gives; edges into the logits score their exact effect."""
+    from featcircuits.circuits.components import _edge_hooks_enabled, _head_input_hooks
     from featcircuits.circuits.receivers import receiver_changes
 
-    graph = ComponentGraph(tiny_llama, _task(tiny_llama), ablation="patch", max_copies=4)
+    model = request.getfixturevalue(name)
+    graph = ComponentGraph(model, _task(model), ablation="patch", max_copies=4)
     clean, ablated = graph._sender_outputs()
     delta = ablated - clean  # [n, senders, pos, d]
     layer, head, sender = 1, 2, 3  # sender 3 = L0.H2
     heads, mlp = receiver_changes(graph, layer, delta, graph._clean_mlp_in[layer])
     captured = {}
 
-    def remove_from_head(x, hook):  # q/k/v inputs [n, pos, heads, d]
+    def remove_from_head(x, hook):  # q/k/v or attn_in inputs [n, pos, heads, d]
         x = x.clone()
         x[:, :, head] += delta[:, sender]
         return x
@@ -43,11 +46,11 @@ def test_receiver_changes_match_a_hand_written_edge_ablation(tiny_llama):
         captured[hook.name] = x.detach()
         return x
 
-    with torch.no_grad(), _edge_hooks_enabled(tiny_llama):
-        tiny_llama.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
-            *[(f"blocks.{layer}.hook_{kind}_input", remove_from_head) for kind in "qkv"],
+    with torch.no_grad(), _edge_hooks_enabled(model):
+        model.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
+            *[(hook, remove_from_head) for hook in _head_input_hooks(model, layer)],
             (f"blocks.{layer}.attn.hook_result", capture)])
-        tiny_llama.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
+        model.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
             (f"blocks.{layer}.hook_mlp_in", remove_from_mlp), (f"blocks.{layer}.hook_mlp_out", capture)])
     first = 1 + layer * graph.per_layer
     want_head = captured[f"blocks.{layer}.attn.hook_result"][:, :, head] - clean[:, first + head]

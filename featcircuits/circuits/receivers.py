@@ -112,9 +112,8 @@ def _logits_receiver_effects(graph: Any, delta: torch.Tensor) -> torch.Tensor:
     effects = []
     for chunk in torch.arange(delta.shape[1]).split(graph.max_copies):
         resid = repeat_copies(final, len(chunk), n) + _copy_major(delta[:, chunk])
-        if model.cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        effects.append(graph._score(model.unembed(resid)) - graph.full_metric)
+        graph.forwards += 1  # the model's own head: final norm, unembedding, any logit soft-cap
+        effects.append(graph._score(model(resid, start_at_layer=model.cfg.n_layers)) - graph.full_metric)
     return torch.cat(effects)
 
 
