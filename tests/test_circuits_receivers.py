@@ -71,6 +71,8 @@ def test_receiver_changes_match_a_hand_written_edge_ablation(name, request):
         graph.edge_attribution(steps=4, receivers="exact")
     with pytest.raises(ValueError, match="receivers"):
         graph.edge_attribution(receivers="qk")
+    with pytest.raises(ValueError, match="level='edges'"):
+        find_circuit(model, graph.task, "atp", level="nodes", graph=graph, receivers="secant")
 
 
 def test_exact_receivers_see_through_saturated_attention_and_mlps():
