@@ -71,7 +71,7 @@ def receiver_changes(graph: Any, layer: int, delta: torch.Tensor,
     first = 1 + layer * graph.per_layer
     clean_heads = clean[:, first:first + graph.n_heads].permute(0, 2, 1, 3)  # [n, pos, heads, d]
     heads, mlps = [], []
-    for chunk in torch.arange(n_senders).split(graph.max_copies):
+    for chunk in torch.arange(n_senders, device=delta.device).split(graph.max_copies):
         copies = len(chunk)
         shift = _copy_major(delta[:, chunk])  # [copies * n, pos, d]
         # senders after the layer's attention (its own heads) reach only its MLP
@@ -110,7 +110,7 @@ def _logits_receiver_effects(graph: Any, delta: torch.Tensor) -> torch.Tensor:
     n, model = len(graph.task), graph.model
     final = graph._clean_final  # [n, pos, d_model]
     effects = []
-    for chunk in torch.arange(delta.shape[1]).split(graph.max_copies):
+    for chunk in torch.arange(delta.shape[1], device=delta.device).split(graph.max_copies):
         resid = repeat_copies(final, len(chunk), n) + _copy_major(delta[:, chunk])
         graph.forwards += 1  # the model's own head: final norm, unembedding, any logit soft-cap
         effects.append(graph._score(model(resid, start_at_layer=model.cfg.n_layers)) - graph.full_metric)
