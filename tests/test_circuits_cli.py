@@ -62,3 +62,16 @@ def test_circuit_command_errors(stories_path, tmp_path, capsys):
     assert main([*args, "--task", str(good), "--tau", "2"]) == 2
     assert "tau=2.0 is outside [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_circuit_command_passes_the_edge_estimator(stories_path, tmp_path, capsys):
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(PAIRS))
+    out = tmp_path / "edges.json"
+    args = ["circuit", "--model", str(stories_path), "--task", str(task), "--method", "atp", "--out", str(out)]
+    assert main([*args, "--level", "edges", "--receivers", "secant", "--top-k", "20"]) == 0
+    circuit = Circuit.load(out)
+    assert circuit.params["receivers"] == "secant" and len(circuit.edges) == 20
+    capsys.readouterr()
+    assert main([*args, "--receivers", "exact"]) == 2  # node circuits have no receivers to refine
+    assert "receivers='exact' refines edge AtP" in capsys.readouterr().err

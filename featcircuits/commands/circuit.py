@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", default="patch", choices=["zero", "mean", "patch"])
     parser.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl"])
     parser.add_argument("--level", default="nodes", choices=["nodes", "edges"], help="edges: components only")
+    parser.add_argument("--receivers", default="linear", choices=["linear", "exact", "secant"],
+                        help="edge AtP estimator (--level edges): plain AtP, receivers re-run, or secant downstream")
     parser.add_argument("--positions", default="each", choices=["each", "sum"], help="feature nodes per position or summed")
     parser.add_argument("--tau", type=float, default=0.01, help="fraction of the full metric gap, in [0, 1]")
     parser.add_argument("--top-k", type=int, help="AtP/IG: select the k best units instead of a tau threshold")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     circuit = find_circuit(
         model, task, args.method, dictionaries=dictionaries, level=args.level, ablation=args.ablation,
         metric=args.metric, tau=args.tau, steps=args.steps, top_k=args.top_k, prefilter=args.prefilter,
-        positions=args.positions, batch_size=args.batch_size,
+        positions=args.positions, batch_size=args.batch_size, receivers=args.receivers,
     )
     result = evaluate(circuit, sizes=args.sizes)
     out = Path(args.out)
