@@ -7,7 +7,8 @@ state) are written atomically every ``--ckpt-every`` steps so an interrupted or 
 
 Usage (CPU, one thread, in the background)::
 
-    nohup python -m train.bundled_model.train_model --out pretrained/bundled --steps 4000 --warmup 150 > runs/bundled_train.log 2>&1 &
+    nohup python -m train.bundled_model.train_model --out pretrained/bundled --steps 4000 --warmup 150 \
+        --docstrings-from 3000 --induction-from 3000 > runs/bundled_train.log 2>&1 &
 
 ``--out`` must already hold the tokenizer (see train_tokenizer.py); the model is saved beside it.
 """
