@@ -61,6 +61,13 @@ def main() -> None:
             if method == "ig" and keep_errors:
                 last = (f"features={budget}/{len(features)} faithfulness={faithfulness:.4f} "
                         f"completeness={completeness:.4f}")
+    # The ceiling of any feature-only circuit: every feature node kept, every error node ablated.
+    keep = torch.zeros(len(graph.node_ids))
+    keep[features] = 1
+    values = graph.node_metric(torch.stack([keep, torch.ones_like(keep), torch.zeros_like(keep)]))
+    ceiling = (float(values[0]) - float(values[2])) / (float(values[1]) - float(values[2]))
+    print(f"all {len(features)} feature nodes, error nodes ablated: faithfulness={ceiling:.3f} "
+          "(the most any feature-only circuit can reach)")
     print(last)
 
 
