@@ -73,6 +73,17 @@ def test_feature_acdc_and_evaluation(replacement, task):
     result = evaluate(circuit)
     assert result["curve"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)
     assert len(circuit.nodes) < len(circuit.node_ids)
+    # the viewer draws summed nodes too: each in its site's layer row, labelled as covering every position
+    from featcircuits.viz.adapters import circuit_to_graph_json
+    from featcircuits.viz.graph_data import graph_payload
+
+    drawn = graph_payload(circuit_to_graph_json(circuit))["nodes"]
+    assert [node["id"] for node in drawn] == list(circuit.nodes)
+    for node in drawn:
+        site, _, what = node["id"].partition(":")
+        assert node["layer"] == site[len(site.rstrip("0123456789")):]  # the site's layer number
+        assert node["label"].endswith("(all positions)")
+        assert node["kind"] == ("error" if what == "error" else "feature")
 
 
 def test_sites_without_dictionaries_are_refused(replacement, task):

@@ -140,3 +140,5 @@ def test_circuit_adapter_feature_and_component_circuits():
     assert empty["nodes"] == [] and empty["links"] == []
     with pytest.raises(ValueError, match="neither a component id"):
         circuit_to_graph_json(Circuit("atp", "nodes", ["what"], [1.0], nodes=["what"]))
+    with pytest.raises(ValueError, match="is not a feature index"):
+        circuit_to_graph_json(Circuit("atp", "nodes", ["mlp0:x"], [1.0], nodes=["mlp0:x"]))

@@ -54,14 +54,19 @@ def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[st
     if node_id == "logits":
         return {**base, "feature": -1, "layer": str(n_layers + 1), "ctx_idx": 0, "feature_type": "logit",
                 "clerp": "logits", "is_target_logit": True}
-    if "@" not in node_id:
+    if "@" not in node_id and ":" not in node_id:
         raise ValueError(f"Circuit node {node_id!r} is neither a component id (L3.H2, L3.MLP, embed, logits) nor a "
-                         "feature-level id (site:feature@pos, site:error@pos, embed@pos, logit:token@pos).")
-    head, _, pos_text = node_id.rpartition("@")
-    try:
-        pos = int(pos_text)
-    except ValueError:
-        raise ValueError(f"Circuit node {node_id!r} has a non-integer position {pos_text!r}.") from None
+                         "feature-level id (site:feature@pos, site:error@pos, embed@pos, logit:token@pos; "
+                         "site:feature and site:error when summed over positions).")
+    if "@" in node_id:
+        head, _, pos_text = node_id.rpartition("@")
+        try:
+            pos = int(pos_text)
+        except ValueError:
+            raise ValueError(f"Circuit node {node_id!r} has a non-integer position {pos_text!r}.") from None
+        where = f" @{pos}"
+    else:  # a node summed over positions (FeatureGraph(positions="sum")): drawn in the first column
+        head, pos, where = node_id, 0, " (all positions)"
     if head == "embed":
         return {**base, "feature": pos, "layer": "E", "ctx_idx": pos, "feature_type": "embedding"}
     kind, _, what = head.partition(":")
@@ -74,9 +79,11 @@ def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[st
     layer = site.group("layer")
     if what == "error":
         return {**base, "feature": -1, "layer": layer, "ctx_idx": pos, "feature_type": "mlp reconstruction error",
-                "clerp": f"{kind} error @{pos}"}
+                "clerp": f"{kind} error{where}"}
+    if not what.isdigit():
+        raise ValueError(f"Circuit node {node_id!r}: {what!r} is not a feature index or 'error'.")
     return {**base, "feature": int(what), "layer": layer, "ctx_idx": pos, "feature_type": f"{site.group('kind')} feature",
-            "clerp": f"{kind} #{what}"}
+            "clerp": f"{kind} #{what}" + ("" if "@" in node_id else where)}
 
 
 def _finite(value: Any) -> float | None:
