@@ -28,6 +28,18 @@ TINY_LLAMA_CONFIG = dict(
 )
 
 
+def random_token_task(model, n: int, length: int, seed: int):
+    """A ContrastiveTask of ``n`` pairs of random token prompts (ids < 97, the tiny models' vocabulary) of
+    ``length`` tokens; answer 3, distractor 5."""
+    from featcircuits.circuits import ContrastiveTask
+
+    generator = torch.Generator().manual_seed(seed)
+    pairs = [{"clean": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "corrupt": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "answer": 3, "distractor": 5} for _ in range(n)]
+    return ContrastiveTask.from_pairs(model, pairs)
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES260K / "config.json").exists():

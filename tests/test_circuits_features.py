@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_token_task
 
-from featcircuits.circuits import ContrastiveTask, FeatureGraph, evaluate, find_circuit
+from featcircuits.circuits import FeatureGraph, evaluate, find_circuit
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -26,11 +27,7 @@ def replacement(tiny_gpt2):
 
 @pytest.fixture(scope="module")
 def task(tiny_gpt2):
-    generator = torch.Generator().manual_seed(1)
-    pairs = [{"clean": torch.randint(0, 97, (5,), generator=generator).tolist(),
-              "corrupt": torch.randint(0, 97, (5,), generator=generator).tolist(), "answer": 3, "distractor": 5}
-             for _ in range(3)]
-    return ContrastiveTask.from_pairs(tiny_gpt2, pairs)
+    return random_token_task(tiny_gpt2, 3, 5, 1)
 
 
 def test_feature_node_ablation_matches_a_direct_replacement_run(replacement, task):

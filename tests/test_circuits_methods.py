@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_token_task
 
-from featcircuits.circuits import ComponentGraph, ContrastiveTask, acdc, evaluate, find_circuit
+from featcircuits.circuits import ComponentGraph, acdc, evaluate, find_circuit
 from featcircuits.circuits.tasks import logit_diff
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def _task(model, n=4, length=6, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    pairs = [{"clean": torch.randint(0, 97, (length,), generator=generator).tolist(),
-              "corrupt": torch.randint(0, 97, (length,), generator=generator).tolist(),
-              "answer": 3, "distractor": 5} for _ in range(n)]
-    return ContrastiveTask.from_pairs(model, pairs)
-
 
 @pytest.fixture(scope="module")
 def graph(tiny_gpt2):
-    return ComponentGraph(tiny_gpt2, _task(tiny_gpt2), ablation="patch")
+    return ComponentGraph(tiny_gpt2, random_token_task(tiny_gpt2, 4, 6, 0), ablation="patch")
 
 
 def test_ablating_everything_reproduces_the_corrupt_run(tiny_gpt2, graph):
@@ -76,7 +70,7 @@ def test_integrated_gradients_are_complete_without_downstream_nodes():
 
     model = load_model(dict(n_layers=1, d_model=32, d_head=8, n_heads=4, n_ctx=16, d_vocab=97, attn_only=True,
                             act_fn="relu", normalization_type="LN"), seed=1)
-    graph = ComponentGraph(model, _task(model), ablation="zero")
+    graph = ComponentGraph(model, random_token_task(model, 4, 6, 0), ablation="zero")
     empty = graph.node_metric(torch.zeros(1, len(graph.node_ids))).item()
     ig = graph.node_attribution(steps=32)
     atp = graph.node_attribution(steps=1)
@@ -135,7 +129,7 @@ def test_bad_parameters(tiny_gpt2, graph):
 
 def test_grouped_query_attention_edges(tiny_llama):
     """GQA models have no per-head attn_in: q/k/v inputs are hooked with key/value heads ungrouped."""
-    graph = ComponentGraph(tiny_llama, _task(tiny_llama), ablation="patch")
+    graph = ComponentGraph(tiny_llama, random_token_task(tiny_llama, 4, 6, 0), ablation="patch")
     task, n_edges = graph.task, len(graph.edge_ids)
     corrupt = float(logit_diff(task, task.last_logits(tiny_llama(task.corrupt_tokens).detach())))
     assert graph.edge_metric(torch.zeros(1, n_edges)).item() == pytest.approx(corrupt, abs=1e-4)

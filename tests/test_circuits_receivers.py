@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_token_task
 
-from featcircuits.circuits import ComponentGraph, ContrastiveTask, find_circuit, roc_auc
+from featcircuits.circuits import ComponentGraph, find_circuit, roc_auc
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-
-def _task(model, n=3, length=5, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    pairs = [{"clean": torch.randint(0, 97, (length,), generator=generator).tolist(),
-              "corrupt": torch.randint(0, 97, (length,), generator=generator).tolist(),
-              "answer": 3, "distractor": 5} for _ in range(n)]
-    return ContrastiveTask.from_pairs(model, pairs)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
@@ -27,7 +21,7 @@ def test_receiver_changes_match_a_hand_written_edge_ablation(name, request):
     from featcircuits.circuits.receivers import receiver_changes
 
     model = request.getfixturevalue(name)
-    graph = ComponentGraph(model, _task(model), ablation="patch", max_copies=4)
+    graph = ComponentGraph(model, random_token_task(model, 3, 5, 1), ablation="patch", max_copies=4)
     clean, ablated = graph._sender_outputs()
     delta = ablated - clean  # [n, senders, pos, d]
     layer, head, sender = 1, 2, 3  # sender 3 = L0.H2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,8 @@ def find_circuit(
         raise ValueError("Edge-level circuits are available for component graphs; use level='nodes' for features.")
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
-    if level == "nodes":
-        attribute = graph.node_attribution
-    else:
-        def attribute(steps: int = 1) -> torch.Tensor:
-            return graph.edge_attribution(steps=steps, receivers=receivers)
+    attribute = (graph.node_attribution if level == "nodes"
+                 else functools.partial(graph.edge_attribution, receivers=receivers))
     n_units = len(units)
     forwards_before = graph.forwards
     with torch.no_grad():
