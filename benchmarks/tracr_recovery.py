@@ -34,6 +34,10 @@ def main() -> None:
     parser.add_argument("--program", default="frac_prevs")
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--task-seed", type=int, default=0, help="seed of the random clean/corrupt inputs")
+    parser.add_argument("--task-draws", type=int, default=1,
+                        help="also score the feature circuits on this many task draws (seeds --task-seed onwards) "
+                             "with the same SAEs, and print each method's mean and minimum ROC AUC over them")
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--ablation", default="zero", choices=("zero", "mean", "patch"))
     parser.add_argument("--architecture", default="relu", choices=("relu", "topk", "batchtopk", "jumprelu"))
@@ -78,7 +82,7 @@ def main() -> None:
     cfg = tm.model.cfg
     print(f"{args.program}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}; agrees with the RASP "
           f"interpreter on {agree}/50 random inputs ({time.time() - start:.1f}s)")
-    task = tracr_task(tm, args.pairs)
+    task = tracr_task(tm, args.pairs, seed=args.task_seed)
     results = {}
     for level in ("nodes", "edges"):
         graph = make_graph(tm.model, task, ablation="zero")
@@ -125,6 +129,19 @@ def main() -> None:
                 for name, score, true in sorted(zip(names, scores.tolist(), truth.tolist(), strict=True),
                                                 key=lambda unit: -unit[1]):
                     print(f"    {score:8.4f} {'true ' if true else 'false'} {name}")
+    if args.task_draws > 1:  # how much the feature figures depend on which random pairs the task drew
+        draws: dict[str, list[float]] = {method: [] for method in ("acdc", "atp", "ig")}
+        for seed in range(args.task_seed, args.task_seed + args.task_draws):
+            draw_task = tracr_task(tm, args.pairs, seed=seed)
+            draw_graph = make_graph(replacement, draw_task, ablation=args.ablation, positions="sum")
+            for method, values in draws.items():
+                circuit = find_circuit(replacement, draw_task, method, tau=args.tau, graph=draw_graph)
+                _, scores, truth = variable_truth_units(tm, draw_graph, torch.tensor(circuit.node_scores))
+                values.append(_roc(scores, truth))
+            print(f"task seed {seed}: variables ROC AUC " + "  ".join(f"{m} {v[-1]:.3f}" for m, v in draws.items()))
+        for method, values in draws.items():
+            print(f"features {method:4s} variables over {args.task_draws} task draws: mean {sum(values) / len(values):.3f}"
+                  f" min {min(values):.3f} max {max(values):.3f}")
     print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features={results[('variables', 'acdc')]:.4f}")
 
 
