@@ -8,7 +8,8 @@ receivers / the secant downstream: featcircuits/circuits/receivers.py) and score
 compiled graph, trains SAEs on every residual site with the library's Trainer (random inputs of
 every length; best of ``--seeds`` runs per site by held-out FVU), and scores the feature circuit (ACDC, AtP
 and AtP-IG over feature and error nodes summed over positions) against the program's dataflow, per program
-variable and per label (see featcircuits/circuits/tracr_truth.py). Last line:
+variable and per label (see featcircuits/circuits/tracr_truth.py); ``--task-draws N`` rescores the feature
+circuits on N task draws with the same SAEs and prints each method's mean and minimum. Last line:
 ``roc_auc_components=<ACDC edges> roc_auc_features=<ACDC, variable units>``.
 """
 
