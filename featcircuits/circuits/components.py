@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
+from .head_inputs import HeadInputHooks, shared_head_inputs_supported
 from .receivers import check_receivers, exact_edge_scores
 from .tasks import ContrastiveTask, get_metric
 
@@ -36,16 +37,20 @@ def _head_input_hooks(model, layer: int) -> list[str]:
 
 
 @contextmanager
-def _edge_hooks_enabled(model):
+def _edge_hooks_enabled(model, attn_result: bool = True, per_head_inputs: bool = True):
+    """``hook_mlp_in``, key/value heads ungrouped, and where asked per-head outputs (``hook_result``) and
+    per-head residual inputs. transformer_lens builds per-head outputs as a ``[batch, pos, head, d_head,
+    d_model]`` product, the largest tensor of the forward, so code that only reads them computes them from
+    ``hook_z``; code that only sets head inputs can set ``hook_q/k/v`` instead (:mod:`.head_inputs`)."""
     cfg = model.cfg
     saved = (cfg.use_attn_result, cfg.use_attn_in, cfg.use_split_qkv_input, cfg.use_hook_mlp_in,
              cfg.ungroup_grouped_query_attention)
-    model.set_use_attn_result(True)
+    model.set_use_attn_result(attn_result)
     if _grouped(model):
         cfg.ungroup_grouped_query_attention = True
-        model.set_use_split_qkv_input(True)
+        model.set_use_split_qkv_input(per_head_inputs)
     else:
-        model.set_use_attn_in(True)
+        model.set_use_attn_in(per_head_inputs)
     model.set_use_hook_mlp_in(True)
     try:
         yield
@@ -244,25 +249,46 @@ class ComponentGraph:
     @torch.no_grad()
     def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
         copies, n = keep.shape[0], len(self.task)
-        _, ablated = self._sender_outputs()
-        ablated = repeat_copies(ablated, copies, n)
+        _, ablated = self._sender_outputs()  # [n | 1, senders, pos, d_model], broadcast over the copies
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
-        diffs = torch.zeros_like(ablated)  # sender output minus its ablation, filled as the forward runs
+        # sender output minus its ablation, written as the forward runs, always before a receiver reads it
+        diffs = ablated.new_empty(copies * n, *ablated.shape[1:])
+        by_copy = diffs.view(copies, n, *ablated.shape[1:])
+        corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
 
-        def record(start: int, width: int):
+        def store(start: int, value: torch.Tensor) -> None:
+            """``value [copies * n, width, pos, d_model]`` minus the senders' ablations into ``diffs``."""
+            width = value.shape[1]
+            by_copy[:, :, start:start + width] = value.view(copies, -1, *value.shape[1:]) - ablated[:, start:start + width]
+
+        def record(start: int):
             def hook(x, hook):
-                value = x.permute(0, 2, 1, 3) if x.dim() == 4 else x.unsqueeze(1)
-                diffs[:, start:start + width] = value - ablated[:, start:start + width]
+                store(start, x.unsqueeze(1))
                 return x
+            return hook
+
+        def record_heads(start: int, W_O: torch.Tensor):
+            def hook(z, hook):  # z [batch, pos, head, d_head] -> each head's output [batch, head, pos, d_model]
+                store(start, torch.einsum("bphe,hed->bhpd", z, W_O))
+                return z
             return hook
 
         def receive(first: int, n_receivers: int, n_senders: int):
             def hook(x, hook):
-                off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
-                if x.dim() == 4:
-                    return x - torch.einsum("brs,bspd->bprd", off, diffs[:, :n_senders])
-                return x - torch.einsum("bs,bspd->bpd", off[:, 0], diffs[:, :n_senders])
+                if first not in corrections:
+                    off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
+                    corrections[first] = (torch.einsum("brs,bspd->bprd", off, diffs[:, :n_senders]) if x.dim() == 4
+                                          else torch.einsum("bs,bspd->bpd", off[:, 0], diffs[:, :n_senders]))
+                return x - corrections[first]
             return hook
+
+        def head_correction(first: int, n_senders: int) -> Callable[[], torch.Tensor | None]:
+            def correction() -> torch.Tensor | None:  # [copies * n, pos, head, d_model], None if nothing removed
+                off = removed[:, first:first + self.n_heads * n_senders]
+                if not bool(off.any()):
+                    return None
+                return torch.einsum("brs,bspd->bprd", off.view(-1, self.n_heads, n_senders), diffs[:, :n_senders])
+            return correction
 
         start_layer = 0
         if self.skip_clean_prefix:
@@ -274,16 +300,23 @@ class ComponentGraph:
         if start_layer > 0:
             clean, _ = self._sender_outputs()
             prefix = 1 + start_layer * self.per_layer  # senders before the first block run
-            diffs[:, :prefix] = repeat_copies(clean[:, :prefix], copies, n) - ablated[:, :prefix]
-        hooks = [("blocks.0.hook_resid_pre", record(0, 1))] if start_layer == 0 else []
+            by_copy[:, :, :prefix] = clean[:, :prefix] - ablated[:, :prefix]
+        hooks = [("blocks.0.hook_resid_pre", record(0))] if start_layer == 0 else []
         for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer
-            hooks.append((f"blocks.{layer}.attn.hook_result", record(start, self.n_heads)))
+            hooks.append((f"blocks.{layer}.attn.hook_z", record_heads(start, self.model.blocks[layer].attn.W_O)))
             if self.has_mlp:
-                hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads, 1)))
-        hooks += [(hook, receive(first, n_r, n_s)) for names, first, n_r, n_s in self._receiver_groups
-                  for hook in names if int(hook.split(".")[1]) >= start_layer]
-        with _edge_hooks_enabled(self.model):
+                hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads)))
+        shared_inputs = shared_head_inputs_supported(self.model)
+        for names, first, n_r, n_s in self._receiver_groups:
+            layer = int(names[0].split(".")[1])
+            if layer < start_layer:
+                continue
+            if shared_inputs and n_r == self.n_heads and "mlp" not in names[0] and "resid" not in names[0]:
+                hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
+            else:
+                hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
+        with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
             if start_layer == 0:
                 return self._score(self._run(self._tokens(copies), hooks))
             self.forwards += 1

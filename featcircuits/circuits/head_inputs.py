@@ -1,0 +1,71 @@
+"""Queries, keys and values of heads whose residual inputs differ per head, without per-head residual copies.
+
+An edge ablation into a head changes only that head's input: ``resid - correction[head]``. transformer_lens
+models this with ``use_split_qkv_input``: three per-head copies of the residual stream
+``[batch, pos, head, d_model]`` (query, key and value), each normalised by ``ln1`` on its own, which makes
+the attention inputs the largest part of a batched edge-patching forward. The three inputs of one head are
+equal here (an edge reaches a head's query, key and value alike), so :func:`head_qkv` normalises each
+head's input once and projects it with the query, key and value weights together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+__all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported"]
+
+
+def shared_head_inputs_supported(model) -> bool:
+    """Whether the block computes ``q, k, v = attn(ln1(resid))`` with nothing added between: not for post-norm
+    architectures (no ``ln1`` before attention) or shortformer positions (added to the query and key inputs)."""
+    cfg = model.cfg
+    return cfg.original_architecture not in POST_NORM_ARCHITECTURES and cfg.positional_embedding_type != "shortformer"
+
+
+def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head ``q, k, v [batch, pos, head, d_head]`` from the inputs ``resid [batch, pos, d_model] - correction
+    [batch, pos, head, d_model]``, as the block's ``hook_q``/``hook_k``/``hook_v`` would carry them (before
+    rotary and query/key norms, which the attention applies after those hooks). Key and value heads are one
+    per query head (grouped-query attention ungrouped)."""
+    attn = block.attn
+    normalised = block.ln1(resid.unsqueeze(2) - correction)  # [batch, pos, head, d_model]
+    weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
+    biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
+    qkv = torch.einsum("bphd,hde->bphe", normalised, weights) + biases
+    return qkv.split(attn.W_Q.shape[-1], dim=-1)
+
+
+class HeadInputHooks:
+    """Hooks that give each head of one layer its own input ``resid - correction[head]`` through ``hook_q``,
+    ``hook_k`` and ``hook_v``: the residual is taken at ``hook_resid_pre`` and, at ``hook_q``, ``correction()``
+    (``[batch, pos, head, d_model]``, or ``None`` when no head's input differs from the residual) is asked for
+    and the queries, keys and values recomputed once for all three hooks."""
+
+    def __init__(self, model, layer: int, correction: Callable[[], torch.Tensor | None]) -> None:
+        self.block, self.layer, self.correction = model.blocks[layer], layer, correction
+        self.resid: torch.Tensor | None = None
+        self.qkv: tuple[torch.Tensor, ...] | None = None
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        attn = f"blocks.{self.layer}.attn"
+        return [(f"blocks.{self.layer}.hook_resid_pre", self._take_resid), (f"{attn}.hook_q", self._queries),
+                (f"{attn}.hook_k", self._give(1)), (f"{attn}.hook_v", self._give(2))]
+
+    def _take_resid(self, resid: torch.Tensor, hook) -> torch.Tensor:
+        self.resid, self.qkv = resid, None
+        return resid
+
+    def _queries(self, q: torch.Tensor, hook) -> torch.Tensor:
+        correction = self.correction()
+        if correction is None:
+            return q  # every head reads the residual stream itself: transformer_lens's own q, k, v stand
+        self.qkv = head_qkv(self.block, self.resid, correction)
+        return self.qkv[0]
+
+    def _give(self, index: int) -> Callable:
+        def hook(value: torch.Tensor, hook) -> torch.Tensor:
+            return value if self.qkv is None else self.qkv[index]
+        return hook
