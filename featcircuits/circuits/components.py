@@ -19,6 +19,7 @@ import torch
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
 from .head_inputs import HeadInputHooks, shared_head_inputs_supported
 from .receivers import check_receivers, exact_edge_scores
+from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
 
 __all__ = ["ComponentGraph"]
@@ -249,47 +250,7 @@ class ComponentGraph:
     @torch.no_grad()
     def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
         copies, n = keep.shape[0], len(self.task)
-        _, ablated = self._sender_outputs()  # [n | 1, senders, pos, d_model], broadcast over the copies
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
-        # sender output minus its ablation, written as the forward runs, always before a receiver reads it
-        diffs = ablated.new_empty(copies * n, *ablated.shape[1:])
-        by_copy = diffs.view(copies, n, *ablated.shape[1:])
-        corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
-
-        def store(start: int, value: torch.Tensor) -> None:
-            """``value [copies * n, width, pos, d_model]`` minus the senders' ablations into ``diffs``."""
-            width = value.shape[1]
-            by_copy[:, :, start:start + width] = value.view(copies, -1, *value.shape[1:]) - ablated[:, start:start + width]
-
-        def record(start: int):
-            def hook(x, hook):
-                store(start, x.unsqueeze(1))
-                return x
-            return hook
-
-        def record_heads(start: int, W_O: torch.Tensor):
-            def hook(z, hook):  # z [batch, pos, head, d_head] -> each head's output [batch, head, pos, d_model]
-                store(start, torch.einsum("bphe,hed->bhpd", z, W_O))
-                return z
-            return hook
-
-        def receive(first: int, n_receivers: int, n_senders: int):
-            def hook(x, hook):
-                if first not in corrections:
-                    off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
-                    corrections[first] = (torch.einsum("brs,bspd->bprd", off, diffs[:, :n_senders]) if x.dim() == 4
-                                          else torch.einsum("bs,bspd->bpd", off[:, 0], diffs[:, :n_senders]))
-                return x - corrections[first]
-            return hook
-
-        def head_correction(first: int, n_senders: int) -> Callable[[], torch.Tensor | None]:
-            def correction() -> torch.Tensor | None:  # [copies * n, pos, head, d_model], None if nothing removed
-                off = removed[:, first:first + self.n_heads * n_senders]
-                if not bool(off.any()):
-                    return None
-                return torch.einsum("brs,bspd->bprd", off.view(-1, self.n_heads, n_senders), diffs[:, :n_senders])
-            return correction
-
         start_layer = 0
         if self.skip_clean_prefix:
             start_layer = self.n_layers - 1
@@ -297,10 +258,37 @@ class ComponentGraph:
                 if removed[:, first:first + n_r * n_s].any():
                     start_layer = min(start_layer, int(names[0].split(".")[1]))
                     break
-        if start_layer > 0:
-            clean, _ = self._sender_outputs()
-            prefix = 1 + start_layer * self.per_layer  # senders before the first block run
-            by_copy[:, :, :prefix] = clean[:, :prefix] - ablated[:, :prefix]
+        prefix = 1 + start_layer * self.per_layer if start_layer > 0 else 0  # senders before the first block run
+        senders = SenderDiffs(*self._sender_outputs(), copies, prefix)
+        corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
+
+        def record(start: int):
+            def hook(x, hook):
+                senders.store(start, x.unsqueeze(1))
+                return x
+            return hook
+
+        def record_heads(start: int, W_O: torch.Tensor):
+            def hook(z, hook):  # z [batch, pos, head, d_head] -> each head's output [batch, head, pos, d_model]
+                senders.store(start, torch.einsum("bphe,hed->bhpd", z, W_O))
+                return z
+            return hook
+
+        def receive(first: int, n_receivers: int, n_senders: int):
+            def hook(x, hook):
+                if first not in corrections:
+                    off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
+                    correction = senders.removed_sum(off)  # [batch, pos, receivers, d_model]
+                    corrections[first] = correction if x.dim() == 4 else correction[:, :, 0]
+                return x - corrections[first]
+            return hook
+
+        def head_correction(first: int, n_senders: int) -> Callable[[], torch.Tensor | None]:
+            def correction() -> torch.Tensor | None:  # [copies * n, pos, head, d_model], None if nothing removed
+                off = removed[:, first:first + self.n_heads * n_senders]
+                return senders.removed_sum(off.view(-1, self.n_heads, n_senders)) if bool(off.any()) else None
+            return correction
+
         hooks = [("blocks.0.hook_resid_pre", record(0))] if start_layer == 0 else []
         for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer

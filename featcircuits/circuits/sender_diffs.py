@@ -1,0 +1,54 @@
+"""Senders' outputs minus their ablations during a batched edge-patching forward, and the removed edges' sums.
+
+An edge ablation takes ``sender_out - sender_ablated`` out of one receiver's input, so each receiver needs
+``sum_s removed[r, s] * diff[s]`` over its senders, per batch row (``copies * n``: every ablation pattern
+over every prompt). Senders in the clean prefix (before the first block the forward runs) have the clean
+run's outputs in every copy, so their differences are held once per prompt rather than once per copy: the
+copy-wide tensor ``[copies * n, senders, pos, d_model]`` was the largest write of a late-starting forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SenderDiffs"]
+
+
+class SenderDiffs:
+    """``sender output - ablation`` for ``copies x n`` batch rows (copy-major, ``row = copy * n + prompt``).
+
+    Args:
+        clean: clean sender outputs ``[n, senders, pos, d_model]``.
+        ablated: their ablation values ``[n | 1, senders, pos, d_model]``.
+        copies: ablation patterns in the batch.
+        prefix: senders before the first block the forward runs: theirs are ``clean - ablated`` in every copy.
+    """
+
+    def __init__(self, clean: torch.Tensor, ablated: torch.Tensor, copies: int, prefix: int) -> None:
+        self.copies, self.n, self.prefix = copies, clean.shape[0], prefix
+        self.ablated = ablated
+        self.prefix_diffs = clean[:, :prefix] - ablated[:, :prefix]  # [n, prefix, pos, d_model]
+        # later senders, written as the forward runs, always before a receiver reads them
+        self.diffs = ablated.new_empty(copies * self.n, ablated.shape[1] - prefix, *ablated.shape[2:])
+
+    def store(self, start: int, value: torch.Tensor) -> None:
+        """Senders ``start .. start + width`` from their outputs ``value [copies * n, width, pos, d_model]``."""
+        width, shape = value.shape[1], value.shape[1:]
+        rows = self.diffs.view(self.copies, self.n, *self.diffs.shape[1:])
+        torch.sub(value.view(self.copies, self.n, *shape), self.ablated[:, start:start + width],
+                  out=rows[:, :, start - self.prefix:start - self.prefix + width])
+
+    def removed_sum(self, removed: torch.Tensor) -> torch.Tensor:
+        """``removed [copies * n, receivers, senders]`` (1 removes the edge) -> the sum of the removed senders'
+        differences for each receiver, ``[copies * n, pos, receivers, d_model]``."""
+        n_receivers, n_senders = removed.shape[1:]
+        total = None
+        shared = min(n_senders, self.prefix)
+        if shared:
+            per_copy = removed[:, :, :shared].reshape(self.copies, self.n, n_receivers, shared)
+            total = torch.einsum("cnrs,nspd->cnprd", per_copy, self.prefix_diffs[:, :shared])
+            total = total.reshape(self.copies * self.n, *total.shape[2:])
+        if n_senders > self.prefix:
+            own = torch.einsum("brs,bspd->bprd", removed[:, :, self.prefix:], self.diffs[:, :n_senders - self.prefix])
+            total = own if total is None else total + own
+        return total
