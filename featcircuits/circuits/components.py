@@ -3,10 +3,11 @@
 Node ids: ``"L{layer}.H{head}"`` for a head, ``"L{layer}.MLP"`` for an MLP; edges run from a sender
 (``"embed"``, a head, an MLP) to a receiver (a later head or MLP, or ``"logits"``) through the residual
 stream. A node is ablated at its output (``hook_z`` per head, ``hook_mlp_out``); an edge is ablated by
-taking the sender's contribution out of that one receiver's input (``hook_attn_in`` per head,
-``hook_mlp_in``, the final residual) and putting the ablation value in its place: receiver input
-``-= sender_out - sender_ablated``. Every copy in the batch has its own mask, so one forward scores
-many patterns.
+taking the sender's contribution out of that one receiver's input (a head's own input, from which its
+query, key and value are recomputed at ``hook_q/k/v``; ``hook_mlp_in``; the final residual) and putting
+the ablation value in its place: receiver input ``-= sender_out - sender_ablated``. Every copy in the
+batch has its own mask, so one forward scores many patterns. Gradients (AtP) are taken at per-head inputs
+(``hook_attn_in``, or ``hook_q/k/v_input`` under grouped-query attention).
 """
 
 from __future__ import annotations
