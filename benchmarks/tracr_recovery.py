@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--l1", type=float, default=0.1, help="L1 coefficient (relu)")
     parser.add_argument("--k", type=int, default=4, help="active latents (topk, batchtopk)")
     parser.add_argument("--sae-steps", type=int, default=1500)
+    parser.add_argument("--matryoshka", type=float, nargs="*", default=[],
+                        help="Matryoshka prefixes as fractions of the SAE width, e.g. --matryoshka 0.25 0.5")
     parser.add_argument("--expansion-factor", type=int, default=1, help="SAE width as a multiple of d_model")
     parser.add_argument("--seeds", type=int, default=3, help="training runs; per site the lowest held-out FVU is kept")
     parser.add_argument("--verbose", action="store_true", help="print every feature unit with its score")
@@ -110,7 +112,8 @@ def main() -> None:
     start = time.time()
     saes, info = train_residual_saes(tm, architecture=args.architecture, l1_coefficient=args.l1, k=args.k,
                                      steps=args.sae_steps, seeds=tuple(range(args.seeds)),
-                                     expansion_factor=args.expansion_factor)
+                                     expansion_factor=args.expansion_factor,
+                                     matryoshka_fractions=tuple(args.matryoshka))
     recovery = label_recovery(tm, saes)
     fvus = " ".join(f"{fvu:.3f}" for fvu in info["fvu"].values())
     print(f"SAEs ({args.architecture}) on {len(saes)} residual sites ({time.time() - start:.0f}s), held-out FVU {fvus}: "

@@ -74,12 +74,14 @@ def _held_out_fvu(dictionary: Any, rows: torch.Tensor) -> float:
 
 def train_residual_saes(tm: TracrModel, architecture: str = "relu", l1_coefficient: float = 0.1, k: int = 4,
                         expansion_factor: int = 1, steps: int = 1500, batch_size: int = 256, lr: float = 1e-2,
-                        seeds: tuple[int, ...] = (0, 1, 2), device: str = "cpu") -> tuple[list, dict[str, Any]]:
+                        seeds: tuple[int, ...] = (0, 1, 2), device: str = "cpu",
+                        matryoshka_fractions: tuple[float, ...] = ()) -> tuple[list, dict[str, Any]]:
     """SAEs on every residual site, trained by :class:`featcircuits.training.Trainer` from :class:`TracrSource`.
 
     One run per seed trains every site from the same forwards; per site the run with the lowest FVU on
     held-out rows is kept (selection by reconstruction only). Width ``expansion_factor * d_model``: the
     distinct residual vectors are few, so a much wider dictionary can memorise combinations of labels.
+    ``matryoshka_fractions``: Matryoshka prefixes as fractions of the width (e.g. ``(0.25, 0.5)``).
     Returns ``(saes, info)`` with ``info = {"fvu": {hook: best held-out FVU}, "seed": {hook: seed}}``.
     """
     from ..dictionaries import DictionaryConfig
@@ -94,6 +96,8 @@ def train_residual_saes(tm: TracrModel, architecture: str = "relu", l1_coefficie
             k=k, expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, total_tokens=steps * batch_size,
             batch_size=batch_size, lr=lr, seed=seed, device=device, progress=False, log_every=steps,
             dead_after_tokens=50 * batch_size,
+            matryoshka_prefixes=sorted({max(1, round(f * expansion_factor * tm.model.cfg.d_model))
+                                        for f in matryoshka_fractions}),
         )
         torch.manual_seed(seed)
         d_model = tm.model.cfg.d_model

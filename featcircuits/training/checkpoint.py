@@ -63,9 +63,9 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"Checkpoint {path} is unreadable ({err}); it is corrupt or truncated.") from None
     saved = state.get("fingerprint", {})
     current = config.resume_fingerprint()
-    differing = sorted(key for key in current if saved.get(key) != current[key])
+    differing = sorted(key for key in set(current) | set(saved) if saved.get(key) != current.get(key))
     if differing:
-        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}" for key in differing)
+        details = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}" for key in differing)
         raise ValueError(
             f"--resume: the checkpoint in {path.parent.parent} was written by a different configuration ({details}). "
             "Resume with the original configuration, or train into a new output directory."

@@ -50,6 +50,9 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.01
     unit_norm_decoder: bool | None = None  # None -> True for topk/batchtopk, False otherwise
+    # Matryoshka (Bussmann et al. 2025; Nabeshima 2024): latent counts m_1 < m_2 < ... < d_sae whose own
+    # reconstructions (latents 0..m_i only) are also fitted; the loss averages their error with the full one.
+    matryoshka_prefixes: list[int] = field(default_factory=list)
     auxk_coefficient: float = 1 / 32
     auxk_k: int = 0  # 0 -> d_in // 2
     dead_after_tokens: int = 10_000_000
@@ -84,6 +87,11 @@ class TrainConfig:
         if isinstance(self.hooks_out, str):
             self.hooks_out = [self.hooks_out] if self.hooks_out else []
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        try:  # `--set matryoshka_prefixes=256,1024` arrives as strings
+            self.matryoshka_prefixes = [int(m) for m in self.matryoshka_prefixes]
+        except (TypeError, ValueError):
+            raise ValueError(f"matryoshka_prefixes={self.matryoshka_prefixes!r} must be a list of latent counts, "
+                             "e.g. [256, 1024] or --set matryoshka_prefixes=256,1024.") from None
         if not self.kind:
             self.kind = "transcoder" if self.hooks_out else "sae"
 
@@ -107,6 +115,12 @@ class TrainConfig:
         for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        prefixes = list(self.matryoshka_prefixes)
+        if prefixes and (any(m < 1 for m in prefixes) or prefixes != sorted(set(prefixes))):
+            raise ValueError(
+                f"matryoshka_prefixes={prefixes} must be strictly increasing positive latent counts below d_sae, "
+                "e.g. [128, 512, 2048] for d_sae 4096."
+            )
         if self.total_tokens < self.batch_size:
             raise ValueError(
                 f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.batch_size})."
@@ -145,7 +159,10 @@ class TrainConfig:
     def resume_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpointed one."""
         data = self.to_dict()
-        return {name: data[name] for name in _RESUME_INVARIANT}
+        fingerprint = {name: data[name] for name in _RESUME_INVARIANT}
+        if self.matryoshka_prefixes:  # only when set, so checkpoints from before the option still match
+            fingerprint["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
+        return fingerprint
 
 
 def _parse_value(text: str, annotation: Any) -> Any:

@@ -74,11 +74,16 @@ class DictionaryTrainer:
 
     def _make_loss(self):
         c, arch = self.config, self.config.architecture
+        prefixes = tuple(int(m) for m in c.matryoshka_prefixes)
+        if prefixes and prefixes[-1] >= self.module.W_dec.shape[0]:
+            raise ValueError(f"matryoshka_prefixes={list(prefixes)} must stay below d_sae={self.module.W_dec.shape[0]} "
+                             "(the full dictionary is always fitted too).")
         if arch == "topk":
-            fn = lambda m, x, xr, t, dead, step: topk_loss(m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient)  # noqa: E731
+            fn = lambda m, x, xr, t, dead, step: topk_loss(  # noqa: E731
+                m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient, prefixes)
         elif arch == "batchtopk":
             fn = lambda m, x, xr, t, dead, step: batchtopk_loss(  # noqa: E731
-                m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient, c.batchtopk_threshold_momentum)
+                m, x, xr, t, c.k, dead, self.k_aux, c.auxk_coefficient, c.batchtopk_threshold_momentum, prefixes)
         else:
             # The coefficient goes in as a 0-d tensor refilled each step: a compiled loss would otherwise
             # recompile for every value it takes during the sparsity warmup.
@@ -90,7 +95,7 @@ class DictionaryTrainer:
                 loss = compile_loss(loss, c.compile_backend)
 
             def fn(m, x, xr, t, dead, step):
-                return loss(m, x, xr, t, coefficient.fill_(sparsity_coefficient(base, c, step)), *extra)
+                return loss(m, x, xr, t, coefficient.fill_(sparsity_coefficient(base, c, step)), *extra, prefixes)
         return fn
 
     def _compile_guard(self):

@@ -49,6 +49,17 @@ def _auxk(
     return _squared_error(aux_reconstruction, residual) / scale
 
 
+def _nested_fit(recon_loss: torch.Tensor, feature_acts: torch.Tensor, module: TrainableDictionary,
+                base: torch.Tensor | float, target: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
+    """The reconstruction term with Matryoshka prefixes: the mean of the full dictionary's error
+    ``recon_loss`` and, for each ``m`` in ``prefixes``, the error of latents ``0..m`` decoding alone
+    (``feature_acts [batch, d_sae]``, ``base`` = ``b_dec`` plus the skip path). Without prefixes, ``recon_loss``."""
+    if not prefixes:
+        return recon_loss
+    errors = [_squared_error(feature_acts[:, :m] @ module.W_dec[:m] + base, target) for m in prefixes]
+    return torch.stack([*errors, recon_loss]).mean()
+
+
 def _skip(module: TrainableDictionary, x_raw: torch.Tensor) -> torch.Tensor | float:
     return x_raw @ module.W_skip if module.W_skip is not None else 0.0
 
@@ -64,19 +75,25 @@ def _encoder_pre_acts_no_grad(module: TrainableDictionary, x: torch.Tensor) -> t
     return torch.addmm(module.b_enc.detach(), x.detach(), module.W_enc_t.detach().t(), out=buffer)
 
 
-def topk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient) -> StepOutput:
+def topk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, prefixes=()) -> StepOutput:
     with torch.no_grad():
         pre = _encoder_pre_acts_no_grad(module, x)
         _, indices = pre.topk(k, dim=-1, sorted=False)
     values = gathered_pre_acts(x, module.W_enc_t, module.b_enc, indices, pre).relu()
-    reconstruction = sparse_decode(indices, values, module.W_dec) + module.b_dec + _skip(module, x_raw)
+    base = module.b_dec + _skip(module, x_raw)
+    reconstruction = sparse_decode(indices, values, module.W_dec) + base
     recon_loss = _squared_error(reconstruction, target)
+    fit = recon_loss
+    if prefixes:  # each prefix decodes the kept latents below its size
+        errors = [_squared_error(sparse_decode(indices, values * (indices < m), module.W_dec) + base, target)
+                  for m in prefixes]
+        fit = torch.stack([*errors, recon_loss]).mean()
     active = values > 0
     fire_counts = torch.bincount(indices[active], minlength=module.W_dec.shape[0])
     aux = torch.zeros((), device=pre.device)
     if aux_coefficient > 0 and dead is not None and bool(dead.any()):
         aux = _auxk(module, x, pre, (target - reconstruction).detach(), dead, k_aux)
-    loss = recon_loss + aux_coefficient * aux
+    loss = fit + aux_coefficient * aux
     return StepOutput(loss, recon_loss.detach(), reconstruction, fire_counts, active.sum(-1).float().mean(), aux.detach())
 
 
@@ -105,12 +122,14 @@ def batchtopk_smallest_kept(module: TrainableDictionary, x: torch.Tensor, k: int
     return _smallest_kept(values)
 
 
-def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, momentum) -> StepOutput:
+def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, momentum, prefixes=()) -> StepOutput:
     pre = torch.addmm(module.b_enc, x, module.W_enc_t.t())
     values, flat_indices = _batch_topk(pre, k)
     feature_acts = torch.zeros_like(pre).reshape(-1).scatter(0, flat_indices, values).reshape(pre.shape)
-    reconstruction = feature_acts @ module.W_dec + module.b_dec + _skip(module, x_raw)
+    base = module.b_dec + _skip(module, x_raw)
+    reconstruction = feature_acts @ module.W_dec + base
     recon_loss = _squared_error(reconstruction, target)
+    fit = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes)
     active = feature_acts > 0
     with torch.no_grad():
         # Running estimate of the inference threshold: an exponential average of the smallest activation
@@ -124,20 +143,21 @@ def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, mo
     aux = torch.zeros((), device=pre.device)
     if aux_coefficient > 0 and dead is not None and bool(dead.any()):
         aux = _auxk(module, x, pre.detach(), (target - reconstruction).detach(), dead, k_aux)
-    loss = recon_loss + aux_coefficient * aux
+    loss = fit + aux_coefficient * aux
     return StepOutput(loss, recon_loss.detach(), reconstruction, active.sum(0), active.sum(-1).float().mean(),
                       aux.detach())
 
 
-def relu_loss(module, x, x_raw, target, l1_coefficient) -> StepOutput:
+def relu_loss(module, x, x_raw, target, l1_coefficient, prefixes=()) -> StepOutput:
     feature_acts = torch.addmm(module.b_enc, x, module.W_enc_t.t()).relu()
-    reconstruction = feature_acts @ module.W_dec + module.b_dec + _skip(module, x_raw)
+    base = module.b_dec + _skip(module, x_raw)
+    reconstruction = feature_acts @ module.W_dec + base
     recon_loss = _squared_error(reconstruction, target)
     # Weighting by decoder norms stops the optimiser from shrinking activations and growing decoders.
     # Summing over the batch first avoids a [batch, d_sae] product (and its backward); same value.
     l1 = (feature_acts.sum(0) * module.W_dec.norm(dim=-1)).sum() / feature_acts.shape[0]
     fire_counts = (feature_acts > 0).sum(0)
-    loss = recon_loss + l1_coefficient * l1
+    loss = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes) + l1_coefficient * l1
     return StepOutput(loss, recon_loss.detach(), reconstruction, fire_counts,
                       fire_counts.sum().float() / feature_acts.shape[0], torch.zeros((), device=x.device))
 
@@ -177,14 +197,15 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / bandwidth) * in_window * grad).sum(0), None
 
 
-def jumprelu_loss(module, x, x_raw, target, l0_coefficient, bandwidth) -> StepOutput:
+def jumprelu_loss(module, x, x_raw, target, l0_coefficient, bandwidth, prefixes=()) -> StepOutput:
     pre = torch.addmm(module.b_enc, x, module.W_enc_t.t())
     threshold = module.log_threshold.exp()
     feature_acts = _JumpReLU.apply(pre, threshold, bandwidth)
-    reconstruction = feature_acts @ module.W_dec + module.b_dec + _skip(module, x_raw)
+    base = module.b_dec + _skip(module, x_raw)
+    reconstruction = feature_acts @ module.W_dec + base
     recon_loss = _squared_error(reconstruction, target)
     l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
     active = feature_acts > 0
-    loss = recon_loss + l0_coefficient * l0
+    loss = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes) + l0_coefficient * l0
     return StepOutput(loss, recon_loss.detach(), reconstruction, active.sum(0), active.sum(-1).float().mean(),
                       torch.zeros((), device=x.device))
