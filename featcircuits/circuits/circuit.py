@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..dictionaries.io.common import atomic_path
 
 __all__ = ["Circuit"]
 
@@ -109,12 +109,8 @@ class Circuit:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(handle, "w") as file:
+        with atomic_path(path) as temporary, open(temporary, "w") as file:
             json.dump(self.to_dict(), file, indent=1)
-        os.replace(temporary, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:

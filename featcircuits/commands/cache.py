@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = write_cache(source, args.out, args.hook, source.widths(), n_sequences, dtype=args.dtype,
                            rows_per_shard=args.rows_per_shard, metadata=metadata)
     rows = sum(shard["rows"] for shard in manifest["shards"])
-    print(f"cached {rows} rows of {len(manifest['hooks'])} hooks in {len(manifest['shards'])} shards ({args.dtype}): "
+    shards = len(manifest["shards"])
+    print(f"cached {rows} rows of {len(manifest['hooks'])} hooks in {shards} shard{'s' * (shards != 1)} ({args.dtype}): "
           f"{args.out}")
     return 0

@@ -12,12 +12,11 @@ stay unique. Every node also carries ``featcircuits_id``, its id in featcircuits
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..dictionaries.io.common import atomic_path
 from .attribution_graph import EMBEDDING, ERROR, FEATURE, AttributionGraph
 from .nodes import site_layer
 from .prune import PruneResult, prune_graph
@@ -124,16 +123,8 @@ def _decode(graph: AttributionGraph, token: int) -> str:
 def write_circuit_tracer_json(graph: AttributionGraph, path: str | Path, **kwargs) -> dict:
     """Write :func:`to_circuit_tracer_json` to ``path`` atomically (temporary file, then rename)."""
     data = to_circuit_tracer_json(graph, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as file:
+        json.dump(data, file)
     return data
 
 
