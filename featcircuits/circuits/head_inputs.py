@@ -19,10 +19,12 @@ __all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported"]
 
 
 def shared_head_inputs_supported(model) -> bool:
-    """Whether the block computes ``q, k, v = attn(ln1(resid))`` with nothing added between: not for post-norm
-    architectures (no ``ln1`` before attention) or shortformer positions (added to the query and key inputs)."""
+    """Whether the block computes ``q, k, v = attn(ln1(resid))`` with nothing added between and plain weights:
+    not for post-norm architectures (no ``ln1`` before attention), shortformer positions (added to the query
+    and key inputs) or 4-bit weights (projected by their own kernel)."""
     cfg = model.cfg
-    return cfg.original_architecture not in POST_NORM_ARCHITECTURES and cfg.positional_embedding_type != "shortformer"
+    return (cfg.original_architecture not in POST_NORM_ARCHITECTURES and cfg.positional_embedding_type != "shortformer"
+            and not getattr(cfg, "load_in_4bit", False))
 
 
 def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
