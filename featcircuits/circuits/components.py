@@ -301,7 +301,7 @@ class ComponentGraph:
             layer = int(names[0].split(".")[1])
             if layer < start_layer:
                 continue
-            if shared_inputs and n_r == self.n_heads and "mlp" not in names[0] and "resid" not in names[0]:
+            if shared_inputs and names == _head_input_hooks(self.model, layer):  # this layer's heads
                 hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
             else:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
