@@ -74,7 +74,7 @@ class DictionaryTrainer:
 
     def _make_loss(self):
         c, arch = self.config, self.config.architecture
-        prefixes = tuple(int(m) for m in c.matryoshka_prefixes)
+        prefixes = tuple(c.matryoshka_prefixes)  # ints: TrainConfig coerces them
         if prefixes and prefixes[-1] >= self.module.W_dec.shape[0]:
             raise ValueError(f"matryoshka_prefixes={list(prefixes)} must stay below d_sae={self.module.W_dec.shape[0]} "
                              "(the full dictionary is always fitted too).")

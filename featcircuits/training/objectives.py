@@ -9,6 +9,7 @@ the batch size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +50,21 @@ def _auxk(
     return _squared_error(aux_reconstruction, residual) / scale
 
 
-def _nested_fit(recon_loss: torch.Tensor, feature_acts: torch.Tensor, module: TrainableDictionary,
-                base: torch.Tensor | float, target: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
+def _nested_fit(recon_loss: torch.Tensor, target: torch.Tensor, prefix_reconstruction: Callable[[int], torch.Tensor],
+                prefixes: tuple[int, ...]) -> torch.Tensor:
     """The reconstruction term with Matryoshka prefixes: the mean of the full dictionary's error
-    ``recon_loss`` and, for each ``m`` in ``prefixes``, the error of latents ``0..m`` decoding alone
-    (``feature_acts [batch, d_sae]``, ``base`` = ``b_dec`` plus the skip path). Without prefixes, ``recon_loss``."""
+    ``recon_loss`` and, for each ``m`` in ``prefixes``, the error of ``prefix_reconstruction(m)``
+    (``[batch, d_out]``: latents ``0..m`` decoding alone). Without prefixes, ``recon_loss``."""
     if not prefixes:
         return recon_loss
-    errors = [_squared_error(feature_acts[:, :m] @ module.W_dec[:m] + base, target) for m in prefixes]
+    errors = [_squared_error(prefix_reconstruction(m), target) for m in prefixes]
     return torch.stack([*errors, recon_loss]).mean()
+
+
+def _dense_prefix(feature_acts: torch.Tensor, module: TrainableDictionary,
+                  base: torch.Tensor | float) -> Callable[[int], torch.Tensor]:
+    """Prefix reconstructions from dense ``feature_acts [batch, d_sae]`` (``base`` = ``b_dec`` plus the skip)."""
+    return lambda m: feature_acts[:, :m] @ module.W_dec[:m] + base
 
 
 def _skip(module: TrainableDictionary, x_raw: torch.Tensor) -> torch.Tensor | float:
@@ -83,11 +90,9 @@ def topk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, prefixe
     base = module.b_dec + _skip(module, x_raw)
     reconstruction = sparse_decode(indices, values, module.W_dec) + base
     recon_loss = _squared_error(reconstruction, target)
-    fit = recon_loss
-    if prefixes:  # each prefix decodes the kept latents below its size
-        errors = [_squared_error(sparse_decode(indices, values * (indices < m), module.W_dec) + base, target)
-                  for m in prefixes]
-        fit = torch.stack([*errors, recon_loss]).mean()
+    # each prefix decodes the kept latents below its size
+    fit = _nested_fit(recon_loss, target,
+                      lambda m: sparse_decode(indices, values * (indices < m), module.W_dec) + base, prefixes)
     active = values > 0
     fire_counts = torch.bincount(indices[active], minlength=module.W_dec.shape[0])
     aux = torch.zeros((), device=pre.device)
@@ -129,7 +134,7 @@ def batchtopk_loss(module, x, x_raw, target, k, dead, k_aux, aux_coefficient, mo
     base = module.b_dec + _skip(module, x_raw)
     reconstruction = feature_acts @ module.W_dec + base
     recon_loss = _squared_error(reconstruction, target)
-    fit = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes)
+    fit = _nested_fit(recon_loss, target, _dense_prefix(feature_acts, module, base), prefixes)
     active = feature_acts > 0
     with torch.no_grad():
         # Running estimate of the inference threshold: an exponential average of the smallest activation
@@ -157,7 +162,7 @@ def relu_loss(module, x, x_raw, target, l1_coefficient, prefixes=()) -> StepOutp
     # Summing over the batch first avoids a [batch, d_sae] product (and its backward); same value.
     l1 = (feature_acts.sum(0) * module.W_dec.norm(dim=-1)).sum() / feature_acts.shape[0]
     fire_counts = (feature_acts > 0).sum(0)
-    loss = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes) + l1_coefficient * l1
+    loss = _nested_fit(recon_loss, target, _dense_prefix(feature_acts, module, base), prefixes) + l1_coefficient * l1
     return StepOutput(loss, recon_loss.detach(), reconstruction, fire_counts,
                       fire_counts.sum().float() / feature_acts.shape[0], torch.zeros((), device=x.device))
 
@@ -206,6 +211,6 @@ def jumprelu_loss(module, x, x_raw, target, l0_coefficient, bandwidth, prefixes=
     recon_loss = _squared_error(reconstruction, target)
     l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
     active = feature_acts > 0
-    loss = _nested_fit(recon_loss, feature_acts, module, base, target, prefixes) + l0_coefficient * l0
+    loss = _nested_fit(recon_loss, target, _dense_prefix(feature_acts, module, base), prefixes) + l0_coefficient * l0
     return StepOutput(loss, recon_loss.detach(), reconstruction, active.sum(0), active.sum(-1).float().mean(),
                       torch.zeros((), device=x.device))
