@@ -6,10 +6,11 @@ from .circuit import Circuit
 from .components import ComponentGraph
 from .discovery import evaluate, find_circuit, make_graph
 from .evaluate import evaluate_circuit, roc_auc
+from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .tasks import METRICS, ContrastiveTask, load_task
 
 __all__ = [
-    "Circuit", "ComponentGraph", "ContrastiveTask", "FeatureGraph", "METRICS", "acdc", "evaluate",
+    "Circuit", "ComponentGraph", "ContrastiveTask", "FeatureEdgeGraph", "FeatureGraph", "METRICS", "acdc", "evaluate",
     "evaluate_circuit", "find_circuit", "load_task", "make_graph", "roc_auc",
 ]

@@ -8,11 +8,17 @@ earlier units' guessed decisions lead to (guess: removed, or an attribution-base
 are read off the chain in order; the chain is exact up to the first wrong guess, and the walk resumes
 after it. The result is the one-forward-per-unit walk's circuit, with about
 ``wrong guesses + units / batch`` forwards.
+
+When the units are edges, an edge into a node with no kept outgoing edge is removed without a forward:
+everything downstream already reads that node's ablated value, so the edge cannot change the metric
+(the literal walk measures a float-rounding change and removes it too). In reverse topological order a
+node's outgoing edges are all decided before its incoming ones, so every edge into a node that left the
+circuit is decided for free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +44,31 @@ def check_tau(tau: float) -> float:
     return tau
 
 
+class _Downstream:
+    """Kept outgoing edges per node, to tell which edges lead into nodes that left the circuit."""
+
+    def __init__(self, edges: Sequence[tuple[Hashable, Hashable]], keep: torch.Tensor) -> None:
+        index: dict[Hashable, int] = {}
+        for sender, receiver in edges:
+            index.setdefault(sender, len(index))
+            index.setdefault(receiver, len(index))
+        self.sender = [index[sender] for sender, _ in edges]
+        self.receiver = [index[receiver] for _, receiver in edges]
+        # sinks (the logits) feed nothing downstream and never leave
+        self.is_sink = [True] * len(index)
+        self.kept_out = [0] * len(index)
+        for unit, sender in enumerate(self.sender):
+            self.is_sink[sender] = False
+            self.kept_out[sender] += int(keep[unit])
+
+    def leads_nowhere(self, unit: int, kept_out: list[int]) -> bool:
+        receiver = self.receiver[unit]
+        return not self.is_sink[receiver] and kept_out[receiver] == 0
+
+    def remove(self, unit: int, kept_out: list[int]) -> None:
+        kept_out[self.sender[unit]] -= 1
+
+
 def acdc(
     evaluate: Callable[[torch.Tensor], torch.Tensor],
     order: Sequence[int],
@@ -47,6 +78,7 @@ def acdc(
     initial_keep: torch.Tensor | None = None,
     reference_gap: float | None = None,
     predicted_keep: torch.Tensor | None = None,
+    edges: Sequence[tuple[Hashable, Hashable]] | None = None,
 ) -> AcdcResult:
     """Run ACDC and return which units survive.
 
@@ -62,6 +94,9 @@ def acdc(
         predicted_keep: ``[n_units]`` guesses of the decisions (e.g. from attribution scores); the chain
             follows them, so a forward decides units up to the first wrong guess. Default: all removed.
             Guesses change only the number of forwards, never the result.
+        edges: ``(sender, receiver)`` of each unit when the units are edges: edges into nodes without
+            kept outgoing edges are then removed without a forward (score 0). Nodes that are never a
+            sender (the logits) always stay.
     """
     check_tau(tau)
     forwards = 0
@@ -75,25 +110,52 @@ def acdc(
     forwards += 1
     scores = torch.full((n_units,), float("inf"))
     guess = torch.zeros(n_units, dtype=torch.bool) if predicted_keep is None else predicted_keep.bool().cpu()
+    downstream = _Downstream(edges, keep) if edges is not None else None
     remaining = [unit for unit in order if keep[unit]]
     while remaining:
-        chain = torch.tensor(remaining[:batch_size])
-        # The chain's state before unit j removes every earlier chain unit predicted removed; copy j tries
-        # removing unit j on top of it.
-        removed_before = torch.tril(torch.ones(len(chain), len(chain)), diagonal=-1) * (~guess[chain]).float()
-        masks = keep.float().repeat(len(chain), 1)
-        masks[:, chain] = 1.0 - removed_before - torch.eye(len(chain))
-        values = evaluate(masks).detach().float().cpu()
-        forwards += 1
-        decided = len(chain)
-        for j in range(len(chain)):
-            change = abs(float(values[j]) - current)
-            scores[chain[j]] = change
+        # The chain: up to batch_size units to evaluate, with the free ones (edges leading nowhere under
+        # the guessed decisions before them) interleaved; their removal too is conditional on the guesses.
+        chain, free, n_tried = [], [], 0
+        kept_out = list(downstream.kept_out) if downstream is not None else []
+        for unit in remaining:
+            is_free = downstream is not None and downstream.leads_nowhere(unit, kept_out)
+            if not is_free:
+                if n_tried == batch_size:
+                    break
+                n_tried += 1
+            chain.append(unit)
+            free.append(is_free)
+            if downstream is not None and (is_free or not guess[unit]):
+                downstream.remove(unit, kept_out)
+        chain_t = torch.tensor(chain)
+        free_t = torch.tensor(free, dtype=torch.bool)
+        tried = (~free_t).nonzero()[:, 0]
+        if len(tried):
+            # The chain's state before unit j removes every earlier chain unit guessed removed (free units
+            # are); copy j tries removing unit j on top of it.
+            guessed_removed = (free_t | ~guess[chain_t]).float()
+            removed_before = torch.tril(torch.ones(len(chain), len(chain)), diagonal=-1) * guessed_removed
+            masks = keep.float().repeat(len(tried), 1)
+            masks[:, chain_t] = 1.0 - removed_before[tried] - torch.eye(len(chain))[tried]
+            values = evaluate(masks).detach().float().cpu()
+            forwards += 1
+        decided, copy = len(chain), 0
+        for j, unit in enumerate(chain):
+            if free[j]:
+                keep[unit] = False
+                scores[unit] = 0.0
+                downstream.remove(unit, downstream.kept_out)
+                continue
+            change = abs(float(values[copy]) - current)
+            copy += 1
+            scores[unit] = change
             remove = change < threshold
             if remove:
-                keep[chain[j]] = False
-                current = float(values[j])
-            if remove == bool(guess[chain[j]]):
+                keep[unit] = False
+                current = float(values[copy - 1])
+                if downstream is not None:
+                    downstream.remove(unit, downstream.kept_out)
+            if remove == bool(guess[unit]):
                 # mispredicted: later copies assumed the other decision, so they are discarded
                 decided = j + 1
                 break

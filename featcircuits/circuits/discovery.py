@@ -13,6 +13,7 @@ from .acdc import acdc, check_tau
 from .circuit import Circuit
 from .components import ComponentGraph
 from .evaluate import evaluate_circuit
+from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .receivers import check_receivers
 from .tasks import ContrastiveTask, load_task
@@ -69,8 +70,9 @@ def find_circuit(
     positions: str = "each",
     sites: Sequence[str] | None = None,
     batch_size: int = 64,
-    graph: ComponentGraph | FeatureGraph | None = None,
+    graph: ComponentGraph | FeatureGraph | FeatureEdgeGraph | None = None,
     receivers: str = "linear",
+    max_edges: int | None = None,
 ) -> Circuit:
     """Find a circuit for ``task`` and return it scored and selected.
 
@@ -80,7 +82,9 @@ def find_circuit(
         task: a :class:`ContrastiveTask`, a task JSON path, or a list of pair dicts.
         method: ``atp`` (attribution patching), ``ig`` (AtP with integrated gradients, ``steps``
             midpoints) or ``acdc``.
-        level: ``nodes`` or ``edges`` (edges: component graphs only).
+        level: ``nodes`` or ``edges``. Feature edges are the linear graph's edges between feature and
+            error nodes (and into the logits), ablated in the local replacement model (see
+            :mod:`featcircuits.circuits.feature_edges`); they need ``positions="each"``.
         tau: in [0, 1], a fraction of the gap ``|m(model) - m(all ablated)|``: ACDC removes a unit whose
             removal changes the metric by less than that; AtP/IG keep units whose estimated effect is at
             least that (unless ``top_k`` is given).
@@ -92,6 +96,8 @@ def find_circuit(
             receiver rerun with the edge removed: AtP*'s QK fix extended to values and MLPs) or ``secant``
             (``exact``, plus the receiver's exact node effect along its own ablation); see
             :mod:`featcircuits.circuits.receivers`. ACDC uses it for its guesses and pre-filter.
+        max_edges: feature edges only: keep the ``max_edges`` candidate edges with the largest |AtP|
+            (the others stay in the model); default all edges with a non-zero weight.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
@@ -105,8 +111,12 @@ def find_circuit(
         raise ValueError(f"steps={steps}; integrated gradients needs at least 1 step.")
     if graph is None:
         graph = make_graph(model, task, dictionaries, ablation, metric, positions, sites, max_copies=batch_size)
-    if level == "edges" and not isinstance(graph, ComponentGraph):
-        raise ValueError("Edge-level circuits are available for component graphs; use level='nodes' for features.")
+    if max_edges is not None and not (level == "edges" and isinstance(graph, FeatureGraph | FeatureEdgeGraph)):
+        raise ValueError("max_edges limits feature edges; use it with dictionaries and level='edges'.")
+    if level == "edges" and isinstance(graph, FeatureGraph):
+        graph = FeatureEdgeGraph(graph, max_edges=max_edges)
+    if level == "nodes" and isinstance(graph, FeatureEdgeGraph):
+        graph = graph.nodes
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
     attribute = (graph.node_attribution if level == "nodes"
@@ -137,7 +147,9 @@ def find_circuit(
             initial[estimate.argsort(descending=True)[:prefilter]] = True
             params["prefilter"] = prefilter
         result = acdc(run, list(reversed(range(n_units))), n_units, tau, batch_size=batch_size,
-                      initial_keep=initial, reference_gap=gap, predicted_keep=estimate >= tau * gap)
+                      initial_keep=initial, reference_gap=gap, predicted_keep=estimate >= tau * gap,
+                      # edges into nodes that left the circuit are free only if every edge is a candidate
+                      edges=graph.edge_ids if level == "edges" and getattr(graph, "complete", True) else None)
         scores = result.scores.clone()
         if initial is not None:
             scores[~initial] = 0.0  # never tried: the pre-filter judged them unimportant
@@ -153,7 +165,7 @@ def find_circuit(
     return circuit
 
 
-def evaluate(circuit: Circuit, graph: ComponentGraph | FeatureGraph | None = None,
+def evaluate(circuit: Circuit, graph: ComponentGraph | FeatureGraph | FeatureEdgeGraph | None = None,
              sizes: Sequence[int] | None = None) -> dict[str, Any]:
     """Faithfulness, completeness, the size sweep curve, CPR and CMD of ``circuit`` (see
     :func:`featcircuits.circuits.evaluate.evaluate_circuit`). ``graph`` defaults to the one the circuit

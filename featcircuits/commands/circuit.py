@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="circuit JSON to write (the curve goes beside it as .csv)")
     parser.add_argument("--ablation", default="patch", choices=["zero", "mean", "patch"])
     parser.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl"])
-    parser.add_argument("--level", default="nodes", choices=["nodes", "edges"], help="edges: components only")
+    parser.add_argument("--level", default="nodes", choices=["nodes", "edges"],
+                        help="edges: between heads/MLPs, or with --dictionaries the linear graph's feature edges")
     parser.add_argument("--receivers", default="linear", choices=["linear", "exact", "secant"],
                         help="edge AtP estimator (--level edges): plain AtP, receivers re-run, or secant downstream")
     parser.add_argument("--positions", default="each", choices=["each", "sum"], help="feature nodes per position or summed")
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="AtP/IG: select the k best units instead of a tau threshold")
     parser.add_argument("--steps", type=int, default=8, help="integrated-gradients steps (--method ig)")
     parser.add_argument("--prefilter", type=int, help="ACDC: only try the N units with the largest AtP scores")
+    parser.add_argument("--max-edges", type=int,
+                        help="feature edges: keep the N candidate edges with the largest |AtP| (default: all)")
     parser.add_argument("--sizes", type=int, nargs="+", help="circuit sizes (units) of the faithfulness sweep")
     parser.add_argument("--batch-size", type=int, default=64, help="ablation patterns per forward")
     parser.add_argument("--device", default="cpu")
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     circuit = find_circuit(
         model, task, args.method, dictionaries=dictionaries, level=args.level, ablation=args.ablation,
         metric=args.metric, tau=args.tau, steps=args.steps, top_k=args.top_k, prefilter=args.prefilter,
-        positions=args.positions, batch_size=args.batch_size, receivers=args.receivers,
+        positions=args.positions, batch_size=args.batch_size, receivers=args.receivers, max_edges=args.max_edges,
     )
     result = evaluate(circuit, sizes=args.sizes)
     out = Path(args.out)

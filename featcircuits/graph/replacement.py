@@ -273,6 +273,7 @@ class ReplacementModel:
         return_acts: bool = False,
         output_deltas: dict[str, torch.Tensor] | None = None,
         compute_logits: bool = True,
+        features_from_inputs: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> ReplacementOutput:
         """Run the replacement model, optionally patched, over a batch of patch patterns.
 
@@ -288,6 +289,10 @@ class ReplacementModel:
             output_deltas: (frozen runs) per site name or ``"embed"``, a tensor ``[batch, pos, d_model]``
                 added to the site output; build_graph takes gradients with respect to these.
             compute_logits: skip the unembedding when False (``out.final`` is still returned).
+            features_from_inputs: (frozen runs) ``(site name, site input [batch, pos, d_in]) -> feature
+                activations [batch, pos, d_sae]``: features are recomputed from their frozen-model input
+                (e.g. ``dictionary.encode``, or with edited pre-activations) instead of held at the clean
+                run's; ``feature_acts`` patches still apply on top.
         """
         feature_acts, errors, output_deltas = feature_acts or {}, errors or {}, output_deltas or {}
         for name in (*feature_acts, *errors):
@@ -298,9 +303,14 @@ class ReplacementModel:
             batch_size = max([p.shape[0] for p in tensors if p.dim() == 3] + [1])
         state: dict[str, torch.Tensor] = {}
         out = ReplacementOutput(logits=torch.empty(0), final=torch.empty(0))
-        hooks = (self._frozen_hooks if clean is not None else self._live_hooks)(
-            clean, batch_size, feature_acts, errors, embeddings, output_deltas, out, return_acts, state
-        )
+        if clean is None and features_from_inputs is not None:
+            raise ValueError("features_from_inputs applies to frozen runs; pass clean=replacement.clean_run(...).")
+        if clean is not None:
+            hooks = self._frozen_hooks(clean, batch_size, feature_acts, errors, embeddings, output_deltas, out,
+                                       return_acts, state, features_from_inputs)
+        else:
+            hooks = self._live_hooks(clean, batch_size, feature_acts, errors, embeddings, output_deltas, out,
+                                     return_acts, state)
         with self.model.hooks(fwd_hooks=hooks):
             resid = self.model(tokens[None].expand(batch_size, -1), stop_at_layer=self.cfg.n_layers)
             final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
@@ -346,7 +356,8 @@ class ReplacementModel:
             hooks.append((site.hook_out, write))
         return hooks
 
-    def _frozen_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):
+    def _frozen_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state,
+                      features_from_inputs=None):
         """Hooks of the frozen replacement model: clean patterns and scales, features and errors as inputs."""
         if clean.logits.shape[0] != clean.n_pos:
             raise ValueError("The CleanRun is incomplete; build it with ReplacementModel.clean_run.")
@@ -383,7 +394,10 @@ class ReplacementModel:
                 return x
 
             def write(value, hook, name=name, d=d, error_of=error_of):
-                if name in feature_patch:
+                if features_from_inputs is not None:
+                    acts = _apply_patch(features_from_inputs(name, out.inputs[name]), feature_patch.get(name))
+                    recon = self._feature_part(d, acts)
+                elif name in feature_patch:
                     acts = _apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
                     recon = self._feature_part(d, acts)
                 else:

@@ -1,0 +1,345 @@
+"""Edges between feature and error nodes, taken from the linear graph of the local replacement model.
+
+The local replacement model of a prompt is the frozen replacement model (the clean run's attention
+patterns and normalisation scales, error terms as inputs) with every dictionary's features recomputed
+from their input. From feature activations and error terms to each site's encoder pre-activations and to
+the final residual stream it is linear, so a sender's (feature or error node) direct effect on a receiver
+(a later feature's pre-activation, or the logits through the final residual stream) is an exact edge
+weight, the linear graph's edge. Removing the edge ``u -> d`` gives that one edge the sender's ablated
+value::
+
+    pre_d  =  pre_d(current run)  +  W_du * (ablated_u - current_u)
+
+(the same on the last position's final residual stream for edges into the logits). Features that are not
+nodes (equal in the clean and the ablated runs, e.g. inactive in both) hold their clean value, as they do
+in the linear graph, which has no place for them. Removing every edge out of ``u`` is then ablating node
+``u``; removing every edge ablates every node.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .features import FeatureGraph
+
+__all__ = ["FeatureEdgeGraph"]
+
+LOGITS = "logits"
+
+
+class FeatureEdgeGraph:
+    """Edges of ``nodes`` (a :class:`FeatureGraph` with one node per position) for edge AtP and ACDC.
+
+    Args:
+        nodes: the feature/error nodes, their task, ablation and metric.
+        max_edges: keep only this many candidate edges, those with the largest |AtP| score (all edges
+            with a non-zero weight when None). Edges left out always stay in the model.
+        chunk: receivers whose weights one batched backward pass computes.
+
+    Attributes:
+        edge_ids: ``(sender node id, receiver node id or "logits")`` in topological order of receivers.
+        complete: every non-zero edge is a candidate (ACDC may then decide edges into nodes that left the
+            circuit without a forward).
+    """
+
+    def __init__(self, nodes: FeatureGraph, max_edges: int | None = None, chunk: int = 64) -> None:
+        if nodes.positions != "each":
+            raise ValueError("Feature edges connect nodes at positions; build the FeatureGraph with "
+                             "positions='each' (positions='sum' has no per-position edges).")
+        if max_edges is not None and max_edges < 1:
+            raise ValueError(f"max_edges={max_edges}; keep at least one edge, or None for all.")
+        self.nodes, self.rm, self.task = nodes, nodes.rm, nodes.task
+        self.ablation, self.metric_fn, self.max_copies = nodes.ablation, nodes.metric_fn, nodes.max_copies
+        self.node_ids = list(nodes.node_ids)
+        self.clean_last, self.full_metric = nodes.clean_last, nodes.full_metric
+        self.forwards = 0
+        self._chunk = chunk
+        self._index_nodes()
+        self._clean_runs = [self.rm.clean_run(nodes._prompt(i)) for i in range(len(self.task))]
+        self.forwards += len(self.task)
+        self._collect_edges(max_edges)
+
+    # -- nodes ----------------------------------------------------------------------------------
+
+    def _index_nodes(self) -> None:
+        site_order = {site.name: i for i, site in enumerate(self.rm.sites)}
+        n = len(self.node_ids)
+        self._site = torch.empty(n, dtype=torch.long)
+        self._pos = torch.empty(n, dtype=torch.long)
+        self._feat = torch.full((n,), -1, dtype=torch.long)
+        self._is_error = torch.zeros(n, dtype=torch.bool)
+        for key, site, start, pos, feats in self.nodes._site_units:
+            span = slice(start, start + len(feats))
+            self._site[span] = site_order[site]
+            self._pos[span] = pos.cpu()
+            if key.startswith("error:"):
+                self._is_error[span] = True
+            else:
+                self._feat[span] = feats.cpu()
+        self._receivers = (~self._is_error).nonzero()[:, 0]  # feature nodes; the logits come last
+        self._site_index = site_order
+        self._site_nodes = {i: ((self._site == i) & ~self._is_error).nonzero()[:, 0] for i in site_order.values()}
+
+    def _sender_delta(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per node: ablated minus clean feature activation ``[n_nodes]`` (0 for errors), and per site
+        the error terms' ablated minus clean ``[pos, d_model]``."""
+        values = self.nodes.values[index]
+        n_pos = self._clean_runs[index].n_pos
+        delta = torch.zeros(len(self.node_ids))
+        errors = {}
+        for key, (clean, ablated) in values.items():
+            if key.startswith("error:"):
+                errors[key.split(":", 1)[1]] = (ablated - clean).detach()
+        for key, _, start, pos, feats in self.nodes._site_units:
+            if key.startswith("feat:"):
+                clean, ablated = values[key]
+                inside = pos < n_pos
+                diff = (ablated - clean)[pos[inside], feats[inside]].detach().cpu()
+                delta[start:start + len(feats)][inside.cpu()] = diff
+        return delta, errors
+
+    # -- edge weights -----------------------------------------------------------------------------
+
+    def _jacobian_rows(self, index: int, receivers: torch.Tensor | None) -> torch.Tensor:
+        """Direct effects on ``receivers`` (feature node indices; None: the last position's final residual
+        stream, one row per dimension) of every node: ``[rows, n_nodes]``, per unit of a feature's
+        activation, and for an error node its whole ablation (ablated minus clean error term)."""
+        clean = self._clean_runs[index]
+        rm = self.rm
+        rows = clean.final.shape[-1] if receivers is None else len(receivers)
+        feature_leaves = {name: acts.expand(rows, -1, -1).clone().requires_grad_()
+                          for name, acts in clean.feature_acts.items()}
+        error_leaves = {name: err.expand(rows, -1, -1).clone().requires_grad_() for name, err in clean.errors.items()}
+        with torch.enable_grad():
+            out = rm.run(clean.tokens, clean=clean, feature_acts=feature_leaves, errors=error_leaves,
+                         batch_size=rows, return_acts=receivers is not None, compute_logits=False)
+            if receivers is None:
+                objective = out.final[:, -1].diagonal().sum()
+            else:
+                objective = out.final.new_zeros(())
+                row = torch.arange(rows)
+                for site_index in self._site[receivers].unique().tolist():
+                    name = rm.sites[site_index].name
+                    here = self._site[receivers] == site_index
+                    pick = receivers[here]
+                    objective = objective + out.pre_acts[name][row[here], self._pos[pick], self._feat[pick]].sum()
+            leaves = [*feature_leaves.values(), *error_leaves.values()]
+            grads = dict(zip([*feature_leaves, *("error:" + k for k in error_leaves)],
+                             torch.autograd.grad(objective, leaves, allow_unused=True), strict=True))
+        self.forwards += 1
+        _, error_delta = self._sender_delta(index)
+        weights = torch.zeros(rows, len(self.node_ids))
+        for key, site, start, pos, feats in self.nodes._site_units:
+            grad = grads.get(site if key.startswith("feat:") else "error:" + site)
+            if grad is None:
+                continue
+            inside = pos < clean.n_pos
+            if key.startswith("feat:"):
+                values = grad[:, pos[inside], feats[inside]]
+            else:
+                values = (grad[:, pos[inside]] * error_delta[site][pos[inside]]).sum(-1)
+            weights[:, start:start + len(feats)][:, inside.cpu()] = values.detach().cpu()
+        return weights
+
+    def _metric_gradients(self, index: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over the IG points ``clean + alpha (ablated - clean)`` of the metric's gradient with respect
+        to every feature node's pre-activation ``[n_nodes]`` and the last final residual ``[d_model]``."""
+        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
+        clean = self._clean_runs[index]
+        values = self.nodes.values[index]
+        device = clean.final.device
+        alphas = alphas.to(device).view(-1, 1, 1)
+        shifts = {name: torch.zeros(steps, *acts.shape, device=device, requires_grad=True)
+                  for name, acts in clean.feature_acts.items()}
+        final_shift = torch.zeros(steps, clean.final.shape[-1], device=device, requires_grad=True)
+        targets = {key: clean_v + alphas * (ablated - clean_v) for key, (clean_v, ablated) in values.items()}
+
+        def features(name: str, x: torch.Tensor) -> torch.Tensor:
+            d = self.rm.site(name).dictionary
+            acts = d.activation(d.pre_acts(x) + shifts[name])
+            # every node sits at its interpolated value, gradients passing through it as the identity; the
+            # other features hold their clean value
+            held = targets.get("feat:" + name, clean.feature_acts[name])
+            return held + self._node_mask(index, name) * (acts - acts.detach())
+
+        errors = {key.split(":", 1)[1]: target for key, target in targets.items() if key.startswith("error:")}
+        with torch.enable_grad():
+            out = self.rm.run(clean.tokens, clean=clean, errors=errors, batch_size=steps,
+                              features_from_inputs=features, compute_logits=False)
+            logits = self.rm.model.unembed((out.final[:, -1] + final_shift)[:, None])[:, 0]
+            metric = self._prompt_metric(index, logits).sum() / steps
+            grads = torch.autograd.grad(metric, [*shifts.values(), final_shift])
+        self.forwards += 1
+        by_site = dict(zip(shifts, grads[:-1], strict=True))
+        node_grad = torch.zeros(len(self.node_ids))
+        for key, site, start, pos, feats in self.nodes._site_units:
+            if key.startswith("feat:"):
+                inside = pos < clean.n_pos
+                node_grad[start:start + len(feats)][inside.cpu()] = \
+                    by_site[site].sum(0)[pos[inside], feats[inside]].detach().cpu()
+        return node_grad, grads[-1].sum(0).detach().cpu()
+
+    def _prompt_metric(self, index: int, last_logits: torch.Tensor) -> torch.Tensor:
+        """The task metric with prompt ``index`` at ``last_logits [copies, vocab]`` and every other prompt at
+        its clean logits: its gradient is that prompt's share of the metric's."""
+        last = self.clean_last[None].expand(last_logits.shape[0], -1, -1).clone()
+        last[:, index] = last_logits
+        return self.metric_fn(self.task, last, self.clean_last)
+
+    def _collect_edges(self, max_edges: int | None) -> None:
+        """Candidate edges (non-zero weight in some prompt), their per-prompt weights and AtP scores."""
+        n_prompts = len(self.task)
+        gradients = [self._metric_gradients(i, 1) for i in range(n_prompts)]
+        # a feature's weight is per unit of activation, an error's is its whole ablation
+        per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()
+        self._gradients_atp = gradients
+        sender, receiver, score, weight = [], [], [], []  # edges into features; weight [edges, prompts]
+
+        def keep_best(k: int) -> None:
+            best = torch.cat(score).abs().topk(min(k, sum(len(x) for x in score))).indices
+            for pool in (sender, receiver, score, weight):
+                pool[:] = [torch.cat(pool)[best]]
+
+        for chunk in self._receivers.split(self._chunk):
+            w = torch.stack([self._jacobian_rows(i, chunk) for i in range(n_prompts)])  # [prompts, rows, nodes]
+            grads = torch.stack([g[0][chunk] for g in gradients])[:, :, None]
+            rows, senders = (w != 0).any(0).nonzero(as_tuple=True)
+            sender.append(senders)
+            receiver.append(chunk[rows])
+            score.append((w * per_unit[:, None, :] * grads).sum(0)[rows, senders])
+            weight.append(w[:, rows, senders].T)
+            if max_edges is not None and sum(len(x) for x in score) > 2 * max_edges:
+                keep_best(max_edges)
+        # edges into the logits: rows are the last position's final residual dimensions
+        w = torch.stack([self._jacobian_rows(i, None) for i in range(n_prompts)])  # [prompts, d_model, nodes]
+        grads = torch.stack([g[1] for g in gradients])[:, :, None]
+        logit_senders = (w != 0).any(0).any(0).nonzero()[:, 0]
+        logit_scores = (w * per_unit[:, None, :] * grads).sum((0, 1))[logit_senders]
+        logit_weights = w[:, :, logit_senders].permute(2, 0, 1)  # [edges, prompts, d_model]
+        sender, receiver = torch.cat(sender), torch.cat(receiver)
+        score, weight = torch.cat(score), torch.cat(weight)
+        if max_edges is not None and len(score) + len(logit_scores) > max_edges:
+            cut = torch.cat([score, logit_scores]).abs().topk(max_edges).values[-1]
+            into_features, into_logits = score.abs() >= cut, logit_scores.abs() >= cut
+            sender, receiver, score, weight = (x[into_features] for x in (sender, receiver, score, weight))
+            logit_senders, logit_scores, logit_weights = (x[into_logits] for x in
+                                                          (logit_senders, logit_scores, logit_weights))
+            self.complete = False
+        else:
+            self.complete = True
+        # topological order of receivers (node order is site-major), the logits last
+        order = torch.argsort(receiver * (len(self.node_ids) + 1) + sender)
+        self._edge_sender = torch.cat([sender[order], logit_senders])
+        self._edge_receiver = torch.cat([receiver[order], torch.full_like(logit_senders, -1)])
+        self._feature_weights, self._logit_weights = weight[order], logit_weights
+        self._atp = torch.cat([score[order], logit_scores])
+        self.n_feature_edges = len(order)
+        receiver_site = self._site[self._edge_receiver[:len(order)]]
+        self._edges_into = {i: (receiver_site == i).nonzero()[:, 0] for i in self._site_index.values()}
+        ids = self.node_ids
+        self.edge_ids: list[tuple[str, str]] = [
+            (ids[s], ids[r] if r >= 0 else LOGITS)
+            for s, r in zip(self._edge_sender.tolist(), self._edge_receiver.tolist(), strict=True)]
+
+    # -- running ------------------------------------------------------------------------------
+
+    def edge_metric(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep [copies, n_edges]`` (1 keeps, 0 removes) -> metric ``[copies]`` in the local replacement
+        model; one batched forward per prompt per ``max_copies`` patterns."""
+        keep = keep.float().cpu()
+        return torch.cat([self._edge_metric_chunk(chunk) for chunk in keep.split(self.max_copies)])
+
+    @torch.no_grad()
+    def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
+        removed = 1.0 - keep
+        last = [self._last_logits(index, removed) for index in range(len(self.task))]
+        return self.metric_fn(self.task, torch.stack(last, dim=1), self.clean_last).cpu()
+
+    def _last_logits(self, index: int, removed: torch.Tensor) -> torch.Tensor:
+        """Prompt ``index``'s last logits ``[copies, vocab]`` with ``removed [copies, n_edges]`` edges gone."""
+        clean = self._clean_runs[index]
+        copies, n_f, device = removed.shape[0], self.n_feature_edges, clean.final.device
+        sender, receiver = self._edge_sender, self._edge_receiver[:n_f]
+        ablated = self._node_values(index, 1)
+        current = self._node_values(index, 0).repeat(copies, 1)  # every node's value in each pattern
+
+        def change(edges: slice | torch.Tensor) -> torch.Tensor:
+            # per removed edge, the sender's ablated minus current value (an error edge's weight is whole)
+            s = sender[edges]
+            delta = torch.where(self._is_error[s], torch.ones(()), ablated[s] - current[:, s])
+            return removed[:, edges] * delta
+
+        def features(name: str, x: torch.Tensor) -> torch.Tensor:
+            site_index = self._site_index[name]
+            d = self.rm.site(name).dictionary
+            pre = d.pre_acts(x)
+            edges = self._edges_into[site_index]
+            r = receiver[edges]
+            inside = self._pos[r] < clean.n_pos
+            if inside.any():
+                edges, r = edges[inside], r[inside]
+                amount = change(edges) * self._feature_weights[edges, index]
+                flat = self._pos[r] * pre.shape[-1] + self._feat[r]
+                correction = torch.zeros(copies, pre.shape[1] * pre.shape[2]).index_add_(1, flat, amount)
+                pre = pre + correction.view_as(pre).to(device, pre.dtype)
+            nodes = self._site_nodes[site_index]
+            nodes = nodes[self._pos[nodes] < clean.n_pos]
+            pos, feat = self._pos[nodes].to(device), self._feat[nodes].to(device)
+            acts = clean.feature_acts[name].expand_as(pre).clone()  # features that are not nodes hold
+            acts[:, pos, feat] = d.activation(pre)[:, pos, feat]
+            current[:, nodes] = acts[:, pos, feat].float().cpu()
+            return acts
+
+        out = self.rm.run(clean.tokens, clean=clean, batch_size=copies, features_from_inputs=features,
+                          compute_logits=False)
+        self.forwards += 1
+        final = out.final[:, -1]
+        if len(self._logit_weights):
+            correction = torch.einsum("ce,ed->cd", change(slice(n_f, len(sender))), self._logit_weights[:, index])
+            final = final + correction.to(device, final.dtype)
+        return self.rm.model.unembed(final[:, None])[:, 0]
+
+    def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
+        """AtP (``steps=1``) / AtP-IG edge scores ``[n_edges]``: weight x (ablated - clean sender value) x
+        the metric's gradient at the receiver (mean over the IG points)."""
+        if receivers != "linear":
+            raise ValueError(f"receivers={receivers!r}: feature edges are exact linear maps, so only "
+                             "receivers='linear' applies to them.")
+        if steps == 1:
+            return self._atp.clone()
+        scores = torch.zeros(len(self.edge_ids))
+        n_f = self.n_feature_edges
+        s, r = self._edge_sender, self._edge_receiver[:n_f]
+        for index in range(len(self.task)):
+            node_grad, final_grad = self._metric_gradients(index, steps)
+            per_unit = self._sender_delta(index)[0] + self._is_error.float()
+            scores[:n_f] += self._feature_weights[:, index] * per_unit[s[:n_f]] * node_grad[r]
+            scores[n_f:] += (self._logit_weights[:, index] @ final_grad) * per_unit[s[n_f:]]
+        return scores
+
+    def _node_mask(self, index: int, name: str) -> torch.Tensor:
+        """``[pos, d_sae]``: 1 where prompt ``index``'s site ``name`` has a feature node."""
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        if (index, name) not in cache:
+            clean = self._clean_runs[index]
+            mask = torch.zeros_like(clean.feature_acts[name])
+            nodes = self._site_nodes[self._site_index[name]]
+            nodes = nodes[self._pos[nodes] < clean.n_pos]
+            mask[self._pos[nodes], self._feat[nodes]] = 1.0
+            cache[(index, name)] = mask
+        return cache[(index, name)]
+
+    def _node_values(self, index: int, which: int) -> torch.Tensor:
+        """Clean (``which=0``) or ablated (1) activation of every feature node ``[n_nodes]`` in prompt
+        ``index`` (0 for errors and positions past the prompt)."""
+        cache = self.__dict__.setdefault("_value_cache", {})
+        if (index, which) not in cache:
+            values = torch.zeros(len(self.node_ids))
+            n_pos = self._clean_runs[index].n_pos
+            for key, _, start, pos, feats in self.nodes._site_units:
+                if key.startswith("feat:"):
+                    inside = pos < n_pos
+                    acts = self.nodes.values[index][key][which]
+                    values[start:start + len(feats)][inside.cpu()] = acts[pos[inside], feats[inside]].float().cpu()
+            cache[(index, which)] = values
+        return cache[(index, which)]
