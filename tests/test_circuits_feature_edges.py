@@ -13,22 +13,33 @@ from featcircuits.dictionaries import Dictionary, DictionaryConfig
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def replacement(tiny_gpt2):
+def _replacement(model, widths: tuple[int, int]):
     from featcircuits.graph.replacement import ReplacementModel
 
     torch.manual_seed(0)
-    d = tiny_gpt2.cfg.d_model
+    d = model.cfg.d_model
     transcoder = Dictionary.from_config(DictionaryConfig(
-        d_in=d, d_sae=48, kind="transcoder", hook_in="blocks.0.ln2.hook_normalized", hook_out="blocks.0.hook_mlp_out",
-        layer=0))
-    sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=40, hook_in="blocks.1.hook_resid_pre", layer=1))
-    return ReplacementModel(tiny_gpt2, [transcoder, sae])
+        d_in=d, d_sae=widths[0], kind="transcoder", hook_in="blocks.0.ln2.hook_normalized",
+        hook_out="blocks.0.hook_mlp_out", layer=0))
+    sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=widths[1], hook_in="blocks.1.hook_resid_pre", layer=1))
+    return ReplacementModel(model, [transcoder, sae])
+
+
+@pytest.fixture(scope="module")
+def replacement(tiny_gpt2):
+    return _replacement(tiny_gpt2, (48, 40))
 
 
 @pytest.fixture(scope="module")
 def task(tiny_gpt2):
-    return random_token_task(tiny_gpt2, 3, 5, 1)
+    from featcircuits.circuits import ContrastiveTask
+
+    # prompts of two lengths: receivers past the shorter prompt's end carry no weight there
+    generator = torch.Generator().manual_seed(1)
+    pairs = [{"clean": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "corrupt": torch.randint(0, 97, (length,), generator=generator).tolist(),
+              "answer": 3, "distractor": 5} for length in (5, 4, 5)]
+    return ContrastiveTask.from_pairs(tiny_gpt2, pairs)
 
 
 @pytest.fixture(scope="module", params=["zero", "patch"])
@@ -57,11 +68,12 @@ def _local_model_with_node_ablated(edges: FeatureEdgeGraph, node: int) -> float:
                 masks[s][p[inside], f[inside]] = True
         acts = {name: a.clone() for name, a in clean.feature_acts.items()}
         errors = {}
-        if key.startswith("error:"):
+        present = pos < clean.n_pos  # the node's position exists in this prompt
+        if present and key.startswith("error:"):
             errors[site] = clean.errors[site].clone()
             errors[site][pos] = ablated[pos]
         for _ in range(len(rm.sites) + 1):
-            if key.startswith("feat:"):
+            if present and key.startswith("feat:"):
                 acts[site][pos, feat] = ablated[pos, feat]
             out = rm.run(clean.tokens, clean=clean, feature_acts={n: a[None] for n, a in acts.items()},
                          errors=errors, return_acts=True)
@@ -117,7 +129,9 @@ def test_attribution_of_edges_into_the_logits_is_their_exact_effect_under_logit_
     assert torch.allclose(scores[picked], measured, atol=1e-5)
 
 
-def test_feature_edge_acdc_matches_the_one_forward_per_edge_walk_and_round_trips(replacement, task, tmp_path):
+def test_feature_edge_acdc_matches_the_one_forward_per_edge_walk_and_round_trips(tiny_gpt2, tmp_path):
+    # narrow dictionaries and two short pairs keep the literal walk (one forward per edge) short
+    replacement, task = _replacement(tiny_gpt2, (8, 8)), random_token_task(tiny_gpt2, 2, 4, 2)
     circuit = find_circuit(replacement, task, "acdc", level="edges", tau=0.02, ablation="patch")
     graph = circuit.graph
     assert isinstance(graph, FeatureEdgeGraph) and graph.complete

@@ -118,9 +118,10 @@ class FeatureEdgeGraph:
             else:
                 objective = out.final.new_zeros(())
                 row = torch.arange(rows)
+                inside = self._pos[receivers] < clean.n_pos  # receivers past a shorter prompt get no weights
                 for site_index in self._site[receivers].unique().tolist():
                     name = rm.sites[site_index].name
-                    here = self._site[receivers] == site_index
+                    here = (self._site[receivers] == site_index) & inside
                     pick = receivers[here]
                     objective = objective + out.pre_acts[name][row[here], self._pos[pick], self._feat[pick]].sum()
             leaves = [*feature_leaves.values(), *error_leaves.values()]
