@@ -54,6 +54,8 @@ class FeatureEdgeGraph:
         self.clean_last, self.full_metric = nodes.clean_last, nodes.full_metric
         self.forwards = 0
         self._chunk = chunk
+        self._masks: dict[tuple[int, str], torch.Tensor] = {}  # (prompt, site) -> node mask [pos, d_sae]
+        self._values: dict[tuple[int, int], torch.Tensor] = {}  # (prompt, clean 0 / ablated 1) -> [n_nodes]
         self._index_nodes()
         self._clean_runs = [self.rm.clean_run(nodes._prompt(i)) for i in range(len(self.task))]
         self.forwards += len(self.task)
@@ -320,7 +322,7 @@ class FeatureEdgeGraph:
 
     def _node_mask(self, index: int, name: str) -> torch.Tensor:
         """``[pos, d_sae]``: 1 where prompt ``index``'s site ``name`` has a feature node."""
-        cache = self.__dict__.setdefault("_mask_cache", {})
+        cache = self._masks
         if (index, name) not in cache:
             clean = self._clean_runs[index]
             mask = torch.zeros_like(clean.feature_acts[name])
@@ -333,7 +335,7 @@ class FeatureEdgeGraph:
     def _node_values(self, index: int, which: int) -> torch.Tensor:
         """Clean (``which=0``) or ablated (1) activation of every feature node ``[n_nodes]`` in prompt
         ``index`` (0 for errors and positions past the prompt)."""
-        cache = self.__dict__.setdefault("_value_cache", {})
+        cache = self._values
         if (index, which) not in cache:
             values = torch.zeros(len(self.node_ids))
             n_pos = self._clean_runs[index].n_pos
