@@ -75,3 +75,27 @@ def test_circuit_command_passes_the_edge_estimator(stories_path, tmp_path, capsy
     capsys.readouterr()
     assert main([*args, "--receivers", "exact"]) == 2  # node circuits have no receivers to refine
     assert "receivers='exact' refines edge AtP" in capsys.readouterr().err
+
+
+def test_circuit_command_finds_feature_edges_with_dictionaries(stories_model, stories_path, tmp_path, capsys):
+    from featcircuits.dictionaries import Dictionary, DictionaryConfig
+
+    torch.manual_seed(0)
+    d = stories_model.cfg.d_model
+    for layer in (3, 4):  # narrow random transcoders on the last two MLPs keep the edge set small
+        Dictionary.from_config(DictionaryConfig(
+            d_in=d, d_sae=16, kind="transcoder", hook_in=f"blocks.{layer}.ln2.hook_normalized",
+            hook_out=f"blocks.{layer}.hook_mlp_out", layer=layer)).save(str(tmp_path / "dicts" / f"layer{layer}"))
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(PAIRS[:1]))
+    out = tmp_path / "edges.json"
+    assert main(["circuit", "--model", str(stories_path), "--dictionaries", str(tmp_path / "dicts"), "--task",
+                 str(task), "--method", "acdc", "--level", "edges", "--max-edges", "40", "--tau", "0.01",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.search(r"\(40 candidate edges\)", "\n".join(lines))
+    circuit = Circuit.load(out)
+    assert circuit.level == "edges" and len(circuit.edge_ids) == 40 and 0 < len(circuit.edges) <= 40
+    # error terms are inputs of the local replacement model: edges end at features or at the logits
+    assert all(receiver == "logits" or ":error@" not in receiver for _, receiver in circuit.edges)
+    assert any(receiver != "logits" for _, receiver in circuit.edge_ids)
