@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_task
+from conftest import TINY_GPT2_CONFIG, random_token_task
 
 from featcircuits.circuits import Circuit, FeatureEdgeGraph, FeatureGraph, acdc, evaluate, find_circuit
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
@@ -157,6 +157,14 @@ def test_max_edges_keeps_the_largest_attributions_and_marks_the_set_incomplete(r
     assert len(few.edge_ids) == 50 and not few.complete
     cut = every.edge_attribution().abs().topk(50).values
     assert torch.allclose(few.edge_attribution().abs().sort(descending=True).values, cut)
+    # a limit inside a run of tied scores (edges into features inactive in the clean run score exactly 0)
+    # still keeps exactly max_edges, every non-zero one among them
+    scores = every.edge_attribution()
+    n_nonzero, n_zero = int((scores != 0).sum()), int((scores == 0).sum())
+    assert n_zero > 20
+    tied = FeatureEdgeGraph(nodes, max_edges=n_nonzero + 10)
+    assert len(tied.edge_ids) == n_nonzero + 10 and int((tied.edge_attribution() != 0).sum()) == n_nonzero
+    assert set(tied.edge_ids) <= set(every.edge_ids)
 
 
 def test_feature_edges_refuse_summed_positions_and_bad_limits(replacement, task):
@@ -166,3 +174,31 @@ def test_feature_edges_refuse_summed_positions_and_bad_limits(replacement, task)
         FeatureEdgeGraph(FeatureGraph(replacement, task), max_edges=0)
     with pytest.raises(ValueError, match="max_edges limits feature edges"):
         find_circuit(replacement.model, task, "atp", level="edges", max_edges=10)
+    with pytest.raises(ValueError, match=r"leaves out \['resid_pre1'\]"):
+        find_circuit(replacement, task, "atp", level="edges", sites=["mlp0"])
+    built = FeatureEdgeGraph(FeatureGraph(replacement, task))
+    with pytest.raises(ValueError, match="built already"):
+        find_circuit(replacement, task, "atp", level="edges", graph=built, max_edges=10)
+
+
+def test_feature_edges_do_not_depend_on_parameter_gradients_or_dictionary_precision(task, edges):
+    # frozen parameters: the first site's receivers then depend on no leaf at all; float64 dictionaries
+    from featcircuits import load_model
+    from featcircuits.graph.replacement import ReplacementModel
+
+    model = load_model(TINY_GPT2_CONFIG, seed=0)
+    reference = _replacement(model, (48, 40))
+    dictionaries = [site.dictionary for site in reference.sites if site.dictionary is not None]
+    for module in (model, *dictionaries):
+        module.requires_grad_(False)
+    frozen = FeatureEdgeGraph(FeatureGraph(reference, task, ablation=edges.ablation))
+    assert frozen.edge_ids == edges.edge_ids
+    assert torch.allclose(frozen.edge_attribution(), edges.edge_attribution(), atol=1e-6)
+    double = ReplacementModel(model, [d.double() for d in dictionaries])
+    wide = FeatureEdgeGraph(FeatureGraph(double, task, ablation=edges.ablation))
+    assert wide.edge_ids == edges.edge_ids
+    assert torch.allclose(wide.edge_attribution(), edges.edge_attribution(), atol=1e-5)
+    keep = torch.ones(3, len(edges.edge_ids))
+    keep[1] = 0
+    keep[2, ::2] = 0
+    assert torch.allclose(wide.edge_metric(keep), edges.edge_metric(keep), atol=1e-4)

@@ -95,6 +95,26 @@ def test_acdc_skips_edges_into_nodes_that_left_the_circuit_and_finds_the_same_ci
     assert all(graph.edge_ids[i][1] not in kept_senders for i in free.nonzero()[:, 0].tolist())
 
 
+def test_acdc_with_tau_zero_removes_nothing_it_did_not_start_without(graph):
+    # a node whose outgoing edges the pre-filter removed: its incoming edges change the metric only by
+    # rounding, which tau = 0 keeps (nothing is removed for a change below 0)
+    n_edges = len(graph.edge_ids)
+    sender = next(s for s, _ in graph.edge_ids if any(r == s for _, r in graph.edge_ids))
+    initial = torch.tensor([s != sender for s, _ in graph.edge_ids])
+    result = acdc(graph.edge_metric, list(reversed(range(n_edges))), n_edges, tau=0.0, batch_size=64,
+                  initial_keep=initial, edges=graph.edge_ids)
+    assert torch.equal(result.keep, initial)
+    assert any(r == sender for _, r in graph.edge_ids)
+
+
+def test_acdc_refuses_an_empty_chain_and_a_wrong_number_of_edges(graph):
+    n_edges = len(graph.edge_ids)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        acdc(graph.edge_metric, list(range(n_edges)), n_edges, tau=0.1, batch_size=0)
+    with pytest.raises(ValueError, match="pairs for"):
+        acdc(graph.edge_metric, list(range(n_edges)), n_edges, tau=0.1, edges=graph.edge_ids[:-1])
+
+
 def test_batched_acdc_finds_the_same_circuit_as_one_forward_per_edge(graph):
     n_edges = len(graph.edge_ids)
     order = list(reversed(range(n_edges)))

@@ -13,7 +13,8 @@ When the units are edges, an edge into a node with no kept outgoing edge is remo
 everything downstream already reads that node's ablated value, so the edge cannot change the metric
 (the literal walk measures a float-rounding change and removes it too). In reverse topological order a
 node's outgoing edges are all decided before its incoming ones, so every edge into a node that left the
-circuit is decided for free.
+circuit is decided for free. With ``tau = 0`` the literal walk keeps even a rounding-level change, so the
+rule is off there.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Downstream:
             index.setdefault(receiver, len(index))
         self.sender = [index[sender] for sender, _ in edges]
         self.receiver = [index[receiver] for _, receiver in edges]
-        # sinks (the logits) feed nothing downstream and never leave
+        # sinks (the logits, and nodes no candidate edge leaves) feed nothing downstream and never leave
         self.is_sink = [True] * len(index)
         self.kept_out = [0] * len(index)
         for unit, sender in enumerate(self.sender):
@@ -99,6 +100,11 @@ def acdc(
             sender (the logits) always stay.
     """
     check_tau(tau)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; the chain needs at least 1 pattern per forward.")
+    if edges is not None and len(edges) != n_units:
+        raise ValueError(f"edges has {len(edges)} (sender, receiver) pairs for {n_units} units; give one pair "
+                         "per unit, in unit order.")
     forwards = 0
     keep = torch.ones(n_units, dtype=torch.bool) if initial_keep is None else initial_keep.clone().bool().cpu()
     if reference_gap is None:
@@ -110,7 +116,8 @@ def acdc(
     forwards += 1
     scores = torch.full((n_units,), float("inf"))
     guess = torch.zeros(n_units, dtype=torch.bool) if predicted_keep is None else predicted_keep.bool().cpu()
-    downstream = _Downstream(edges, keep) if edges is not None else None
+    # a zero threshold keeps rounding-level changes, which the free rule would remove
+    downstream = _Downstream(edges, keep) if edges is not None and threshold > 0 else None
     remaining = [unit for unit in order if keep[unit]]
     while remaining:
         # The chain: up to batch_size units to evaluate, with the free ones (edges leading nowhere under

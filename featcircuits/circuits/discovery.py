@@ -113,6 +113,9 @@ def find_circuit(
         graph = make_graph(model, task, dictionaries, ablation, metric, positions, sites, max_copies=batch_size)
     if max_edges is not None and not (level == "edges" and isinstance(graph, FeatureGraph | FeatureEdgeGraph)):
         raise ValueError("max_edges limits feature edges; use it with dictionaries and level='edges'.")
+    if max_edges is not None and isinstance(graph, FeatureEdgeGraph):
+        raise ValueError("max_edges is applied when the feature edges are built, and this FeatureEdgeGraph is "
+                         "built already; build it with FeatureEdgeGraph(nodes, max_edges=...) instead.")
     if level == "edges" and isinstance(graph, FeatureGraph):
         graph = FeatureEdgeGraph(graph, max_edges=max_edges)
     if level == "nodes" and isinstance(graph, FeatureEdgeGraph):

@@ -48,6 +48,11 @@ class FeatureEdgeGraph:
                              "positions='each' (positions='sum' has no per-position edges).")
         if max_edges is not None and max_edges < 1:
             raise ValueError(f"max_edges={max_edges}; keep at least one edge, or None for all.")
+        left_out = [s.name for s in nodes.rm.sites if s.dictionary is not None and s.name not in nodes.feature_sites]
+        if left_out:
+            # their features would be neither nodes nor recomputed, cutting every path through them
+            raise ValueError(f"Feature edges need every dictionary's features as nodes; the FeatureGraph leaves "
+                             f"out {left_out}. Build it with sites=None, or drop those dictionaries.")
         self.nodes, self.rm, self.task = nodes, nodes.rm, nodes.task
         self.ablation, self.metric_fn, self.max_copies = nodes.ablation, nodes.metric_fn, nodes.max_copies
         self.node_ids = list(nodes.node_ids)
@@ -96,19 +101,23 @@ class FeatureEdgeGraph:
             if key.startswith("feat:"):
                 clean, ablated = values[key]
                 inside = pos < n_pos
-                diff = (ablated - clean)[pos[inside], feats[inside]].detach().cpu()
+                diff = (ablated - clean)[pos[inside], feats[inside]].detach().float().cpu()
                 delta[start:start + len(feats)][inside.cpu()] = diff
         return delta, errors
 
     # -- edge weights -----------------------------------------------------------------------------
 
-    def _jacobian_rows(self, index: int, receivers: torch.Tensor | None) -> torch.Tensor:
+    def _jacobian_rows(self, index: int, receivers: torch.Tensor | None,
+                       final_dims: torch.Tensor | None = None) -> torch.Tensor:
         """Direct effects on ``receivers`` (feature node indices; None: the last position's final residual
-        stream, one row per dimension) of every node: ``[rows, n_nodes]``, per unit of a feature's
+        stream at dimensions ``final_dims``) of every node: ``[rows, n_nodes]``, per unit of a feature's
         activation, and for an error node its whole ablation (ablated minus clean error term)."""
         clean = self._clean_runs[index]
         rm = self.rm
-        rows = clean.final.shape[-1] if receivers is None else len(receivers)
+        rows = len(final_dims) if receivers is None else len(receivers)
+        weights = torch.zeros(rows, len(self.node_ids))
+        if receivers is not None and not (self._pos[receivers] < clean.n_pos).any():
+            return weights  # every receiver lies past this prompt's end
         feature_leaves = {name: acts.expand(rows, -1, -1).clone().requires_grad_()
                           for name, acts in clean.feature_acts.items()}
         error_leaves = {name: err.expand(rows, -1, -1).clone().requires_grad_() for name, err in clean.errors.items()}
@@ -116,7 +125,7 @@ class FeatureEdgeGraph:
             out = rm.run(clean.tokens, clean=clean, feature_acts=feature_leaves, errors=error_leaves,
                          batch_size=rows, return_acts=receivers is not None, compute_logits=False)
             if receivers is None:
-                objective = out.final[:, -1].diagonal().sum()
+                objective = out.final[:, -1, final_dims.to(out.final.device)].diagonal().sum()
             else:
                 objective = out.final.new_zeros(())
                 row = torch.arange(rows)
@@ -126,12 +135,13 @@ class FeatureEdgeGraph:
                     here = (self._site[receivers] == site_index) & inside
                     pick = receivers[here]
                     objective = objective + out.pre_acts[name][row[here], self._pos[pick], self._feat[pick]].sum()
+            self.forwards += 1
+            if not objective.requires_grad:
+                return weights  # no node reaches these receivers (e.g. the first site's)
             leaves = [*feature_leaves.values(), *error_leaves.values()]
             grads = dict(zip([*feature_leaves, *("error:" + k for k in error_leaves)],
                              torch.autograd.grad(objective, leaves, allow_unused=True), strict=True))
-        self.forwards += 1
         _, error_delta = self._sender_delta(index)
-        weights = torch.zeros(rows, len(self.node_ids))
         for key, site, start, pos, feats in self.nodes._site_units:
             grad = grads.get(site if key.startswith("feat:") else "error:" + site)
             if grad is None:
@@ -141,7 +151,7 @@ class FeatureEdgeGraph:
                 values = grad[:, pos[inside], feats[inside]]
             else:
                 values = (grad[:, pos[inside]] * error_delta[site][pos[inside]]).sum(-1)
-            weights[:, start:start + len(feats)][:, inside.cpu()] = values.detach().cpu()
+            weights[:, start:start + len(feats)][:, inside.cpu()] = values.detach().float().cpu()
         return weights
 
     def _metric_gradients(self, index: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +189,8 @@ class FeatureEdgeGraph:
             if key.startswith("feat:"):
                 inside = pos < clean.n_pos
                 node_grad[start:start + len(feats)][inside.cpu()] = \
-                    by_site[site].sum(0)[pos[inside], feats[inside]].detach().cpu()
-        return node_grad, grads[-1].sum(0).detach().cpu()
+                    by_site[site].sum(0)[pos[inside], feats[inside]].detach().float().cpu()
+        return node_grad, grads[-1].sum(0).detach().float().cpu()
 
     def _prompt_metric(self, index: int, last_logits: torch.Tensor) -> torch.Tensor:
         """The task metric with prompt ``index`` at ``last_logits [copies, vocab]`` and every other prompt at
@@ -195,13 +205,14 @@ class FeatureEdgeGraph:
         gradients = [self._metric_gradients(i, 1) for i in range(n_prompts)]
         # a feature's weight is per unit of activation, an error's is its whole ablation
         per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()
-        self._gradients_atp = gradients
         sender, receiver, score, weight = [], [], [], []  # edges into features; weight [edges, prompts]
+        self.complete = True
 
         def keep_best(k: int) -> None:
             best = torch.cat(score).abs().topk(min(k, sum(len(x) for x in score))).indices
             for pool in (sender, receiver, score, weight):
                 pool[:] = [torch.cat(pool)[best]]
+            self.complete = False
 
         for chunk in self._receivers.split(self._chunk):
             w = torch.stack([self._jacobian_rows(i, chunk) for i in range(n_prompts)])  # [prompts, rows, nodes]
@@ -214,7 +225,9 @@ class FeatureEdgeGraph:
             if max_edges is not None and sum(len(x) for x in score) > 2 * max_edges:
                 keep_best(max_edges)
         # edges into the logits: rows are the last position's final residual dimensions
-        w = torch.stack([self._jacobian_rows(i, None) for i in range(n_prompts)])  # [prompts, d_model, nodes]
+        dims = torch.arange(self._clean_runs[0].final.shape[-1]).split(self._chunk)
+        w = torch.stack([torch.cat([self._jacobian_rows(i, None, d) for d in dims])
+                         for i in range(n_prompts)])  # [prompts, d_model, nodes]
         grads = torch.stack([g[1] for g in gradients])[:, :, None]
         logit_senders = (w != 0).any(0).any(0).nonzero()[:, 0]
         logit_scores = (w * per_unit[:, None, :] * grads).sum((0, 1))[logit_senders]
@@ -222,14 +235,13 @@ class FeatureEdgeGraph:
         sender, receiver = torch.cat(sender), torch.cat(receiver)
         score, weight = torch.cat(score), torch.cat(weight)
         if max_edges is not None and len(score) + len(logit_scores) > max_edges:
-            cut = torch.cat([score, logit_scores]).abs().topk(max_edges).values[-1]
-            into_features, into_logits = score.abs() >= cut, logit_scores.abs() >= cut
+            # exactly max_edges, ties broken by topk
+            best = torch.cat([score, logit_scores]).abs().topk(max_edges).indices.sort().values
+            into_features, into_logits = best[best < len(score)], best[best >= len(score)] - len(score)
             sender, receiver, score, weight = (x[into_features] for x in (sender, receiver, score, weight))
             logit_senders, logit_scores, logit_weights = (x[into_logits] for x in
                                                           (logit_senders, logit_scores, logit_weights))
             self.complete = False
-        else:
-            self.complete = True
         # topological order of receivers (node order is site-major), the logits last
         order = torch.argsort(receiver * (len(self.node_ids) + 1) + sender)
         self._edge_sender = torch.cat([sender[order], logit_senders])
@@ -288,7 +300,7 @@ class FeatureEdgeGraph:
             nodes = self._site_nodes[site_index]
             nodes = nodes[self._pos[nodes] < clean.n_pos]
             pos, feat = self._pos[nodes].to(device), self._feat[nodes].to(device)
-            acts = clean.feature_acts[name].expand_as(pre).clone()  # features that are not nodes hold
+            acts = clean.feature_acts[name].to(pre.dtype).expand_as(pre).clone()  # features that are not nodes hold
             acts[:, pos, feat] = d.activation(pre)[:, pos, feat]
             current[:, nodes] = acts[:, pos, feat].float().cpu()
             return acts
