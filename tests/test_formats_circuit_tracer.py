@@ -135,8 +135,10 @@ def test_reads_circuit_tracer_cache_layout(tmp_path):
         assert loaded.cfg.activation == "jumprelu"  # inferred from the threshold tensor, as circuit-tracer does
         tensors = load_file(tmp_path / f"layer_{layer}.safetensors")
         reference_out, reference_acts = circuit_tracer_forward({}, tensors, x)
-        assert torch.equal(loaded.encode(x), reference_acts)
-        assert torch.equal(loaded(x).reconstruction, reference_out)
+        # circuit-tracer's F.linear is a fused addmm, which rounds differently from matmul + bias with some
+        # thread counts: equal to float32 rounding, not always to the bit
+        torch.testing.assert_close(loaded.encode(x), reference_acts, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(loaded(x).reconstruction, reference_out, rtol=1e-6, atol=1e-5)
 
 
 def test_reads_k_from_the_file_when_the_yaml_lacks_it(tmp_path):

@@ -128,6 +128,27 @@ class ComponentGraph:
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return self.metric_fn(self.task, self.task.last_logits(logits), self.clean_last)
 
+    def _run_to_metric(self, inputs: torch.Tensor, hooks: list, start_at_layer: int | None = None) -> torch.Tensor:
+        """The metric ``[copies]`` of a batched forward from ``inputs`` (tokens, or the residual stream at
+        ``start_at_layer``) ``[copies * n, pos(, d_model)]``. The final norm and the unembedding run at each
+        prompt's last token only: the metric reads nothing else, and the unembedding is the widest matmul
+        of a small model's forward."""
+        self.forwards += 1
+        model = self.model
+        resid = model.run_with_hooks(inputs, start_at_layer=start_at_layer, stop_at_layer=self.n_layers,
+                                     fwd_hooks=hooks)  # [copies * n, pos, d_model] after the last block
+        n = len(self.task)
+        copies = resid.shape[0] // n
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        final = resid[rows, self.task.clean_last.to(resid.device).repeat(copies)][:, None]
+        if model.cfg.normalization_type is not None:
+            final = model.ln_final(final)
+        logits = model.unembed(final)[:, 0]
+        cap = getattr(model.cfg, "output_logits_soft_cap", None)
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return self.metric_fn(self.task, logits.reshape(copies, n, -1), self.clean_last)
+
     def node_values(self) -> dict[str, torch.Tensor]:
         """Clean and ablated ``hook_z`` ``[n, pos, head, d_head]`` and ``hook_mlp_out`` per layer."""
         if self._node_values is None:
@@ -204,7 +225,7 @@ class ComponentGraph:
                 ablated = repeat_copies(values[name + ".ablated"], copies, n)
                 mlp_keep = per_prompt[:, layer, self.n_heads].view(-1, 1, 1)
                 hooks.append((name, lambda out, hook, a=ablated, k=mlp_keep: mix(out, a, k)))
-        return self._score(self._run(self._tokens(copies), hooks))
+        return self._run_to_metric(self._tokens(copies), hooks)
 
     def node_attribution(self, steps: int = 1) -> torch.Tensor:
         """AtP (``steps=1``) or AtP-IG (``steps`` midpoints) node scores ``[n_nodes]``.
@@ -307,10 +328,9 @@ class ComponentGraph:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
         with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
             if start_layer == 0:
-                return self._score(self._run(self._tokens(copies), hooks))
-            self.forwards += 1
+                return self._run_to_metric(self._tokens(copies), hooks)
             resid = repeat_copies(self._clean_resid[start_layer], copies, n)
-            return self._score(self.model.run_with_hooks(resid, start_at_layer=start_layer, fwd_hooks=hooks))
+            return self._run_to_metric(resid, hooks, start_at_layer=start_layer)
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.

@@ -13,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 __all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported"]
+
+# norms whose scale can move past the projection: per-position centering (LN) and a root-mean-square scale
+_FOLDABLE_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
 
 
 def shared_head_inputs_supported(model) -> bool:
@@ -31,12 +35,26 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
     """Per-head ``q, k, v [batch, pos, head, d_head]`` from the inputs ``resid [batch, pos, d_model] - correction
     [batch, pos, head, d_model]``, as the block's ``hook_q``/``hook_k``/``hook_v`` would carry them (before
     rotary and query/key norms, which the attention applies after those hooks). Key and value heads are one
-    per query head (grouped-query attention ungrouped)."""
-    attn = block.attn
-    normalised = block.ln1(resid.unsqueeze(2) - correction)  # [batch, pos, head, d_model]
+    per query head (grouped-query attention ungrouped).
+
+    The norm's scale is applied after the projection (``ln(x) W = ((x - mean) (w * W)) / scale + b W``), so
+    the normalised per-head inputs, the largest tensor here, are never written.
+    """
+    attn, norm = block.attn, block.ln1
     weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
     biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
-    qkv = torch.einsum("bphd,hde->bphe", normalised, weights) + biases
+    inputs = resid.unsqueeze(2) - correction  # [batch, pos, head, d_model]
+    if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
+        qkv = torch.einsum("bphd,hde->bphe", norm(inputs), weights) + biases
+        return qkv.split(attn.W_Q.shape[-1], dim=-1)
+    if isinstance(norm, (LayerNorm, LayerNormPre)):
+        inputs = inputs - inputs.mean(-1, keepdim=True)
+    inverse_scale = torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + norm.eps)  # [batch, pos, head, 1]
+    if isinstance(norm, LayerNorm):
+        biases = biases + torch.einsum("d,hde->he", norm.b, weights)
+    if isinstance(norm, (LayerNorm, RMSNorm)):
+        weights = weights * norm.w[None, :, None]
+    qkv = torch.einsum("bphd,hde->bphe", inputs, weights) * inverse_scale + biases
     return qkv.split(attn.W_Q.shape[-1], dim=-1)
 
 
