@@ -49,7 +49,9 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
         return qkv.split(attn.W_Q.shape[-1], dim=-1)
     if isinstance(norm, (LayerNorm, LayerNormPre)):
         inputs = inputs - inputs.mean(-1, keepdim=True)
-    inverse_scale = torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + norm.eps)  # [batch, pos, head, 1]
+    # one pass for the mean square (no squared copy): ||x||^2 / d_model
+    mean_square = torch.linalg.vector_norm(inputs, dim=-1, keepdim=True).square() / inputs.shape[-1]
+    inverse_scale = torch.rsqrt(mean_square + norm.eps)  # [batch, pos, head, 1]
     if isinstance(norm, LayerNorm):
         biases = biases + torch.einsum("d,hde->he", norm.b, weights)
     if isinstance(norm, (LayerNorm, RMSNorm)):
