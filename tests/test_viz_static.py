@@ -129,6 +129,15 @@ def test_circuit_adapter_feature_and_component_circuits():
     assert [link[2] for link in payload["links"]] == [0.5, -0.25, 1.0]
     assert payload["nodes"][2]["dash_key"] == "1_3" and payload["rows"] == ["tokens", "L0", "L1", "logits"]
 
+    # feature edges end in "logits", read at the last token
+    feature_edges = [("mlp0:4@1", "resid_pre1:3@1"), ("resid_pre1:3@1", "logits")]
+    ids = ["mlp0:4@1", "resid_pre1:3@1", "logits"]
+    payload = graph_payload(circuit_to_graph_json(Circuit("acdc", "edges", ids, None, feature_edges, [0.3, 0.7], nodes=ids,
+                                                             edges=feature_edges)),
+                            prompt_tokens=["<s>", "\u2581a", "\u2581b"])
+    assert [node["col"] for node in payload["nodes"]] == [1, 1, 2]
+    assert [node["kind"] for node in payload["nodes"]] == ["feature", "feature", "logit"]
+
     heads = ["L0.H0", "L0.H1", "L0.MLP", "L1.H0", "L1.MLP"]
     component = Circuit("acdc", "nodes", heads, [0.1, 2.0, 0.5, -1.0, 0.3], nodes=["L0.H1", "L1.H0", "L1.MLP"])
     payload = graph_payload(circuit_to_graph_json(component))

@@ -41,8 +41,9 @@ def attribution_graph_to_graph_json(graph: Any, **export_options: Any) -> dict[s
     return to_circuit_tracer_json(graph, **export_options)
 
 
-def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[str, Any]:
-    """One circuit-tracer style node for a featcircuits node id (see featcircuits.graph.nodes)."""
+def _graph_node(node_id: str, influence: float | None, n_layers: int, positional: bool = False) -> dict[str, Any]:
+    """One circuit-tracer style node for a featcircuits node id (see featcircuits.graph.nodes). ``positional``:
+    the circuit's other nodes sit at positions, so ``logits`` (feature edges' receiver) goes to the last one."""
     base: dict[str, Any] = {"node_id": node_id, "jsNodeId": node_id, "influence": influence}
     component = _COMPONENT_RE.match(node_id)
     if component:
@@ -52,8 +53,8 @@ def _graph_node(node_id: str, influence: float | None, n_layers: int) -> dict[st
     if node_id == "embed":
         return {**base, "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding", "clerp": "embeddings"}
     if node_id == "logits":
-        return {**base, "feature": -1, "layer": str(n_layers + 1), "ctx_idx": 0, "feature_type": "logit",
-                "clerp": "logits", "is_target_logit": True}
+        return {**base, "feature": -1, "layer": str(n_layers + 1), "ctx_idx": -1 if positional else 0,
+                "feature_type": "logit", "clerp": "logits", "is_target_logit": True}
     if "@" not in node_id and ":" not in node_id:
         raise ValueError(f"Circuit node {node_id!r} is neither a component id (L3.H2, L3.MLP, embed, logits) nor a "
                          "feature-level id (site:feature@pos, site:error@pos, embed@pos, logit:token@pos; "
@@ -107,7 +108,8 @@ def circuit_to_graph_json(circuit: Any, prompt_tokens: list[str] | None = None) 
     layers = [int(match.group("layer")) for node_id in node_ids
               if (match := re.match(r"^(?:L|[a-z_]+?)(?P<layer>\d+)[.:]", node_id))]
     n_layers = max(layers, default=-1) + 1
-    nodes = [_graph_node(node_id, _finite(node_score.get(node_id)), n_layers) for node_id in node_ids]
+    positional = any("@" in node_id for node_id in node_ids)
+    nodes = [_graph_node(node_id, _finite(node_score.get(node_id)), n_layers, positional) for node_id in node_ids]
     links = [{"source": source, "target": target, "weight": _finite(edge_score.get((source, target))) or 0.0}
              for source, target in selected_edges]
     return {
