@@ -95,6 +95,21 @@ def test_acdc_skips_edges_into_nodes_that_left_the_circuit_and_finds_the_same_ci
     assert all(graph.edge_ids[i][1] not in kept_senders for i in free.nonzero()[:, 0].tolist())
 
 
+def test_acdc_recovers_from_bad_guesses_with_what_the_discarded_copies_measured(graph):
+    # every unit guessed kept, while ACDC removes most: each removal is a wrong guess. After one, the rest of
+    # the chain was measured one decision away from the true state, and those measurements become the guesses
+    n_edges = len(graph.edge_ids)
+    order = list(reversed(range(n_edges)))
+    naive = acdc(graph.edge_metric, order, n_edges, tau=0.1, batch_size=1)
+    removed = n_edges - int(naive.keep.sum())
+    assert removed > 30
+    stubborn = torch.ones(n_edges, dtype=torch.bool)
+    guided = acdc(graph.edge_metric, order, n_edges, tau=0.1, batch_size=64, predicted_keep=stubborn)
+    assert torch.equal(guided.keep, naive.keep)
+    assert guided.forwards < removed / 5
+    assert stubborn.all()  # the caller's guesses are left as they were
+
+
 def test_acdc_with_tau_zero_removes_nothing_it_did_not_start_without(graph):
     # a node whose outgoing edges the pre-filter removed: its incoming edges change the metric only by
     # rounding, which tau = 0 keeps (nothing is removed for a change below 0)

@@ -7,7 +7,10 @@ copy ``j`` of the batch tries removing unit ``j`` of the remaining order on top 
 earlier units' guessed decisions lead to (guess: removed, or an attribution-based prediction). Decisions
 are read off the chain in order; the chain is exact up to the first wrong guess, and the walk resumes
 after it. The result is the one-forward-per-unit walk's circuit, with about
-``wrong guesses + units / batch`` forwards.
+``wrong guesses + units / batch`` forwards. The copies after a wrong guess are not wasted: each measured
+its unit's effect in a state one decision away from the true one, and those measurements replace the
+guesses for the next chain (attribution scores alone mispredict many units where effects are small and
+not additive, e.g. feature nodes at a small tau).
 
 When the units are edges, an edge into a node with no kept outgoing edge is removed without a forward:
 everything downstream already reads that node's ablated value, so the edge cannot change the metric
@@ -115,7 +118,7 @@ def acdc(
     current = float(evaluate(keep.float()[None])[0])
     forwards += 1
     scores = torch.full((n_units,), float("inf"))
-    guess = torch.zeros(n_units, dtype=torch.bool) if predicted_keep is None else predicted_keep.bool().cpu()
+    guess = torch.zeros(n_units, dtype=torch.bool) if predicted_keep is None else predicted_keep.bool().cpu().clone()
     # a zero threshold keeps rounding-level changes, which the free rule would remove
     downstream = _Downstream(edges, keep) if edges is not None and threshold > 0 else None
     remaining = [unit for unit in order if keep[unit]]
@@ -144,8 +147,14 @@ def acdc(
             removed_before = torch.tril(torch.ones(len(chain), len(chain)), diagonal=-1) * guessed_removed
             masks = keep.float().repeat(len(tried), 1)
             masks[:, chain_t] = 1.0 - removed_before[tried] - torch.eye(len(chain))[tried]
-            values = evaluate(masks).detach().float().cpu()
+            values = evaluate(masks).detach().float().cpu().tolist()
             forwards += 1
+        # each copy's change in the guessed chain's state; up to the first wrong guess that state is the true one
+        guessed_change, base = [], current
+        for j, unit in enumerate(chain):
+            if not free[j]:
+                guessed_change.append(abs(values[len(guessed_change)] - base))
+                base = base if guess[unit] else values[len(guessed_change) - 1]
         decided, copy = len(chain), 0
         for j, unit in enumerate(chain):
             if free[j]:
@@ -153,18 +162,23 @@ def acdc(
                 scores[unit] = 0.0
                 downstream.remove(unit, downstream.kept_out)
                 continue
-            change = abs(float(values[copy]) - current)
+            change = abs(values[copy] - current)
             copy += 1
             scores[unit] = change
             remove = change < threshold
             if remove:
                 keep[unit] = False
-                current = float(values[copy - 1])
+                current = values[copy - 1]
                 if downstream is not None:
                     downstream.remove(unit, downstream.kept_out)
             if remove == bool(guess[unit]):
-                # mispredicted: later copies assumed the other decision, so they are discarded
+                # mispredicted: later copies assumed the other decision, so they are discarded as decisions;
+                # but each measured its unit in a state one decision away from the true one, which predicts
+                # the next chain far better than attribution scores do
                 decided = j + 1
+                later = [u for u, is_free in zip(chain[decided:], free[decided:], strict=True) if not is_free]
+                for later_unit, measured in zip(later, guessed_change[copy:], strict=True):
+                    guess[later_unit] = measured >= threshold
                 break
         remaining = remaining[decided:]
     return AcdcResult(keep=keep, scores=scores, forwards=forwards, threshold=threshold)
