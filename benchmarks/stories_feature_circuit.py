@@ -10,6 +10,9 @@ by AtP-IG (8 steps) and by AtP; the circuit is the best 5% of feature nodes with
 stand for what the transcoders miss) chosen three ways: ranked with the features on the same scores, as
 Sparse Feature Circuits does; all kept; all ablated (a feature-only circuit). Then the ceiling of any
 feature-only circuit: every feature kept, every error node ablated.
+``--acdc-tau T ...`` also runs ACDC over feature nodes in the feature-only world (error nodes ablated from
+the start; the ``--prefilter`` features with the largest AtP-IG scores tried, the rest removed; the walk
+guided by those scores) and prints each circuit's size, faithfulness and completeness.
 Last line: ``features=<k>/<n> errors=<e>/<m> faithfulness=<f> completeness=<c>`` (IG, errors ranked).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,13 +31,17 @@ def main() -> None:
     parser.add_argument("--dictionaries", required=True)
     parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared/models/stories260k"))
     parser.add_argument("--fraction", type=float, default=0.05)
+    parser.add_argument("--acdc-tau", type=float, nargs="*", default=[],
+                        help="also run feature-only ACDC at these tau (fractions of the metric gap)")
+    parser.add_argument("--prefilter", type=int, default=None,
+                        help="features ACDC tries (default: twice the 5%% budget)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from acdc_speed import name_task_pairs
 
     from featcircuits import load_dictionaries, load_model
-    from featcircuits.circuits import ContrastiveTask, FeatureGraph
+    from featcircuits.circuits import ContrastiveTask, FeatureGraph, acdc
     from featcircuits.graph.replacement import ReplacementModel
 
     model = load_model(args.model)
@@ -48,8 +56,10 @@ def main() -> None:
     is_error = torch.zeros(len(graph.node_ids), dtype=torch.bool)
     is_error[errors] = True
     last = ""
+    ig_scores = None
     for method, steps in (("ig", 8), ("atp", 1)):
         scores = graph.node_attribution(steps=steps).abs()
+        ig_scores = scores if method == "ig" else ig_scores
         top = features[scores[features].argsort(descending=True)[:budget]]
         # As Sparse Feature Circuits selects: error nodes compete with the features on the same scores;
         # walk the ranking until it holds `budget` feature nodes, keeping the error nodes met on the way.
@@ -77,6 +87,21 @@ def main() -> None:
     ceiling = (float(values[0]) - float(values[2])) / (float(values[1]) - float(values[2]))
     print(f"all {len(features)} feature nodes, error nodes ablated: faithfulness={ceiling:.3f} "
           "(the most any feature-only circuit can reach)")
+    full, empty = float(values[1]), float(values[2])
+    tried = features[ig_scores[features].argsort(descending=True)[:args.prefilter or 2 * budget]]
+    for tau in args.acdc_tau:
+        initial = torch.zeros(len(graph.node_ids), dtype=torch.bool)
+        initial[tried] = True  # error nodes and untried features start removed
+        start, forwards = time.perf_counter(), graph.forwards
+        result = acdc(graph.node_metric, list(reversed(range(len(graph.node_ids)))), len(graph.node_ids), tau,
+                      initial_keep=initial, reference_gap=abs(full - empty),
+                      predicted_keep=ig_scores >= tau * abs(full - empty))
+        keep = result.keep.float()
+        circuit, complement = graph.node_metric(torch.stack([keep, 1 - keep])).tolist()
+        print(f"acdc tau={tau} over the best {len(tried)} features, error nodes ablated: {int(keep.sum())} features "
+              f"({int(keep.sum()) / len(features):.1%}), faithfulness={(circuit - empty) / (full - empty):.3f} "
+              f"completeness={(complement - empty) / (full - empty):.3f}; {graph.forwards - forwards} forwards, "
+              f"{time.perf_counter() - start:.0f} s")
     print(last)
 
 
