@@ -208,3 +208,29 @@ def test_shared_head_inputs_match_transformer_lens_per_head_inputs(model_name, r
     per_head_copies = graph.edge_metric(keep)
     assert torch.allclose(shared, per_head_copies, atol=1e-5)
     assert (shared - graph.full_metric).abs().max() > 1e-2  # the patterns do move the metric
+
+
+@pytest.mark.parametrize("normalization", ["LN", "LNPre", "RMS", "RMSPre", None])
+def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(normalization):
+    """head_qkv moves the norm's scale past the projection; the block's own ln1 then W_Q/W_K/W_V must agree,
+    for every norm transformer_lens builds (folded LayerNorm included) and none."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featcircuits.circuits.head_inputs import head_qkv
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=11, act_fn="gelu",
+        normalization_type=normalization))
+    block = model.blocks[0]
+    with torch.no_grad():
+        for parameter in (*block.ln1.parameters(), block.attn.b_Q, block.attn.b_K, block.attn.b_V):
+            parameter.normal_()  # non-trivial norm weights and biases
+    resid, correction = torch.randn(3, 5, 16) * 2 + 0.5, torch.randn(3, 5, 4, 16)
+    q, k, v = head_qkv(block, resid, correction)
+    inputs = block.ln1(resid.unsqueeze(2) - correction)  # [batch, pos, head, d_model]
+    attn = block.attn
+    for ours, weight, bias in ((q, attn.W_Q, attn.b_Q), (k, attn.W_K, attn.b_K), (v, attn.W_V, attn.b_V)):
+        reference = torch.einsum("bphd,hde->bphe", inputs, weight) + bias
+        assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    assert (q - attn.b_Q).abs().max() > 0.1
