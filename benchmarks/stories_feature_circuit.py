@@ -56,10 +56,9 @@ def main() -> None:
     is_error = torch.zeros(len(graph.node_ids), dtype=torch.bool)
     is_error[errors] = True
     last = ""
-    ig_scores = None
+    scores_by_method = {}
     for method, steps in (("ig", 8), ("atp", 1)):
-        scores = graph.node_attribution(steps=steps).abs()
-        ig_scores = scores if method == "ig" else ig_scores
+        scores = scores_by_method[method] = graph.node_attribution(steps=steps).abs()
         top = features[scores[features].argsort(descending=True)[:budget]]
         # As Sparse Feature Circuits selects: error nodes compete with the features on the same scores;
         # walk the ranking until it holds `budget` feature nodes, keeping the error nodes met on the way.
@@ -88,6 +87,7 @@ def main() -> None:
     print(f"all {len(features)} feature nodes, error nodes ablated: faithfulness={ceiling:.3f} "
           "(the most any feature-only circuit can reach)")
     full, empty = float(values[1]), float(values[2])
+    ig_scores = scores_by_method["ig"]
     tried = features[ig_scores[features].argsort(descending=True)[:args.prefilter or 2 * budget]]
     for tau in args.acdc_tau:
         initial = torch.zeros(len(graph.node_ids), dtype=torch.bool)

@@ -149,12 +149,14 @@ def acdc(
             masks[:, chain_t] = 1.0 - removed_before[tried] - torch.eye(len(chain))[tried]
             values = evaluate(masks).detach().float().cpu().tolist()
             forwards += 1
-        # each copy's change in the guessed chain's state; up to the first wrong guess that state is the true one
+        # each copy's change in the guessed chain's state; up to the first wrong guess that state is the true
+        # one, so these are also the changes the decisions below read
         guessed_change, base = [], current
-        for j, unit in enumerate(chain):
-            if not free[j]:
-                guessed_change.append(abs(values[len(guessed_change)] - base))
-                base = base if guess[unit] else values[len(guessed_change) - 1]
+        for unit in chain_t[tried].tolist():
+            value = values[len(guessed_change)]
+            guessed_change.append(abs(value - base))
+            if not guess[unit]:
+                base = value
         decided, copy = len(chain), 0
         for j, unit in enumerate(chain):
             if free[j]:
@@ -162,7 +164,7 @@ def acdc(
                 scores[unit] = 0.0
                 downstream.remove(unit, downstream.kept_out)
                 continue
-            change = abs(values[copy] - current)
+            change = guessed_change[copy]
             copy += 1
             scores[unit] = change
             remove = change < threshold

@@ -137,17 +137,14 @@ class ComponentGraph:
         model = self.model
         resid = model.run_with_hooks(inputs, start_at_layer=start_at_layer, stop_at_layer=self.n_layers,
                                      fwd_hooks=hooks)  # [copies * n, pos, d_model] after the last block
-        n = len(self.task)
-        copies = resid.shape[0] // n
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        final = resid[rows, self.task.clean_last.to(resid.device).repeat(copies)][:, None]
+        final = self.task.last_logits(resid)  # [copies, n, d_model] at each prompt's last token
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
-        logits = model.unembed(final)[:, 0]
+        logits = model.unembed(final)
         cap = getattr(model.cfg, "output_logits_soft_cap", None)
         if cap is not None and cap > 0:
             logits = cap * torch.tanh(logits / cap)
-        return self.metric_fn(self.task, logits.reshape(copies, n, -1), self.clean_last)
+        return self.metric_fn(self.task, logits, self.clean_last)
 
     def node_values(self) -> dict[str, torch.Tensor]:
         """Clean and ablated ``hook_z`` ``[n, pos, head, d_head]`` and ``hook_mlp_out`` per layer."""

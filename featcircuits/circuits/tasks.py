@@ -134,7 +134,7 @@ class ContrastiveTask:
         return self.clean_tokens.shape[0]
 
     def last_logits(self, logits: torch.Tensor, corrupt: bool = False) -> torch.Tensor:
-        """``[copies * n, pos, vocab] -> [copies, n, vocab]`` at each prompt's last token.
+        """``[copies * n, pos, ...] -> [copies, n, ...]`` at each prompt's last token (logits, or any per-token vector).
 
         The batch may hold several copies of the task (one per ablation pattern), copy-major.
         """
