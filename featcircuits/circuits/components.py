@@ -130,13 +130,17 @@ class ComponentGraph:
 
     def _run_to_metric(self, inputs: torch.Tensor, hooks: list, start_at_layer: int | None = None) -> torch.Tensor:
         """The metric ``[copies]`` of a batched forward from ``inputs`` (tokens, or the residual stream at
-        ``start_at_layer``) ``[copies * n, pos(, d_model)]``. The final norm and the unembedding run at each
-        prompt's last token only: the metric reads nothing else, and the unembedding is the widest matmul
-        of a small model's forward."""
+        ``start_at_layer``) ``[copies * n, pos(, d_model)]``."""
         self.forwards += 1
+        resid = self.model.run_with_hooks(inputs, start_at_layer=start_at_layer, stop_at_layer=self.n_layers,
+                                          fwd_hooks=hooks)  # [copies * n, pos, d_model] after the last block
+        return self._metric_from_final(resid)
+
+    def _metric_from_final(self, resid: torch.Tensor) -> torch.Tensor:
+        """The metric ``[copies]`` from the residual stream after the last block ``[copies * n, pos, d_model]``.
+        The final norm and the unembedding run at each prompt's last token only: the metric reads nothing
+        else, and the unembedding is the widest matmul of a small model's forward."""
         model = self.model
-        resid = model.run_with_hooks(inputs, start_at_layer=start_at_layer, stop_at_layer=self.n_layers,
-                                     fwd_hooks=hooks)  # [copies * n, pos, d_model] after the last block
         final = self.task.last_logits(resid)  # [copies, n, d_model] at each prompt's last token
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
@@ -172,6 +176,7 @@ class ComponentGraph:
             resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)]
             mlp_in_names = [f"blocks.{layer}.hook_mlp_in" for layer in range(self.n_layers)] if self.has_mlp else []
             final_name = f"blocks.{self.n_layers - 1}.hook_resid_post"
+            z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)]
             for layer in range(self.n_layers):
                 names.append(f"blocks.{layer}.attn.hook_result")
                 if self.has_mlp:
@@ -186,15 +191,21 @@ class ComponentGraph:
 
             with torch.no_grad(), _edge_hooks_enabled(self.model):
                 _, cache = self.model.run_with_cache(self.task.clean_tokens,
-                                                     names_filter=names + resid_names + mlp_in_names + [final_name])
+                                                     names_filter=names + z_names + resid_names + mlp_in_names
+                                                     + [final_name])
                 clean = stack(cache)
                 self._clean_resid = [cache[name] for name in resid_names]  # [n, pos, d_model] each
                 self._clean_mlp_in = [cache[name] for name in mlp_in_names]  # receivers' inputs (exact receivers)
                 self._clean_final = cache[final_name]
-                corrupt = None
+                clean_z = [cache[name] for name in z_names]  # [n, pos, head, d_head] each
+                corrupt, corrupt_z = None, [None] * self.n_layers
                 if self.ablation == "patch":
-                    _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names)
+                    _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names + z_names)
                     corrupt = stack(cache)
+                    corrupt_z = [cache[name] for name in z_names]
+            # heads' ablated z: a head's ablated output is its ablated z times W_O under every ablation
+            self._ablated_z = [ablation_value(self.ablation, clean_z[layer], corrupt_z[layer])
+                               for layer in range(self.n_layers)]
             self.forwards += 1 + int(corrupt is not None)
             self._sender_values = (clean, ablation_value(self.ablation, clean, corrupt))
         return self._sender_values
@@ -262,34 +273,56 @@ class ComponentGraph:
     # -- edge ablation ------------------------------------------------------------------------
 
     def edge_metric(self, keep: torch.Tensor) -> torch.Tensor:
-        """``keep [copies, n_edges]`` -> metric ``[copies]``, ``max_copies`` per forward."""
+        """``keep [copies, n_edges]`` -> metric ``[copies]``, ``max_copies`` per forward.
+
+        With ``skip_clean_prefix``, copies are grouped by the first layer they remove an edge into, and each
+        group's forward starts there from the clean residual stream: in an ACDC chain most copies try an edge
+        late in the model, and a batch-wide start would run every copy from the earliest one's layer."""
         keep = keep.to(self.task.clean_tokens.device, torch.float32)
-        return torch.cat([self._edge_metric_chunk(chunk) for chunk in keep.split(self.max_copies)])
+        if not self.skip_clean_prefix:
+            return torch.cat([self._edge_metric_chunk(chunk, 0) for chunk in keep.split(self.max_copies)])
+        starts = self._start_layers(keep)
+        metric = keep.new_empty(keep.shape[0])
+        for start_layer in starts.unique().tolist():
+            rows = (starts == start_layer).nonzero()[:, 0]
+            for chunk in rows.split(self.max_copies):
+                metric[chunk] = self._edge_metric_chunk(keep[chunk], start_layer)
+        return metric
+
+    def _start_layers(self, keep: torch.Tensor) -> torch.Tensor:
+        """``keep [copies, n_edges]`` -> ``[copies]`` the first layer whose block input changes: the layer of
+        the earliest receiver with a removed edge (``n_layers`` when only edges into the logits are removed)."""
+        starts = torch.full((keep.shape[0],), self.n_layers, dtype=torch.long, device=keep.device)
+        for names, first, n_r, n_s in reversed(self._receiver_groups):  # the earliest receiver is set last
+            layer = self.n_layers if names[0].endswith("hook_resid_post") else int(names[0].split(".")[1])
+            starts[(keep[:, first:first + n_r * n_s] < 1).any(dim=1)] = layer
+        return starts
 
     @torch.no_grad()
-    def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
+    def _edge_metric_chunk(self, keep: torch.Tensor, start_layer: int) -> torch.Tensor:
+        """The metric of ``keep [copies, n_edges]`` from a forward that starts at ``start_layer`` (every copy
+        reads the clean residual stream there: no edge into an earlier receiver is removed)."""
         copies, n = keep.shape[0], len(self.task)
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
-        start_layer = 0
-        if self.skip_clean_prefix:
-            start_layer = self.n_layers - 1
-            for names, first, n_r, n_s in self._receiver_groups:  # topological order: the first hit is earliest
-                if removed[:, first:first + n_r * n_s].any():
-                    start_layer = min(start_layer, int(names[0].split(".")[1]))
-                    break
+        if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
+            _, first, _, n_s = self._receiver_groups[-1]
+            senders = SenderDiffs(*self._sender_outputs(), copies, n_s)
+            correction = senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, :, 0]
+            self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
+            return self._metric_from_final(repeat_copies(self._clean_final, copies, n) - correction)
         prefix = 1 + start_layer * self.per_layer if start_layer > 0 else 0  # senders before the first block run
         senders = SenderDiffs(*self._sender_outputs(), copies, prefix)
         corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
 
         def record(start: int):
             def hook(x, hook):
-                senders.store(start, x.unsqueeze(1))
+                senders.store(start, x)
                 return x
             return hook
 
-        def record_heads(start: int, W_O: torch.Tensor):
-            def hook(z, hook):  # z [batch, pos, head, d_head] -> each head's output [batch, head, pos, d_model]
-                senders.store(start, torch.einsum("bphe,hed->bhpd", z, W_O))
+        def record_heads(start: int, ablated_z: torch.Tensor, W_O: torch.Tensor):
+            def hook(z, hook):  # z [batch, pos, head, d_head]
+                senders.store_heads(start, z, ablated_z, W_O)
                 return z
             return hook
 
@@ -311,7 +344,8 @@ class ComponentGraph:
         hooks = [("blocks.0.hook_resid_pre", record(0))] if start_layer == 0 else []
         for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer
-            hooks.append((f"blocks.{layer}.attn.hook_z", record_heads(start, self.model.blocks[layer].attn.W_O)))
+            hooks.append((f"blocks.{layer}.attn.hook_z",
+                          record_heads(start, self._ablated_z[layer], self.model.blocks[layer].attn.W_O)))
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads)))
         shared_inputs = shared_head_inputs_supported(self.model)

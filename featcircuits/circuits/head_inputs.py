@@ -43,21 +43,23 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
     attn, norm = block.attn, block.ln1
     weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
     biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
-    inputs = resid.unsqueeze(2) - correction  # [batch, pos, head, d_model]
+    # head-major [head, batch, pos, d_model], written in one pass, so each head's projection is one matmul
+    inputs = resid.new_empty(correction.shape[2], *resid.shape)
+    torch.sub(resid.unsqueeze(0), correction.permute(2, 0, 1, 3), out=inputs)
     if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
-        qkv = torch.einsum("bphd,hde->bphe", norm(inputs), weights) + biases
-        return qkv.split(attn.W_Q.shape[-1], dim=-1)
+        qkv = torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]
+        return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
     if isinstance(norm, (LayerNorm, LayerNormPre)):
-        inputs = inputs - inputs.mean(-1, keepdim=True)
+        inputs -= inputs.mean(-1, keepdim=True)
     # one pass for the mean square (no squared copy): ||x||^2 / d_model
     mean_square = torch.linalg.vector_norm(inputs, dim=-1, keepdim=True).square() / inputs.shape[-1]
-    inverse_scale = torch.rsqrt(mean_square + norm.eps)  # [batch, pos, head, 1]
+    inverse_scale = torch.rsqrt(mean_square + norm.eps)  # [head, batch, pos, 1]
     if isinstance(norm, LayerNorm):
         biases = biases + torch.einsum("d,hde->he", norm.b, weights)
     if isinstance(norm, (LayerNorm, RMSNorm)):
         weights = weights * norm.w[None, :, None]
-    qkv = torch.einsum("bphd,hde->bphe", inputs, weights) * inverse_scale + biases
-    return qkv.split(attn.W_Q.shape[-1], dim=-1)
+    qkv = torch.einsum("hbpd,hde->hbpe", inputs, weights) * inverse_scale + biases[:, None, None]
+    return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
 
 
 class HeadInputHooks:

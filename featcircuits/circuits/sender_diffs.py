@@ -17,6 +17,9 @@ __all__ = ["SenderDiffs"]
 class SenderDiffs:
     """``sender output - ablation`` for ``copies x n`` batch rows (copy-major, ``row = copy * n + prompt``).
 
+    Differences are held sender-major (``[senders, rows, pos, d_model]``), so a sender's block is written in
+    one contiguous pass: a layer's heads straight from their ``z`` by one matmul per head.
+
     Args:
         clean: clean sender outputs ``[n, senders, pos, d_model]``.
         ablated: their ablation values ``[n | 1, senders, pos, d_model]``.
@@ -29,14 +32,22 @@ class SenderDiffs:
         self.ablated = ablated
         self.prefix_diffs = clean[:, :prefix] - ablated[:, :prefix]  # [n, prefix, pos, d_model]
         # later senders, written as the forward runs, always before a receiver reads them
-        self.diffs = ablated.new_empty(copies * self.n, ablated.shape[1] - prefix, *ablated.shape[2:])
+        self.diffs = ablated.new_empty(ablated.shape[1] - prefix, copies * self.n, *ablated.shape[2:])
 
     def store(self, start: int, value: torch.Tensor) -> None:
-        """Senders ``start .. start + width`` from their outputs ``value [copies * n, width, pos, d_model]``."""
-        width, shape = value.shape[1], value.shape[1:]
-        rows = self.diffs.view(self.copies, self.n, *self.diffs.shape[1:])
-        torch.sub(value.view(self.copies, self.n, *shape), self.ablated[:, start:start + width],
-                  out=rows[:, :, start - self.prefix:start - self.prefix + width])
+        """Sender ``start`` from its output ``value [copies * n, pos, d_model]``."""
+        rows = self.diffs[start - self.prefix].view(self.copies, self.n, *value.shape[1:])
+        torch.sub(value.view(rows.shape), self.ablated[:, start], out=rows)
+
+    def store_heads(self, start: int, z: torch.Tensor, ablated_z: torch.Tensor, W_O: torch.Tensor) -> None:
+        """Senders ``start .. start + heads`` from the heads' ``z [copies * n, pos, head, d_head]``, their
+        ablations ``ablated_z [n | 1, pos, head, d_head]`` and ``W_O [head, d_head, d_model]``: a head's output
+        is ``z W_O`` (the bias is the layer's, not a head's), so its difference is ``(z - ablated_z) W_O``."""
+        heads, d_head = z.shape[2:]
+        z_diff = z.view(self.copies, self.n, *z.shape[1:]) - ablated_z  # [copies, n, pos, head, d_head]
+        z_diff = z_diff.permute(3, 0, 1, 2, 4).reshape(heads, -1, d_head)  # [head, rows * pos, d_head]
+        block = self.diffs[start - self.prefix:start - self.prefix + heads]
+        torch.bmm(z_diff, W_O, out=block.view(heads, -1, block.shape[-1]))
 
     def removed_sum(self, removed: torch.Tensor) -> torch.Tensor:
         """``removed [copies * n, receivers, senders]`` (1 removes the edge) -> the sum of the removed senders'
@@ -49,6 +60,6 @@ class SenderDiffs:
             total = torch.einsum("cnrs,nspd->cnprd", per_copy, self.prefix_diffs[:, :shared])
             total = total.reshape(self.copies * self.n, *total.shape[2:])
         if n_senders > self.prefix:
-            own = torch.einsum("brs,bspd->bprd", removed[:, :, self.prefix:], self.diffs[:, :n_senders - self.prefix])
+            own = torch.einsum("brs,sbpd->bprd", removed[:, :, self.prefix:], self.diffs[:n_senders - self.prefix])
             total = own if total is None else total + own
         return total
