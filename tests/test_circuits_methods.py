@@ -234,3 +234,36 @@ def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(
         reference = torch.einsum("bphd,hde->bphe", inputs, weight) + bias
         assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     assert (q - attn.b_Q).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
+def test_patterns_grouped_by_start_layer_over_the_shared_prefix_match_full_forwards(model_name, request):
+    """Forwards that start at each pattern's first changed layer, over the positions after the clean and
+    corrupt prompts' shared prefix (clean keys and values before it), give the full forwards' metrics."""
+    from featcircuits.circuits import ContrastiveTask
+
+    model = request.getfixturevalue(model_name)
+    generator = torch.Generator().manual_seed(3)
+    pairs = []
+    for length, first_difference in ((9, 4), (7, 3), (9, 6), (8, 5)):  # right-padded, unequal prefixes
+        clean = torch.randint(0, 97, (length,), generator=generator)
+        corrupt = clean.clone()
+        corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
+        pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
+    task = ContrastiveTask.from_pairs(model, pairs)
+    graph = ComponentGraph(model, task, ablation="patch")
+    plain = ComponentGraph(model, task, ablation="patch", skip_clean_prefix=False)
+    assert graph._shared_positions() == 3
+    n_edges = len(graph.edge_ids)
+    masks = [torch.ones(n_edges), torch.zeros(n_edges)]
+    for _, first, _, _ in graph._receiver_groups:  # patterns whose earliest removed edge is in each group
+        mask = torch.ones(n_edges)
+        mask[first:] = (torch.rand(n_edges - first, generator=generator) > 0.3).float()
+        masks.append(mask)
+    masks += list((torch.rand(4, n_edges, generator=generator) > 0.5).float())
+    masks = torch.stack(masks)
+    starts = graph._start_layers(masks)
+    assert set(starts.tolist()) == set(range(model.cfg.n_layers + 1))  # every start layer is exercised
+    expected = plain.edge_metric(masks)
+    assert torch.allclose(graph.edge_metric(masks), expected, atol=1e-4)
+    assert graph.edge_metric(masks[:1]).item() == pytest.approx(graph.full_metric, abs=1e-5)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
 from .head_inputs import HeadInputHooks, shared_head_inputs_supported
@@ -128,20 +130,26 @@ class ComponentGraph:
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return self.metric_fn(self.task, self.task.last_logits(logits), self.clean_last)
 
-    def _run_to_metric(self, inputs: torch.Tensor, hooks: list, start_at_layer: int | None = None) -> torch.Tensor:
+    def _run_to_metric(self, inputs: torch.Tensor, hooks: list, start_at_layer: int | None = None,
+                       past_kv_cache: TransformerLensKeyValueCache | None = None) -> torch.Tensor:
         """The metric ``[copies]`` of a batched forward from ``inputs`` (tokens, or the residual stream at
-        ``start_at_layer``) ``[copies * n, pos(, d_model)]``."""
+        ``start_at_layer``) ``[copies * n, pos(, d_model)]``; with ``past_kv_cache``, ``inputs`` are the
+        positions after the cached ones."""
         self.forwards += 1
         resid = self.model.run_with_hooks(inputs, start_at_layer=start_at_layer, stop_at_layer=self.n_layers,
-                                          fwd_hooks=hooks)  # [copies * n, pos, d_model] after the last block
-        return self._metric_from_final(resid)
+                                          past_kv_cache=past_kv_cache, fwd_hooks=hooks)
+        offset = 0 if past_kv_cache is None else past_kv_cache[0].past_keys.shape[1]
+        return self._metric_from_final(resid, offset)  # resid [copies * n, pos - offset, d_model]
 
-    def _metric_from_final(self, resid: torch.Tensor) -> torch.Tensor:
-        """The metric ``[copies]`` from the residual stream after the last block ``[copies * n, pos, d_model]``.
-        The final norm and the unembedding run at each prompt's last token only: the metric reads nothing
-        else, and the unembedding is the widest matmul of a small model's forward."""
+    def _metric_from_final(self, resid: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The metric ``[copies]`` from the residual stream after the last block ``[copies * n, pos - offset,
+        d_model]`` (positions from ``offset`` on). The final norm and the unembedding run at each prompt's
+        last token only: the metric reads nothing else, and the unembedding is the widest matmul of a small
+        model's forward."""
         model = self.model
-        final = self.task.last_logits(resid)  # [copies, n, d_model] at each prompt's last token
+        copies, n = resid.shape[0] // len(self.task), len(self.task)
+        last = (self.task.clean_last - offset).repeat(copies)
+        final = resid[torch.arange(resid.shape[0], device=resid.device), last].view(copies, n, -1)
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
         logits = model.unembed(final)
@@ -177,6 +185,7 @@ class ComponentGraph:
             mlp_in_names = [f"blocks.{layer}.hook_mlp_in" for layer in range(self.n_layers)] if self.has_mlp else []
             final_name = f"blocks.{self.n_layers - 1}.hook_resid_post"
             z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)]
+            kv_names = [f"blocks.{layer}.attn.hook_{kind}" for layer in range(self.n_layers) for kind in "kv"]
             for layer in range(self.n_layers):
                 names.append(f"blocks.{layer}.attn.hook_result")
                 if self.has_mlp:
@@ -191,13 +200,16 @@ class ComponentGraph:
 
             with torch.no_grad(), _edge_hooks_enabled(self.model):
                 _, cache = self.model.run_with_cache(self.task.clean_tokens,
-                                                     names_filter=names + z_names + resid_names + mlp_in_names
-                                                     + [final_name])
+                                                     names_filter=names + z_names + kv_names + resid_names
+                                                     + mlp_in_names + [final_name])
                 clean = stack(cache)
                 self._clean_resid = [cache[name] for name in resid_names]  # [n, pos, d_model] each
                 self._clean_mlp_in = [cache[name] for name in mlp_in_names]  # receivers' inputs (exact receivers)
                 self._clean_final = cache[final_name]
                 clean_z = [cache[name] for name in z_names]  # [n, pos, head, d_head] each
+                # keys and values before rotary, key/value heads ungrouped: [n, pos, head, d_head]
+                self._clean_kv = [(cache[f"blocks.{layer}.attn.hook_k"], cache[f"blocks.{layer}.attn.hook_v"])
+                                  for layer in range(self.n_layers)]
                 corrupt, corrupt_z = None, [None] * self.n_layers
                 if self.ablation == "patch":
                     _, cache = self.model.run_with_cache(self.task.corrupt_tokens, names_filter=names + z_names)
@@ -298,20 +310,45 @@ class ComponentGraph:
             starts[(keep[:, first:first + n_r * n_s] < 1).any(dim=1)] = layer
         return starts
 
+    def _shared_positions(self) -> int:
+        """Leading positions at which every ablation pattern's forward is the clean run: under patch
+        ablation, positions before the first token where any clean and corrupt prompt differ (each sender's
+        output equals its ablation there, so no edge removal changes anything). Their keys and values are
+        read from the clean run; the forward runs the later positions only."""
+        if (self.ablation != "patch" or not self.skip_clean_prefix
+                or self.model.cfg.positional_embedding_type == "shortformer"):
+            return 0
+        differs = self.task.clean_tokens != self.task.corrupt_tokens  # [n, pos]
+        first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), differs.shape[1])
+        return int(min(first.min(), self.task.clean_last.min()))  # every prompt's last token still runs
+
+    def _clean_kv_cache(self, copies: int, positions: int) -> TransformerLensKeyValueCache:
+        """The clean run's keys and values at the first ``positions``, for ``copies`` patterns (frozen)."""
+        n = len(self.task)
+        entries = [TransformerLensKeyValueCacheEntry(repeat_copies(keys[:, :positions], copies, n),
+                                                     repeat_copies(values[:, :positions], copies, n), frozen=True)
+                   for keys, values in self._clean_kv]
+        mask = torch.ones(copies * n, positions, dtype=torch.int, device=self.task.clean_tokens.device)
+        return TransformerLensKeyValueCache(entries, mask, frozen=True)
+
     @torch.no_grad()
     def _edge_metric_chunk(self, keep: torch.Tensor, start_layer: int) -> torch.Tensor:
         """The metric of ``keep [copies, n_edges]`` from a forward that starts at ``start_layer`` (every copy
         reads the clean residual stream there: no edge into an earlier receiver is removed)."""
         copies, n = keep.shape[0], len(self.task)
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
+        skip = self._shared_positions()
+        clean, ablated = self._sender_outputs()
+        clean, ablated = clean[:, :, skip:], ablated[:, :, skip:]  # [n | 1, senders, pos - skip, d_model]
         if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
             _, first, _, n_s = self._receiver_groups[-1]
-            senders = SenderDiffs(*self._sender_outputs(), copies, n_s)
+            senders = SenderDiffs(clean, ablated, copies, n_s)
             correction = senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, :, 0]
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
-            return self._metric_from_final(repeat_copies(self._clean_final, copies, n) - correction)
-        prefix = 1 + start_layer * self.per_layer if start_layer > 0 else 0  # senders before the first block run
-        senders = SenderDiffs(*self._sender_outputs(), copies, prefix)
+            final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
+            return self._metric_from_final(final, skip)
+        prefix = 1 + start_layer * self.per_layer if start_layer > 0 or skip else 0  # senders before the first block
+        senders = SenderDiffs(clean, ablated, copies, prefix)
         corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
 
         def record(start: int):
@@ -341,11 +378,11 @@ class ComponentGraph:
                 return senders.removed_sum(off.view(-1, self.n_heads, n_senders)) if bool(off.any()) else None
             return correction
 
-        hooks = [("blocks.0.hook_resid_pre", record(0))] if start_layer == 0 else []
+        hooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
         for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer
             hooks.append((f"blocks.{layer}.attn.hook_z",
-                          record_heads(start, self._ablated_z[layer], self.model.blocks[layer].attn.W_O)))
+                          record_heads(start, self._ablated_z[layer][:, skip:], self.model.blocks[layer].attn.W_O)))
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads)))
         shared_inputs = shared_head_inputs_supported(self.model)
@@ -358,10 +395,11 @@ class ComponentGraph:
             else:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
         with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
-            if start_layer == 0:
+            if prefix == 0:
                 return self._run_to_metric(self._tokens(copies), hooks)
-            resid = repeat_copies(self._clean_resid[start_layer], copies, n)
-            return self._run_to_metric(resid, hooks, start_at_layer=start_layer)
+            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
+            cache = self._clean_kv_cache(copies, skip) if skip else None
+            return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
