@@ -147,9 +147,7 @@ class ComponentGraph:
         last token only: the metric reads nothing else, and the unembedding is the widest matmul of a small
         model's forward."""
         model = self.model
-        copies, n = resid.shape[0] // len(self.task), len(self.task)
-        last = (self.task.clean_last - offset).repeat(copies)
-        final = resid[torch.arange(resid.shape[0], device=resid.device), last].view(copies, n, -1)
+        final = self.task.last_logits(resid, offset=offset)  # [copies, n, d_model] at each prompt's last token
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
         logits = model.unembed(final)

@@ -133,14 +133,15 @@ class ContrastiveTask:
     def __len__(self) -> int:
         return self.clean_tokens.shape[0]
 
-    def last_logits(self, logits: torch.Tensor, corrupt: bool = False) -> torch.Tensor:
+    def last_logits(self, logits: torch.Tensor, corrupt: bool = False, offset: int = 0) -> torch.Tensor:
         """``[copies * n, pos, ...] -> [copies, n, ...]`` at each prompt's last token (logits, or any per-token vector).
 
-        The batch may hold several copies of the task (one per ablation pattern), copy-major.
+        The batch may hold several copies of the task (one per ablation pattern), copy-major. ``offset``: the
+        batch holds positions from ``offset`` on (a forward after cached positions).
         """
         n = len(self)
         copies = logits.shape[0] // n
-        last = (self.corrupt_last if corrupt else self.clean_last).repeat(copies)
+        last = (self.corrupt_last if corrupt else self.clean_last).repeat(copies) - offset
         rows = torch.arange(logits.shape[0], device=logits.device)
         return logits[rows, last].reshape(copies, n, -1)
 
