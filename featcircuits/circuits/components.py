@@ -20,7 +20,8 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
-from .head_inputs import HeadInputHooks, shared_head_inputs_supported
+from .head_inputs import HeadInputHooks, head_qkv, shared_head_inputs_supported, shared_qkv
+from .last_token import last_token_attention, last_token_supported
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
@@ -77,8 +78,11 @@ class ComponentGraph:
         ablation: ``zero``, ``mean`` (over the task's clean prompts) or ``patch`` (from the corrupt run).
         metric: ``logit_diff``, ``prob_diff``, ``kl`` or a function ``(task, last_logits [copies, n, vocab], clean_last [n, vocab]) -> [copies]``.
         max_copies: most ablation patterns per forward (bounds memory).
-        skip_clean_prefix: edge ablations start the forward at the first layer that has a removed edge in
-            any pattern, from the clean residual stream: everything before it is the clean run's.
+        skip_clean_prefix: edge ablations start each pattern's forward at the first layer that has a removed
+            edge, from the clean residual stream (everything before it is the clean run's), run only the
+            positions after the clean and corrupt prompts' shared prefix, and run the last block's queries,
+            MLP and the edges into the logits at each prompt's last token only. ``False`` runs every forward
+            over the whole model (the straightforward evaluator).
     """
 
     def __init__(self, model, task: ContrastiveTask, ablation: str = "patch",
@@ -146,8 +150,12 @@ class ComponentGraph:
         d_model]`` (positions from ``offset`` on). The final norm and the unembedding run at each prompt's
         last token only: the metric reads nothing else, and the unembedding is the widest matmul of a small
         model's forward."""
+        return self._metric_from_last(self.task.last_logits(resid, offset=offset))
+
+    def _metric_from_last(self, final: torch.Tensor) -> torch.Tensor:
+        """The metric ``[copies]`` from the residual stream after the last block at each prompt's last token,
+        ``[copies, n, d_model]``."""
         model = self.model
-        final = self.task.last_logits(resid, offset=offset)  # [copies, n, d_model] at each prompt's last token
         if model.cfg.normalization_type is not None:
             final = model.ln_final(final)
         logits = model.unembed(final)
@@ -345,7 +353,11 @@ class ComponentGraph:
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
             final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
             return self._metric_from_final(final, skip)
-        prefix = 1 + start_layer * self.per_layer if start_layer > 0 or skip else 0  # senders before the first block
+        last_token = self.skip_clean_prefix and last_token_supported(self.model)
+        blocks_end = self.n_layers - 1 if last_token else self.n_layers  # transformer_lens runs the blocks before it
+        # senders before the first block run: the forward starts from tokens only at layer 0 without a shared prefix
+        from_tokens = start_layer == 0 and not skip and start_layer < blocks_end
+        prefix = 0 if from_tokens else 1 + start_layer * self.per_layer
         senders = SenderDiffs(clean, ablated, copies, prefix)
         corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
 
@@ -377,7 +389,7 @@ class ComponentGraph:
             return correction
 
         hooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
-        for layer in range(start_layer, self.n_layers):
+        for layer in range(start_layer, blocks_end):
             start = 1 + layer * self.per_layer
             hooks.append((f"blocks.{layer}.attn.hook_z",
                           record_heads(start, self._ablated_z[layer][:, skip:], self.model.blocks[layer].attn.W_O)))
@@ -386,18 +398,77 @@ class ComponentGraph:
         shared_inputs = shared_head_inputs_supported(self.model)
         for names, first, n_r, n_s in self._receiver_groups:
             layer = int(names[0].split(".")[1])
-            if layer < start_layer:
+            if layer < start_layer or layer >= blocks_end:
                 continue
             if shared_inputs and names == _head_input_hooks(self.model, layer):  # this layer's heads
                 hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
             else:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
         with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
+            if not last_token:
+                if prefix == 0:
+                    return self._run_to_metric(self._tokens(copies), hooks)
+                resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
+                cache = self._clean_kv_cache(copies, skip) if skip else None
+                return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
+            self.forwards += 1
             if prefix == 0:
-                return self._run_to_metric(self._tokens(copies), hooks)
-            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
-            cache = self._clean_kv_cache(copies, skip) if skip else None
-            return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
+                resid = self.model.run_with_hooks(self._tokens(copies), stop_at_layer=blocks_end, fwd_hooks=hooks)
+            elif start_layer < blocks_end:
+                resid = self.model.run_with_hooks(
+                    repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n), start_at_layer=start_layer,
+                    stop_at_layer=blocks_end, past_kv_cache=self._clean_kv_cache(copies, skip) if skip else None,
+                    fwd_hooks=hooks)
+            else:  # every removed edge is into the last block or the logits
+                resid = repeat_copies(self._clean_resid[blocks_end][:, skip:], copies, n)
+            final = self._last_block_at_last_token(resid, senders, removed, skip)
+            return self._metric_from_last(final.view(copies, n, -1))
+
+    def _last_block_at_last_token(self, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor,
+                                  skip: int) -> torch.Tensor:
+        """The last block's output at each prompt's last token, minus the removed edges into the logits.
+
+        Args:
+            resid: the last block's input ``[rows, pos - skip, d_model]`` (rows ``copies * n``, copy-major).
+            senders: the differences of every sender before the last block, ``pos - skip`` positions.
+            removed: ``[rows, n_edges]``, 1 where an edge is removed.
+            skip: shared leading positions, whose keys and values are the clean run's.
+
+        Returns:
+            ``[rows, d_model]``: the final residual stream at each row's last token.
+        """
+        layer, n = self.n_layers - 1, len(self.task)
+        block, attn = self.model.blocks[layer], self.model.blocks[layer].attn
+        copies = resid.shape[0] // n
+        last = self.task.clean_last - skip  # [n] each prompt's last token among the positions run
+        rows_last = last.repeat(copies)
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        groups = iter(self._receiver_groups[len(self._receiver_groups) - 2 - int(self.has_mlp):])
+        _, first, n_heads, n_senders = next(groups)
+        off = removed[:, first:first + n_heads * n_senders]
+        if bool(off.any()):
+            q, k, v = head_qkv(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
+        else:
+            q, k, v = shared_qkv(block, resid)
+        if skip:  # keys and values of the shared prefix: the clean run's
+            clean_k, clean_v = self._clean_kv[layer]
+            k = torch.cat([repeat_copies(clean_k[:, :skip], copies, n), k], dim=1)
+            v = torch.cat([repeat_copies(clean_v[:, :skip], copies, n), v], dim=1)
+        z = last_token_attention(attn, q, k, v, skip, rows_last)  # [rows, head, d_head]
+        at_last = senders.at(last)  # every sender's difference at the last token: the rest run there only
+        start = 1 + layer * self.per_layer
+        ablated_z = self._ablated_z[layer][:, skip:]
+        ablated_z = ablated_z.expand(n, *ablated_z.shape[1:])[torch.arange(n, device=last.device), last]
+        at_last.store_heads(start, z.unsqueeze(1), ablated_z.unsqueeze(1), attn.W_O)
+        resid = resid[rows, rows_last] + torch.einsum("bhd,hdm->bm", z, attn.W_O) + attn.b_O  # [rows, d_model]
+        if self.has_mlp:
+            _, first, _, n_senders = next(groups)
+            correction = at_last.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))
+            mlp_out = block.mlp(block.ln2((resid - correction[:, 0, 0]).unsqueeze(1)))  # [rows, 1, d_model]
+            at_last.store(start + self.n_heads, mlp_out)
+            resid = resid + mlp_out[:, 0]
+        _, first, _, n_senders = next(groups)
+        return resid - at_last.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))[:, 0, 0]
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.

@@ -16,7 +16,7 @@ import torch
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-__all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported"]
+__all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported", "shared_qkv"]
 
 # norms whose scale can move past the projection: per-position centering (LN) and a root-mean-square scale
 _FOLDABLE_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
@@ -60,6 +60,16 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
         weights = weights * norm.w[None, :, None]
     qkv = torch.einsum("hbpd,hde->hbpe", inputs, weights) * inverse_scale + biases[:, None, None]
     return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
+
+
+def shared_qkv(block, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v [batch, pos, head, d_head]`` of every head from the one input ``resid [batch, pos, d_model]``, as
+    :func:`head_qkv` gives them (key and value heads one per query head, before rotary)."""
+    attn = block.attn
+    weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
+    biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
+    qkv = torch.einsum("bpd,hde->bphe", block.ln1(resid), weights) + biases
+    return qkv.split(attn.W_Q.shape[-1], dim=-1)
 
 
 class HeadInputHooks:

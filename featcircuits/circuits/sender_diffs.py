@@ -9,6 +9,8 @@ copy-wide tensor ``[copies * n, senders, pos, d_model]`` was the largest write o
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 __all__ = ["SenderDiffs"]
@@ -48,6 +50,18 @@ class SenderDiffs:
         z_diff = z_diff.permute(3, 0, 1, 2, 4).reshape(heads, -1, d_head)  # [head, rows * pos, d_head]
         block = self.diffs[start - self.prefix:start - self.prefix + heads]
         torch.bmm(z_diff, W_O, out=block.view(heads, -1, block.shape[-1]))
+
+    def at(self, positions: torch.Tensor) -> SenderDiffs:
+        """The differences at one position per prompt (``positions [n]``, the same in every copy), senders
+        stored so far included: ``pos`` becomes 1, and later senders are stored at that position only."""
+        prompts = torch.arange(self.n, device=positions.device)
+        single = copy.copy(self)
+        ablated = self.ablated.expand(self.n, *self.ablated.shape[1:])
+        single.ablated = ablated[prompts, :, positions].unsqueeze(2)  # [n, senders, 1, d_model]
+        single.prefix_diffs = self.prefix_diffs[prompts, :, positions].unsqueeze(2)
+        diffs = self.diffs.view(self.diffs.shape[0], self.copies, self.n, *self.diffs.shape[2:])
+        single.diffs = diffs[:, :, prompts, positions].reshape(self.diffs.shape[0], -1, 1, self.diffs.shape[-1])
+        return single
 
     def removed_sum(self, removed: torch.Tensor) -> torch.Tensor:
         """``removed [copies * n, receivers, senders]`` (1 removes the edge) -> the sum of the removed senders'
