@@ -226,9 +226,9 @@ def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(
     with torch.no_grad():
         for parameter in (*block.ln1.parameters(), block.attn.b_Q, block.attn.b_K, block.attn.b_V):
             parameter.normal_()  # non-trivial norm weights and biases
-    resid, correction = torch.randn(3, 5, 16) * 2 + 0.5, torch.randn(3, 5, 4, 16)
+    resid, correction = torch.randn(3, 5, 16) * 2 + 0.5, torch.randn(3, 4, 5, 16)  # correction [batch, head, pos, d]
     q, k, v = head_qkv(block, resid, correction)
-    inputs = block.ln1(resid.unsqueeze(2) - correction)  # [batch, pos, head, d_model]
+    inputs = block.ln1(resid.unsqueeze(2) - correction.transpose(1, 2))  # [batch, pos, head, d_model]
     attn = block.attn
     for ours, weight, bias in ((q, attn.W_Q, attn.b_Q), (k, attn.W_K, attn.b_K), (v, attn.W_V, attn.b_V)):
         reference = torch.einsum("bphd,hde->bphe", inputs, weight) + bias

@@ -349,7 +349,7 @@ class ComponentGraph:
         if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
             _, first, _, n_s = self._receiver_groups[-1]
             senders = SenderDiffs(clean, ablated, copies, n_s)
-            correction = senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, :, 0]
+            correction = senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, 0]
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
             final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
             return self._metric_from_final(final, skip)
@@ -377,13 +377,13 @@ class ComponentGraph:
             def hook(x, hook):
                 if first not in corrections:
                     off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
-                    correction = senders.removed_sum(off)  # [batch, pos, receivers, d_model]
-                    corrections[first] = correction if x.dim() == 4 else correction[:, :, 0]
+                    correction = senders.removed_sum(off)  # [batch, receivers, pos, d_model]
+                    corrections[first] = correction.transpose(1, 2) if x.dim() == 4 else correction[:, 0]
                 return x - corrections[first]
             return hook
 
         def head_correction(first: int, n_senders: int) -> Callable[[], torch.Tensor | None]:
-            def correction() -> torch.Tensor | None:  # [copies * n, pos, head, d_model], None if nothing removed
+            def correction() -> torch.Tensor | None:  # [copies * n, head, pos, d_model], None if nothing removed
                 off = removed[:, first:first + self.n_heads * n_senders]
                 return senders.removed_sum(off.view(-1, self.n_heads, n_senders)) if bool(off.any()) else None
             return correction

@@ -33,7 +33,7 @@ def shared_head_inputs_supported(model) -> bool:
 
 def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v [batch, pos, head, d_head]`` from the inputs ``resid [batch, pos, d_model] - correction
-    [batch, pos, head, d_model]``, as the block's ``hook_q``/``hook_k``/``hook_v`` would carry them (before
+    [batch, head, pos, d_model]``, as the block's ``hook_q``/``hook_k``/``hook_v`` would carry them (before
     rotary and query/key norms, which the attention applies after those hooks). Key and value heads are one
     per query head (grouped-query attention ungrouped).
 
@@ -44,8 +44,8 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
     weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
     biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
     # head-major [head, batch, pos, d_model], written in one pass, so each head's projection is one matmul
-    inputs = resid.new_empty(correction.shape[2], *resid.shape)
-    torch.sub(resid.unsqueeze(0), correction.permute(2, 0, 1, 3), out=inputs)
+    inputs = resid.new_empty(correction.shape[1], *resid.shape)
+    torch.sub(resid.unsqueeze(0), correction.transpose(0, 1), out=inputs)
     if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
         qkv = torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]
         return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
@@ -75,7 +75,7 @@ def shared_qkv(block, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 class HeadInputHooks:
     """Hooks that give each head of one layer its own input ``resid - correction[head]`` through ``hook_q``,
     ``hook_k`` and ``hook_v``: the residual is taken at ``hook_resid_pre`` and, at ``hook_q``, ``correction()``
-    (``[batch, pos, head, d_model]``, or ``None`` when no head's input differs from the residual) is asked for
+    (``[batch, head, pos, d_model]``, or ``None`` when no head's input differs from the residual) is asked for
     and the queries, keys and values recomputed once for all three hooks."""
 
     def __init__(self, model, layer: int, correction: Callable[[], torch.Tensor | None]) -> None:

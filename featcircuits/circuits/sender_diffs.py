@@ -65,15 +65,26 @@ class SenderDiffs:
 
     def removed_sum(self, removed: torch.Tensor) -> torch.Tensor:
         """``removed [copies * n, receivers, senders]`` (1 removes the edge) -> the sum of the removed senders'
-        differences for each receiver, ``[copies * n, pos, receivers, d_model]``."""
-        n_receivers, n_senders = removed.shape[1:]
-        total = None
+        differences for each receiver, ``[copies * n, receivers, pos, d_model]``.
+
+        The output is written once by the prefix senders' matmuls and accumulated in place by the later
+        senders' (no permuted copy, no separate sum): it is as large as every receiver's input together."""
+        rows, n_receivers, n_senders = removed.shape
+        removed = removed.to(self.ablated.dtype)
+        pos, d_model = self.ablated.shape[2:]
+        total = self.ablated.new_empty(rows, n_receivers, pos * d_model)
         shared = min(n_senders, self.prefix)
+        own = n_senders - shared
+        own_diffs = self.diffs[:own].view(own, rows, pos * d_model).transpose(0, 1)  # [rows, own, pos * d_model]
         if shared:
+            # prefix differences are per prompt, the pattern per copy: one matmul batched over prompts per copy
             per_copy = removed[:, :, :shared].reshape(self.copies, self.n, n_receivers, shared)
-            total = torch.einsum("cnrs,nspd->cnprd", per_copy, self.prefix_diffs[:, :shared])
-            total = total.reshape(self.copies * self.n, *total.shape[2:])
-        if n_senders > self.prefix:
-            own = torch.einsum("brs,sbpd->bprd", removed[:, :, self.prefix:], self.diffs[:n_senders - self.prefix])
-            total = own if total is None else total + own
-        return total
+            prefix = self.prefix_diffs[:, :shared].reshape(self.n, shared, pos * d_model)
+            out = total.view(self.copies, self.n, n_receivers, pos * d_model)
+            for copy in range(self.copies):
+                torch.bmm(per_copy[copy], prefix, out=out[copy])
+            if own:
+                total.baddbmm_(removed[:, :, shared:], own_diffs)
+        else:
+            torch.bmm(removed, own_diffs, out=total)
+        return total.view(rows, n_receivers, pos, d_model)
