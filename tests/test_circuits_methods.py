@@ -196,17 +196,22 @@ def test_grouped_query_attention_edges(tiny_llama):
 
 @pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
 def test_shared_head_inputs_match_transformer_lens_per_head_inputs(model_name, request, monkeypatch):
-    """Edge patching sets each head's q/k/v from one normalised input per head; transformer_lens's own
+    """Edge patching runs the blocks itself (own attention, last block at the last token) or through
+    transformer_lens with each head's q/k/v set from one normalised input per head; transformer_lens's own
     per-head residual copies (use_attn_in / use_split_qkv_input) must give the same metrics."""
     import featcircuits.circuits.components as components
 
     model = request.getfixturevalue(model_name)  # LayerNorm + MHA, RMSNorm + grouped-query attention
     graph = ComponentGraph(model, random_token_task(model, 4, 6, 1), ablation="zero")
     keep = (torch.rand(12, len(graph.edge_ids), generator=torch.Generator().manual_seed(0)) > 0.3).float()
+    assert components.own_blocks_supported(model)
+    own_blocks = graph.edge_metric(keep)
+    monkeypatch.setattr(components, "own_blocks_supported", lambda model: False)
     shared = graph.edge_metric(keep)
     monkeypatch.setattr(components, "shared_head_inputs_supported", lambda model: False)
     per_head_copies = graph.edge_metric(keep)
     assert torch.allclose(shared, per_head_copies, atol=1e-5)
+    assert torch.allclose(own_blocks, per_head_copies, atol=1e-5)
     assert (shared - graph.full_metric).abs().max() > 1e-2  # the patterns do move the metric
 
 

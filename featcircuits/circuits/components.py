@@ -20,8 +20,8 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
+from .attention import causal_attention, own_blocks_supported
 from .head_inputs import HeadInputHooks, head_qkv, shared_head_inputs_supported, shared_qkv
-from .last_token import last_token_attention, last_token_supported
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
@@ -353,11 +353,79 @@ class ComponentGraph:
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
             final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
             return self._metric_from_final(final, skip)
-        last_token = self.skip_clean_prefix and last_token_supported(self.model)
-        blocks_end = self.n_layers - 1 if last_token else self.n_layers  # transformer_lens runs the blocks before it
-        # senders before the first block run: the forward starts from tokens only at layer 0 without a shared prefix
-        from_tokens = start_layer == 0 and not skip and start_layer < blocks_end
-        prefix = 0 if from_tokens else 1 + start_layer * self.per_layer
+        if self.skip_clean_prefix and own_blocks_supported(self.model):
+            self.forwards += 1
+            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer)
+            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
+            for layer in range(start_layer, self.n_layers - 1):
+                resid, _ = self._own_block(layer, resid, senders, removed, skip)
+            # the metric reads the last block at each prompt's last token only
+            resid, senders = self._own_block(self.n_layers - 1, resid, senders, removed, skip, last_token=True)
+            _, first, _, n_s = self._receiver_groups[-1]
+            final = resid[:, 0] - senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, 0, 0]
+            return self._metric_from_last(final.view(copies, n, -1))
+        return self._hooked_edge_forward(removed, copies, start_layer, skip, clean, ablated)
+
+    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor, skip: int,
+                   last_token: bool = False) -> tuple[torch.Tensor, SenderDiffs]:
+        """One block of the edge-patching forward, run here rather than through transformer_lens's hooks.
+
+        Each head reads ``resid - (its removed senders' differences)``, the MLP likewise after the heads, and
+        the block records its own senders' differences in ``senders``.
+
+        Args:
+            resid: the block's input ``[rows, pos - skip, d_model]`` (rows ``copies * n``, copy-major).
+            senders: every earlier sender's difference over the same positions.
+            removed: ``[rows, n_edges]``, 1 where an edge is removed.
+            skip: shared leading positions, whose keys and values are the clean run's.
+            last_token: compute queries, MLP and senders at each prompt's last token only.
+
+        Returns:
+            The block's output (``[rows, 1, d_model]`` at the last token with ``last_token``) and the senders
+            (at the last token with ``last_token``).
+        """
+        block, attn = self.model.blocks[layer], self.model.blocks[layer].attn
+        n = len(self.task)
+        copies = resid.shape[0] // n
+        heads = 2 * layer if self.has_mlp else layer  # this layer's receiver groups: heads, then the MLP
+        _, first, n_heads, n_senders = self._receiver_groups[heads]
+        off = removed[:, first:first + n_heads * n_senders]
+        if bool(off.any()):
+            q, k, v = head_qkv(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
+        else:  # every head reads the residual stream itself
+            q, k, v = shared_qkv(block, resid)
+        if skip:  # keys and values of the shared prefix: the clean run's
+            clean_k, clean_v = self._clean_kv[layer]
+            k = torch.cat([repeat_copies(clean_k[:, :skip], copies, n), k], dim=1)
+            v = torch.cat([repeat_copies(clean_v[:, :skip], copies, n), v], dim=1)
+        ablated_z = self._ablated_z[layer][:, skip:]  # [n | 1, pos - skip, head, d_head]
+        if last_token:
+            last = self.task.clean_last - skip  # [n] each prompt's last token among the positions run
+            rows_last = last.repeat(copies)
+            z = causal_attention(attn, q, k, v, skip, rows_last)  # [rows, 1, head, d_head]
+            resid = resid[torch.arange(resid.shape[0], device=resid.device), rows_last].unsqueeze(1)
+            senders = senders.at(last)
+            ablated_z = ablated_z.expand(n, *ablated_z.shape[1:])[torch.arange(n, device=last.device), last]
+            ablated_z = ablated_z.unsqueeze(1)
+        else:
+            z = causal_attention(attn, q, k, v, skip)  # [rows, pos - skip, head, d_head]
+        start = 1 + layer * self.per_layer
+        senders.store_heads(start, z, ablated_z, attn.W_O)
+        resid = resid + torch.einsum("bphd,hdm->bpm", z, attn.W_O) + attn.b_O
+        if self.has_mlp:
+            _, first, _, n_senders = self._receiver_groups[heads + 1]
+            correction = senders.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))[:, 0]
+            mlp_out = block.mlp(block.ln2(resid - correction))
+            senders.store(start + self.n_heads, mlp_out)
+            resid = resid + mlp_out
+        return resid, senders
+
+    def _hooked_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int, skip: int,
+                             clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+        """The edge-patching forward through transformer_lens's hooks, for blocks :meth:`_own_block` does not
+        cover (and for the straightforward evaluator): the metric ``[copies]``."""
+        n = len(self.task)
+        prefix = 1 + start_layer * self.per_layer if start_layer > 0 or skip else 0  # senders before the first block
         senders = SenderDiffs(clean, ablated, copies, prefix)
         corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
 
@@ -389,7 +457,7 @@ class ComponentGraph:
             return correction
 
         hooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
-        for layer in range(start_layer, blocks_end):
+        for layer in range(start_layer, self.n_layers):
             start = 1 + layer * self.per_layer
             hooks.append((f"blocks.{layer}.attn.hook_z",
                           record_heads(start, self._ablated_z[layer][:, skip:], self.model.blocks[layer].attn.W_O)))
@@ -398,77 +466,18 @@ class ComponentGraph:
         shared_inputs = shared_head_inputs_supported(self.model)
         for names, first, n_r, n_s in self._receiver_groups:
             layer = int(names[0].split(".")[1])
-            if layer < start_layer or layer >= blocks_end:
+            if layer < start_layer:
                 continue
             if shared_inputs and names == _head_input_hooks(self.model, layer):  # this layer's heads
                 hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
             else:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
         with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
-            if not last_token:
-                if prefix == 0:
-                    return self._run_to_metric(self._tokens(copies), hooks)
-                resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
-                cache = self._clean_kv_cache(copies, skip) if skip else None
-                return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
-            self.forwards += 1
             if prefix == 0:
-                resid = self.model.run_with_hooks(self._tokens(copies), stop_at_layer=blocks_end, fwd_hooks=hooks)
-            elif start_layer < blocks_end:
-                resid = self.model.run_with_hooks(
-                    repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n), start_at_layer=start_layer,
-                    stop_at_layer=blocks_end, past_kv_cache=self._clean_kv_cache(copies, skip) if skip else None,
-                    fwd_hooks=hooks)
-            else:  # every removed edge is into the last block or the logits
-                resid = repeat_copies(self._clean_resid[blocks_end][:, skip:], copies, n)
-            final = self._last_block_at_last_token(resid, senders, removed, skip)
-            return self._metric_from_last(final.view(copies, n, -1))
-
-    def _last_block_at_last_token(self, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor,
-                                  skip: int) -> torch.Tensor:
-        """The last block's output at each prompt's last token, minus the removed edges into the logits.
-
-        Args:
-            resid: the last block's input ``[rows, pos - skip, d_model]`` (rows ``copies * n``, copy-major).
-            senders: the differences of every sender before the last block, ``pos - skip`` positions.
-            removed: ``[rows, n_edges]``, 1 where an edge is removed.
-            skip: shared leading positions, whose keys and values are the clean run's.
-
-        Returns:
-            ``[rows, d_model]``: the final residual stream at each row's last token.
-        """
-        layer, n = self.n_layers - 1, len(self.task)
-        block, attn = self.model.blocks[layer], self.model.blocks[layer].attn
-        copies = resid.shape[0] // n
-        last = self.task.clean_last - skip  # [n] each prompt's last token among the positions run
-        rows_last = last.repeat(copies)
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        groups = iter(self._receiver_groups[len(self._receiver_groups) - 2 - int(self.has_mlp):])
-        _, first, n_heads, n_senders = next(groups)
-        off = removed[:, first:first + n_heads * n_senders]
-        if bool(off.any()):
-            q, k, v = head_qkv(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
-        else:
-            q, k, v = shared_qkv(block, resid)
-        if skip:  # keys and values of the shared prefix: the clean run's
-            clean_k, clean_v = self._clean_kv[layer]
-            k = torch.cat([repeat_copies(clean_k[:, :skip], copies, n), k], dim=1)
-            v = torch.cat([repeat_copies(clean_v[:, :skip], copies, n), v], dim=1)
-        z = last_token_attention(attn, q, k, v, skip, rows_last)  # [rows, head, d_head]
-        at_last = senders.at(last)  # every sender's difference at the last token: the rest run there only
-        start = 1 + layer * self.per_layer
-        ablated_z = self._ablated_z[layer][:, skip:]
-        ablated_z = ablated_z.expand(n, *ablated_z.shape[1:])[torch.arange(n, device=last.device), last]
-        at_last.store_heads(start, z.unsqueeze(1), ablated_z.unsqueeze(1), attn.W_O)
-        resid = resid[rows, rows_last] + torch.einsum("bhd,hdm->bm", z, attn.W_O) + attn.b_O  # [rows, d_model]
-        if self.has_mlp:
-            _, first, _, n_senders = next(groups)
-            correction = at_last.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))
-            mlp_out = block.mlp(block.ln2((resid - correction[:, 0, 0]).unsqueeze(1)))  # [rows, 1, d_model]
-            at_last.store(start + self.n_heads, mlp_out)
-            resid = resid + mlp_out[:, 0]
-        _, first, _, n_senders = next(groups)
-        return resid - at_last.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))[:, 0, 0]
+                return self._run_to_metric(self._tokens(copies), hooks)
+            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
+            cache = self._clean_kv_cache(copies, skip) if skip else None
+            return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
