@@ -4,19 +4,19 @@ The edge-patching forward (:mod:`.components`) runs the blocks itself where it c
 transformer_lens's hooks: each head's query, key and value come from its own corrected input, the keys and
 values of a shared clean prefix are the clean run's, and in the last block only each prompt's last token needs
 a query (the metric reads nothing else). The attention is assembled from the attention module's own pieces
-(rotary tables, scale) around ``scaled_dot_product_attention``. Architectures whose blocks add
-anything else (local windows, ALiBi, sinks, soft caps, query/key norms, parallel or post-norm blocks) keep
-transformer_lens's forward.
+(rotary tables, scale), head-major, so each head's scores and outputs are batched matmuls over views of the
+projections (at small head sizes on CPU this is faster than ``scaled_dot_product_attention``). Architectures
+whose blocks add anything else (local windows, ALiBi, sinks, soft caps, query/key norms, parallel or post-norm
+blocks) keep transformer_lens's forward.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .head_inputs import shared_head_inputs_supported
 
-__all__ = ["causal_attention", "own_blocks_supported"]
+__all__ = ["causal_attention", "own_blocks_supported", "rotate"]
 
 # OLMo models normalise queries and keys inside the attention module itself
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
@@ -35,6 +35,7 @@ def own_blocks_supported(model) -> bool:
         and not getattr(cfg, "use_qk_norm", False)
         and getattr(cfg, "clip_qkv", None) is None
         and not getattr(cfg, "use_logn_attn", False)
+        and not getattr(cfg, "use_dynamic_ntk_rope", False)
         and not getattr(cfg, "use_attention_sinks", False)
         and not (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0
         and all((getattr(block.attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
@@ -42,28 +43,41 @@ def own_blocks_supported(model) -> bool:
     )
 
 
+def rotate(attn, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x [..., pos, d_head]`` at absolute ``positions`` (``[pos]``, or broadcastable
+    ``[..., pos]``), with the attention module's own tables and pairing."""
+    rotary_dim = attn.cfg.rotary_dim
+    if int(positions.max()) >= attn.rotary_cos.shape[0]:
+        raise ValueError(f"position {int(positions.max())} is past the model's rotary table "
+                         f"({attn.rotary_cos.shape[0]} positions); give prompts of at most n_ctx tokens.")
+    cos, sin = attn.rotary_cos[positions].to(x.dtype), attn.rotary_sin[positions].to(x.dtype)  # [..., pos, rotary_dim]
+    x_rot = x[..., :rotary_dim]
+    rotated = x_rot * cos + attn.rotate_every_two(x_rot) * sin
+    return rotated if rotary_dim == x.shape[-1] else torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
+
+
 def causal_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_offset: int,
                      last: torch.Tensor | None = None) -> torch.Tensor:
-    """Heads' outputs ``z [batch, query_pos, head, d_head]`` of causal attention.
+    """Heads' outputs ``z [head, batch, query_pos, d_head]`` of causal attention, head-major throughout.
 
     Args:
-        attn: the block's attention module (its rotary tables and scale are used).
-        q: queries ``[batch, pos, head, d_head]`` before rotary, at absolute positions ``query_offset`` on.
-        k, v: keys and values ``[batch, query_offset + pos, head, d_head]`` before rotary, from absolute
+        attn: the block's attention module (its scale is used).
+        q: queries ``[head, batch, pos, d_head]`` after rotary, at absolute positions ``query_offset`` on.
+        k, v: keys (after rotary) and values ``[head, batch, query_offset + pos, d_head]``, from absolute
             position 0 (key/value heads one per query head).
         last: ``[batch]`` an index into ``q``'s positions per row: only that query is computed
             (``query_pos`` 1), keys after it masked. ``None``: every query.
     """
-    if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.apply_rotary(q, query_offset)
-        k = attn.apply_rotary(k, 0)
-    keys = torch.arange(k.shape[1], device=q.device)
+    heads, rows, _, d_head = q.shape
+    keys = torch.arange(k.shape[2], device=q.device)
     if last is None:
-        queries = torch.arange(q.shape[1], device=q.device) + query_offset
-        visible = keys <= queries[:, None]  # [query_pos, key_pos]
+        queries = torch.arange(q.shape[2], device=q.device) + query_offset
+        hidden = keys > queries[:, None]  # [query_pos, key_pos], the same for every head and row
     else:
-        q = q[torch.arange(q.shape[0], device=q.device), last].unsqueeze(1)
-        visible = (keys <= (last + query_offset)[:, None])[:, None, None]  # [batch, 1, 1, key_pos]
-    z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible,
-                                       scale=1.0 / float(attn.attn_scale))
-    return z.transpose(1, 2)
+        q = q[:, torch.arange(rows, device=q.device), last].unsqueeze(2)
+        hidden = (keys > (last + query_offset)[:, None]).unsqueeze(1).repeat(heads, 1, 1)  # [head * batch, 1, key]
+    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    scores = torch.baddbmm(mask, q.reshape(heads * rows, -1, d_head), k.reshape(heads * rows, -1, d_head).mT,
+                           alpha=1.0 / float(attn.attn_scale))
+    pattern = scores.softmax(dim=-1)
+    return torch.bmm(pattern, v.reshape(heads * rows, -1, d_head)).view(heads, rows, -1, d_head)

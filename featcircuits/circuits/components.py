@@ -20,8 +20,13 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
-from .attention import causal_attention, own_blocks_supported
-from .head_inputs import HeadInputHooks, head_qkv, shared_head_inputs_supported, shared_qkv
+from .attention import causal_attention, own_blocks_supported, rotate
+from .head_inputs import (
+    HeadInputHooks,
+    head_qkv_head_major,
+    shared_head_inputs_supported,
+    shared_qkv_head_major,
+)
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
@@ -117,6 +122,7 @@ class ComponentGraph:
             self.full_metric = float(self.metric_fn(task, self.clean_last[None], self.clean_last)[0])
         self._node_values: dict[str, torch.Tensor] | None = None
         self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefix_kv_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _add_receivers(self, hooks: list[str], receivers: list[str], n_senders: int) -> None:
         self._receiver_groups.append((hooks, len(self.edge_ids), len(receivers), n_senders))
@@ -391,27 +397,30 @@ class ComponentGraph:
         _, first, n_heads, n_senders = self._receiver_groups[heads]
         off = removed[:, first:first + n_heads * n_senders]
         if bool(off.any()):
-            q, k, v = head_qkv(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
+            qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
         else:  # every head reads the residual stream itself
-            q, k, v = shared_qkv(block, resid)
+            qkv = shared_qkv_head_major(block, resid)
+        q, k, v = qkv.split(attn.W_Q.shape[-1], dim=-1)  # [head, rows, pos - skip, d_head] each
+        if self.model.cfg.positional_embedding_type == "rotary":
+            positions = torch.arange(skip, skip + q.shape[2], device=q.device)
+            q, k = rotate(attn, q, positions), rotate(attn, k, positions)
         if skip:  # keys and values of the shared prefix: the clean run's
-            clean_k, clean_v = self._clean_kv[layer]
-            k = torch.cat([repeat_copies(clean_k[:, :skip], copies, n), k], dim=1)
-            v = torch.cat([repeat_copies(clean_v[:, :skip], copies, n), v], dim=1)
-        ablated_z = self._ablated_z[layer][:, skip:]  # [n | 1, pos - skip, head, d_head]
+            prefix_k, prefix_v = self._prefix_kv(layer, skip)
+            k = torch.cat([prefix_k.repeat(1, copies, 1, 1), k], dim=2)
+            v = torch.cat([prefix_v.repeat(1, copies, 1, 1), v], dim=2)
+        ablated_z = self._ablated_z[layer][:, skip:].permute(2, 0, 1, 3)  # [head, n | 1, pos - skip, d_head]
         if last_token:
             last = self.task.clean_last - skip  # [n] each prompt's last token among the positions run
             rows_last = last.repeat(copies)
-            z = causal_attention(attn, q, k, v, skip, rows_last)  # [rows, 1, head, d_head]
+            z = causal_attention(attn, q, k, v, skip, rows_last)  # [head, rows, 1, d_head]
             resid = resid[torch.arange(resid.shape[0], device=resid.device), rows_last].unsqueeze(1)
             senders = senders.at(last)
-            ablated_z = ablated_z.expand(n, *ablated_z.shape[1:])[torch.arange(n, device=last.device), last]
-            ablated_z = ablated_z.unsqueeze(1)
+            ablated_z = ablated_z.expand(-1, n, -1, -1)[:, torch.arange(n, device=last.device), last].unsqueeze(2)
         else:
-            z = causal_attention(attn, q, k, v, skip)  # [rows, pos - skip, head, d_head]
+            z = causal_attention(attn, q, k, v, skip)  # [head, rows, pos - skip, d_head]
         start = 1 + layer * self.per_layer
         senders.store_heads(start, z, ablated_z, attn.W_O)
-        resid = resid + torch.einsum("bphd,hdm->bpm", z, attn.W_O) + attn.b_O
+        resid = resid + torch.einsum("hbpd,hdm->bpm", z, attn.W_O) + attn.b_O
         if self.has_mlp:
             _, first, _, n_senders = self._receiver_groups[heads + 1]
             correction = senders.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))[:, 0]
@@ -419,6 +428,16 @@ class ComponentGraph:
             senders.store(start + self.n_heads, mlp_out)
             resid = resid + mlp_out
         return resid, senders
+
+    def _prefix_kv(self, layer: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean run's keys (rotated) and values at the first ``skip`` positions, ``[head, n, skip, d_head]``."""
+        key = (layer, skip)
+        if key not in self._prefix_kv_cache:
+            keys, values = (x[:, :skip].permute(2, 0, 1, 3) for x in self._clean_kv[layer])
+            if self.model.cfg.positional_embedding_type == "rotary":
+                keys = rotate(self.model.blocks[layer].attn, keys, torch.arange(skip, device=keys.device))
+            self._prefix_kv_cache[key] = (keys.contiguous(), values.contiguous())
+        return self._prefix_kv_cache[key]
 
     def _hooked_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int, skip: int,
                              clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
@@ -437,7 +456,7 @@ class ComponentGraph:
 
         def record_heads(start: int, ablated_z: torch.Tensor, W_O: torch.Tensor):
             def hook(z, hook):  # z [batch, pos, head, d_head]
-                senders.store_heads(start, z, ablated_z, W_O)
+                senders.store_heads(start, z.permute(2, 0, 1, 3), ablated_z.permute(2, 0, 1, 3), W_O)
                 return z
             return hook
 

@@ -16,7 +16,8 @@ import torch
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-__all__ = ["HeadInputHooks", "head_qkv", "shared_head_inputs_supported", "shared_qkv"]
+__all__ = ["HeadInputHooks", "head_qkv", "head_qkv_head_major", "shared_head_inputs_supported",
+           "shared_qkv_head_major"]
 
 # norms whose scale can move past the projection: per-position centering (LN) and a root-mean-square scale
 _FOLDABLE_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
@@ -35,20 +36,30 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
     """Per-head ``q, k, v [batch, pos, head, d_head]`` from the inputs ``resid [batch, pos, d_model] - correction
     [batch, head, pos, d_model]``, as the block's ``hook_q``/``hook_k``/``hook_v`` would carry them (before
     rotary and query/key norms, which the attention applies after those hooks). Key and value heads are one
-    per query head (grouped-query attention ungrouped).
+    per query head (grouped-query attention ungrouped)."""
+    qkv = head_qkv_head_major(block, resid, correction)
+    return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(block.attn.W_Q.shape[-1], dim=-1))
+
+
+def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
+    biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
+    return weights, biases
+
+
+def head_qkv_head_major(block, resid: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """:func:`head_qkv` head-major: ``[head, batch, pos, 3 * d_head]``, queries, keys and values side by side.
 
     The norm's scale is applied after the projection (``ln(x) W = ((x - mean) (w * W)) / scale + b W``), so
     the normalised per-head inputs, the largest tensor here, are never written.
     """
-    attn, norm = block.attn, block.ln1
-    weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
-    biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
+    norm = block.ln1
+    weights, biases = _qkv_weights(block.attn)
     # head-major [head, batch, pos, d_model], written in one pass, so each head's projection is one matmul
     inputs = resid.new_empty(correction.shape[1], *resid.shape)
     torch.sub(resid.unsqueeze(0), correction.transpose(0, 1), out=inputs)
     if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
-        qkv = torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]
-        return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
+        return torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]
     if isinstance(norm, (LayerNorm, LayerNormPre)):
         inputs -= inputs.mean(-1, keepdim=True)
     # one pass for the mean square (no squared copy): ||x||^2 / d_model
@@ -58,18 +69,15 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
         biases = biases + torch.einsum("d,hde->he", norm.b, weights)
     if isinstance(norm, (LayerNorm, RMSNorm)):
         weights = weights * norm.w[None, :, None]
-    qkv = torch.einsum("hbpd,hde->hbpe", inputs, weights) * inverse_scale + biases[:, None, None]
-    return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(attn.W_Q.shape[-1], dim=-1))
+    qkv = torch.einsum("hbpd,hde->hbpe", inputs, weights)
+    return qkv.mul_(inverse_scale).add_(biases[:, None, None])
 
 
-def shared_qkv(block, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v [batch, pos, head, d_head]`` of every head from the one input ``resid [batch, pos, d_model]``, as
-    :func:`head_qkv` gives them (key and value heads one per query head, before rotary)."""
-    attn = block.attn
-    weights = torch.cat([attn.W_Q, attn.W_K, attn.W_V], dim=-1)  # [head, d_model, 3 * d_head]
-    biases = torch.cat([attn.b_Q, attn.b_K, attn.b_V], dim=-1)  # [head, 3 * d_head]
-    qkv = torch.einsum("bpd,hde->bphe", block.ln1(resid), weights) + biases
-    return qkv.split(attn.W_Q.shape[-1], dim=-1)
+def shared_qkv_head_major(block, resid: torch.Tensor) -> torch.Tensor:
+    """Every head's ``q, k, v`` from the one input ``resid [batch, pos, d_model]``, as
+    :func:`head_qkv_head_major` gives them: ``[head, batch, pos, 3 * d_head]``."""
+    weights, biases = _qkv_weights(block.attn)
+    return torch.einsum("bpd,hde->hbpe", block.ln1(resid), weights) + biases[:, None, None]
 
 
 class HeadInputHooks:

@@ -42,14 +42,14 @@ class SenderDiffs:
         torch.sub(value.view(rows.shape), self.ablated[:, start], out=rows)
 
     def store_heads(self, start: int, z: torch.Tensor, ablated_z: torch.Tensor, W_O: torch.Tensor) -> None:
-        """Senders ``start .. start + heads`` from the heads' ``z [copies * n, pos, head, d_head]``, their
-        ablations ``ablated_z [n | 1, pos, head, d_head]`` and ``W_O [head, d_head, d_model]``: a head's output
-        is ``z W_O`` (the bias is the layer's, not a head's), so its difference is ``(z - ablated_z) W_O``."""
-        heads, d_head = z.shape[2:]
-        z_diff = z.view(self.copies, self.n, *z.shape[1:]) - ablated_z  # [copies, n, pos, head, d_head]
-        z_diff = z_diff.permute(3, 0, 1, 2, 4).reshape(heads, -1, d_head)  # [head, rows * pos, d_head]
+        """Senders ``start .. start + heads`` from the heads' ``z [head, copies * n, pos, d_head]`` (head-major;
+        a permuted view will do), their ablations ``ablated_z [head, n | 1, pos, d_head]`` and ``W_O [head,
+        d_head, d_model]``: a head's output is ``z W_O`` (the bias is the layer's, not a head's), so its
+        difference is ``(z - ablated_z) W_O``, one matmul per head written straight into its sender's block."""
+        heads, _, pos, d_head = z.shape
+        z_diff = z.unflatten(1, (self.copies, self.n)) - ablated_z.unsqueeze(1)  # [head, copies, n, pos, d_head]
         block = self.diffs[start - self.prefix:start - self.prefix + heads]
-        torch.bmm(z_diff, W_O, out=block.view(heads, -1, block.shape[-1]))
+        torch.bmm(z_diff.reshape(heads, -1, d_head), W_O, out=block.view(heads, -1, block.shape[-1]))
 
     def at(self, positions: torch.Tensor) -> SenderDiffs:
         """The differences at one position per prompt (``positions [n]``, the same in every copy), senders
