@@ -30,6 +30,7 @@ from .head_inputs import (
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
+from .workspace import Workspace
 
 __all__ = ["ComponentGraph"]
 
@@ -123,6 +124,7 @@ class ComponentGraph:
         self._node_values: dict[str, torch.Tensor] | None = None
         self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prefix_kv_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._workspace = Workspace()  # the batched edge forward's scratch buffers, reused across forwards
 
     def _add_receivers(self, hooks: list[str], receivers: list[str], n_senders: int) -> None:
         self._receiver_groups.append((hooks, len(self.edge_ids), len(receivers), n_senders))
@@ -361,7 +363,7 @@ class ComponentGraph:
             return self._metric_from_final(final, skip)
         if self.skip_clean_prefix and own_blocks_supported(self.model):
             self.forwards += 1
-            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer)
+            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, self._workspace)
             resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
             for layer in range(start_layer, self.n_layers - 1):
                 resid, _ = self._own_block(layer, resid, senders, removed, skip)
@@ -397,7 +399,8 @@ class ComponentGraph:
         _, first, n_heads, n_senders = self._receiver_groups[heads]
         off = removed[:, first:first + n_heads * n_senders]
         if bool(off.any()):
-            qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)))
+            inputs = self._workspace.take("head_inputs", (n_heads, *resid.shape), resid)
+            qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)), inputs)
         else:  # every head reads the residual stream itself
             qkv = shared_qkv_head_major(block, resid)
         q, k, v = qkv.split(attn.W_Q.shape[-1], dim=-1)  # [head, rows, pos - skip, d_head] each

@@ -47,16 +47,19 @@ def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, biases
 
 
-def head_qkv_head_major(block, resid: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+def head_qkv_head_major(block, resid: torch.Tensor, correction: torch.Tensor,
+                        inputs: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`head_qkv` head-major: ``[head, batch, pos, 3 * d_head]``, queries, keys and values side by side.
 
     The norm's scale is applied after the projection (``ln(x) W = ((x - mean) (w * W)) / scale + b W``), so
-    the normalised per-head inputs, the largest tensor here, are never written.
+    the normalised per-head inputs, the largest tensor here, are never written. ``inputs``: an uninitialised
+    ``[head, batch, pos, d_model]`` buffer for the per-head inputs (scratch), else a fresh one.
     """
     norm = block.ln1
     weights, biases = _qkv_weights(block.attn)
     # head-major [head, batch, pos, d_model], written in one pass, so each head's projection is one matmul
-    inputs = resid.new_empty(correction.shape[1], *resid.shape)
+    if inputs is None:
+        inputs = resid.new_empty(correction.shape[1], *resid.shape)
     torch.sub(resid.unsqueeze(0), correction.transpose(0, 1), out=inputs)
     if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
         return torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]

@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+from .workspace import Workspace
+
 __all__ = ["SenderDiffs"]
 
 
@@ -27,14 +29,18 @@ class SenderDiffs:
         ablated: their ablation values ``[n | 1, senders, pos, d_model]``.
         copies: ablation patterns in the batch.
         prefix: senders before the first block the forward runs: theirs are ``clean - ablated`` in every copy.
+        workspace: where the differences (role ``sender_diffs``) and the removed sums (role ``correction``,
+            valid until the next :meth:`removed_sum`) are written; fresh tensors without one.
     """
 
-    def __init__(self, clean: torch.Tensor, ablated: torch.Tensor, copies: int, prefix: int) -> None:
+    def __init__(self, clean: torch.Tensor, ablated: torch.Tensor, copies: int, prefix: int,
+                 workspace: Workspace | None = None) -> None:
         self.copies, self.n, self.prefix = copies, clean.shape[0], prefix
-        self.ablated = ablated
+        self.ablated, self.workspace = ablated, workspace
         self.prefix_diffs = clean[:, :prefix] - ablated[:, :prefix]  # [n, prefix, pos, d_model]
         # later senders, written as the forward runs, always before a receiver reads them
-        self.diffs = ablated.new_empty(ablated.shape[1] - prefix, copies * self.n, *ablated.shape[2:])
+        shape = (ablated.shape[1] - prefix, copies * self.n, *ablated.shape[2:])
+        self.diffs = ablated.new_empty(shape) if workspace is None else workspace.take("sender_diffs", shape, ablated)
 
     def store(self, start: int, value: torch.Tensor) -> None:
         """Sender ``start`` from its output ``value [copies * n, pos, d_model]``."""
@@ -56,6 +62,7 @@ class SenderDiffs:
         stored so far included: ``pos`` becomes 1, and later senders are stored at that position only."""
         prompts = torch.arange(self.n, device=positions.device)
         single = copy.copy(self)
+        single.workspace = None  # its tensors are small, and the full-width ones may still be read
         ablated = self.ablated.expand(self.n, *self.ablated.shape[1:])
         single.ablated = ablated[prompts, :, positions].unsqueeze(2)  # [n, senders, 1, d_model]
         single.prefix_diffs = self.prefix_diffs[prompts, :, positions].unsqueeze(2)
@@ -72,7 +79,9 @@ class SenderDiffs:
         rows, n_receivers, n_senders = removed.shape
         removed = removed.to(self.ablated.dtype)
         pos, d_model = self.ablated.shape[2:]
-        total = self.ablated.new_empty(rows, n_receivers, pos * d_model)
+        shape = (rows, n_receivers, pos * d_model)
+        total = self.ablated.new_empty(shape) if self.workspace is None else self.workspace.take(
+            "correction", shape, self.ablated)
         shared = min(n_senders, self.prefix)
         own = n_senders - shared
         own_diffs = self.diffs[:own].view(own, rows, pos * d_model).transpose(0, 1)  # [rows, own, pos * d_model]
