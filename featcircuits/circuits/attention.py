@@ -56,28 +56,20 @@ def rotate(attn, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return rotated if rotary_dim == x.shape[-1] else torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 
-def causal_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_offset: int,
-                     last: torch.Tensor | None = None) -> torch.Tensor:
-    """Heads' outputs ``z [head, batch, query_pos, d_head]`` of causal attention, head-major throughout.
+def causal_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Heads' outputs ``z [head, rows, query_pos, d_head]`` of masked attention, head-major throughout.
 
     Args:
         attn: the block's attention module (its scale is used).
-        q: queries ``[head, batch, pos, d_head]`` after rotary, at absolute positions ``query_offset`` on.
-        k, v: keys (after rotary) and values ``[head, batch, query_offset + pos, d_head]``, from absolute
-            position 0 (key/value heads one per query head).
-        last: ``[batch]`` an index into ``q``'s positions per row: only that query is computed
-            (``query_pos`` 1), keys after it masked. ``None``: every query.
+        q: queries ``[head, rows, query_pos, d_head]`` after rotary; rows are ``copies * n``, copy-major.
+        k, v: keys (after rotary) and values ``[head, rows, key_pos, d_head]`` (key/value heads one per
+            query head).
+        mask: additive ``[n, query_pos, key_pos]`` (0 or -inf) per prompt, the same in every copy.
     """
-    heads, rows, _, d_head = q.shape
-    keys = torch.arange(k.shape[2], device=q.device)
-    if last is None:
-        queries = torch.arange(q.shape[2], device=q.device) + query_offset
-        hidden = keys > queries[:, None]  # [query_pos, key_pos], the same for every head and row
-    else:
-        q = q[:, torch.arange(rows, device=q.device), last].unsqueeze(2)
-        hidden = (keys > (last + query_offset)[:, None]).unsqueeze(1).repeat(heads, 1, 1)  # [head * batch, 1, key]
-    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
-    scores = torch.baddbmm(mask, q.reshape(heads * rows, -1, d_head), k.reshape(heads * rows, -1, d_head).mT,
-                           alpha=1.0 / float(attn.attn_scale))
+    heads, rows, queries, d_head = q.shape
+    n, keys = mask.shape[0], k.shape[2]
+    q = q * (1.0 / float(attn.attn_scale))
+    scores = torch.bmm(q.reshape(heads * rows, queries, d_head), k.reshape(heads * rows, keys, d_head).mT)
+    scores.view(heads, rows // n, n, queries, keys).add_(mask)
     pattern = scores.softmax(dim=-1)
-    return torch.bmm(pattern, v.reshape(heads * rows, -1, d_head)).view(heads, rows, -1, d_head)
+    return torch.bmm(pattern, v.reshape(heads * rows, keys, d_head)).view(heads, rows, queries, d_head)

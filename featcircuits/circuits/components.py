@@ -30,6 +30,7 @@ from .head_inputs import (
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
+from .windows import PromptWindows
 from .workspace import Workspace
 
 __all__ = ["ComponentGraph"]
@@ -125,6 +126,8 @@ class ComponentGraph:
         self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prefix_kv_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._workspace = Workspace()  # the batched edge forward's scratch buffers, reused across forwards
+        self._windows: PromptWindows | None = None
+        self._windowed_senders: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _add_receivers(self, hooks: list[str], receivers: list[str], n_senders: int) -> None:
         self._receiver_groups.append((hooks, len(self.edge_ids), len(receivers), n_senders))
@@ -351,6 +354,8 @@ class ComponentGraph:
         reads the clean residual stream there: no edge into an earlier receiver is removed)."""
         copies, n = keep.shape[0], len(self.task)
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
+        if self.skip_clean_prefix and own_blocks_supported(self.model):
+            return self._own_edge_forward(removed, copies, start_layer)
         skip = self._shared_positions()
         clean, ablated = self._sender_outputs()
         clean, ablated = clean[:, :, skip:], ablated[:, :, skip:]  # [n | 1, senders, pos - skip, d_model]
@@ -361,20 +366,31 @@ class ComponentGraph:
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
             final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
             return self._metric_from_final(final, skip)
-        if self.skip_clean_prefix and own_blocks_supported(self.model):
-            self.forwards += 1
-            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, self._workspace)
-            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
-            for layer in range(start_layer, self.n_layers - 1):
-                resid, _ = self._own_block(layer, resid, senders, removed, skip)
-            # the metric reads the last block at each prompt's last token only
-            resid, senders = self._own_block(self.n_layers - 1, resid, senders, removed, skip, last_token=True)
-            _, first, _, n_s = self._receiver_groups[-1]
-            final = resid[:, 0] - senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, 0, 0]
-            return self._metric_from_last(final.view(copies, n, -1))
         return self._hooked_edge_forward(removed, copies, start_layer, skip, clean, ablated)
 
-    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor, skip: int,
+    def _own_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int) -> torch.Tensor:
+        """The edge-patching forward with the blocks run here (:meth:`_own_block`) over each prompt's window
+        of positions (:class:`.PromptWindows`), the last block at each prompt's last token: the metric
+        ``[copies]``."""
+        n, windows = len(self.task), self._prompt_windows()
+        clean, ablated = self._windowed_sender_outputs()  # [n | 1, senders, width, d_model]
+        self.forwards += 1
+        if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
+            senders = SenderDiffs(clean, ablated, copies, len(self.sender_ids)).at(windows.last)
+            last_final = self._clean_final[torch.arange(n, device=removed.device), self.task.clean_last]  # [n, d_model]
+            resid = repeat_copies(last_final, copies, n).unsqueeze(1)
+        else:
+            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, self._workspace)
+            resid = repeat_copies(windows.gather(self._clean_resid[start_layer], 1), copies, n)
+            for layer in range(start_layer, self.n_layers - 1):
+                resid, _ = self._own_block(layer, resid, senders, removed)
+            # the metric reads the last block at each prompt's last token only
+            resid, senders = self._own_block(self.n_layers - 1, resid, senders, removed, last_token=True)
+        _, first, _, n_s = self._receiver_groups[-1]
+        final = resid[:, 0] - senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, 0, 0]
+        return self._metric_from_last(final.view(copies, n, -1))
+
+    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor,
                    last_token: bool = False) -> tuple[torch.Tensor, SenderDiffs]:
         """One block of the edge-patching forward, run here rather than through transformer_lens's hooks.
 
@@ -382,10 +398,10 @@ class ComponentGraph:
         the block records its own senders' differences in ``senders``.
 
         Args:
-            resid: the block's input ``[rows, pos - skip, d_model]`` (rows ``copies * n``, copy-major).
+            resid: the block's input ``[rows, width, d_model]`` over each prompt's window (rows ``copies * n``,
+                copy-major).
             senders: every earlier sender's difference over the same positions.
             removed: ``[rows, n_edges]``, 1 where an edge is removed.
-            skip: shared leading positions, whose keys and values are the clean run's.
             last_token: compute queries, MLP and senders at each prompt's last token only.
 
         Returns:
@@ -393,7 +409,7 @@ class ComponentGraph:
             (at the last token with ``last_token``).
         """
         block, attn = self.model.blocks[layer], self.model.blocks[layer].attn
-        n = len(self.task)
+        n, windows = len(self.task), self._prompt_windows()
         copies = resid.shape[0] // n
         heads = 2 * layer if self.has_mlp else layer  # this layer's receiver groups: heads, then the MLP
         _, first, n_heads, n_senders = self._receiver_groups[heads]
@@ -403,24 +419,23 @@ class ComponentGraph:
             qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)), inputs)
         else:  # every head reads the residual stream itself
             qkv = shared_qkv_head_major(block, resid)
-        q, k, v = qkv.split(attn.W_Q.shape[-1], dim=-1)  # [head, rows, pos - skip, d_head] each
-        if self.model.cfg.positional_embedding_type == "rotary":
-            positions = torch.arange(skip, skip + q.shape[2], device=q.device)
-            q, k = rotate(attn, q, positions), rotate(attn, k, positions)
-        if skip:  # keys and values of the shared prefix: the clean run's
-            prefix_k, prefix_v = self._prefix_kv(layer, skip)
+        q, k, v = qkv.split(attn.W_Q.shape[-1], dim=-1)  # [head, rows, width, d_head] each
+        if self.model.cfg.positional_embedding_type == "rotary":  # at each prompt's own positions
+            q, k = (rotate(attn, x.unflatten(1, (copies, n)), windows.positions).flatten(1, 2) for x in (q, k))
+        if windows.prefix:  # keys and values before the windows: the clean run's
+            prefix_k, prefix_v = self._prefix_kv(layer, windows.prefix)
             k = torch.cat([prefix_k.repeat(1, copies, 1, 1), k], dim=2)
             v = torch.cat([prefix_v.repeat(1, copies, 1, 1), v], dim=2)
-        ablated_z = self._ablated_z[layer][:, skip:].permute(2, 0, 1, 3)  # [head, n | 1, pos - skip, d_head]
+        ablated_z = windows.gather(self._ablated_z[layer], 1).permute(2, 0, 1, 3)  # [head, n, width, d_head]
         if last_token:
-            last = self.task.clean_last - skip  # [n] each prompt's last token among the positions run
-            rows_last = last.repeat(copies)
-            z = causal_attention(attn, q, k, v, skip, rows_last)  # [head, rows, 1, d_head]
-            resid = resid[torch.arange(resid.shape[0], device=resid.device), rows_last].unsqueeze(1)
-            senders = senders.at(last)
-            ablated_z = ablated_z.expand(-1, n, -1, -1)[:, torch.arange(n, device=last.device), last].unsqueeze(2)
+            rows_last = windows.last.repeat(copies)
+            rows = torch.arange(resid.shape[0], device=resid.device)
+            z = causal_attention(attn, q[:, rows, rows_last].unsqueeze(2), k, v, windows.mask(last_only=True))
+            resid = resid[rows, rows_last].unsqueeze(1)
+            senders = senders.at(windows.last)
+            ablated_z = ablated_z[:, torch.arange(n, device=rows.device), windows.last].unsqueeze(2)
         else:
-            z = causal_attention(attn, q, k, v, skip)  # [head, rows, pos - skip, d_head]
+            z = causal_attention(attn, q, k, v, windows.mask())  # [head, rows, width, d_head]
         start = 1 + layer * self.per_layer
         senders.store_heads(start, z, ablated_z, attn.W_O)
         resid = resid + torch.einsum("hbpd,hdm->bpm", z, attn.W_O) + attn.b_O
@@ -431,6 +446,21 @@ class ComponentGraph:
             senders.store(start + self.n_heads, mlp_out)
             resid = resid + mlp_out
         return resid, senders
+
+    def _prompt_windows(self) -> PromptWindows:
+        if self._windows is None:
+            task = self.task
+            self._windows = PromptWindows.of(task.clean_tokens, task.corrupt_tokens, task.clean_last,
+                                             patch=self.ablation == "patch")
+        return self._windows
+
+    def _windowed_sender_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean and ablated sender outputs at each prompt's window, ``[n, senders, width, d_model]``."""
+        if self._windowed_senders is None:
+            windows = self._prompt_windows()
+            clean, ablated = self._sender_outputs()
+            self._windowed_senders = (windows.gather(clean, 2), windows.gather(ablated, 2))
+        return self._windowed_senders
 
     def _prefix_kv(self, layer: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean run's keys (rotated) and values at the first ``skip`` positions, ``[head, n, skip, d_head]``."""

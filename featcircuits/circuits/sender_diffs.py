@@ -67,7 +67,8 @@ class SenderDiffs:
         single.ablated = ablated[prompts, :, positions].unsqueeze(2)  # [n, senders, 1, d_model]
         single.prefix_diffs = self.prefix_diffs[prompts, :, positions].unsqueeze(2)
         diffs = self.diffs.view(self.diffs.shape[0], self.copies, self.n, *self.diffs.shape[2:])
-        single.diffs = diffs[:, :, prompts, positions].reshape(self.diffs.shape[0], -1, 1, self.diffs.shape[-1])
+        single.diffs = diffs[:, :, prompts, positions].reshape(self.diffs.shape[0], self.copies * self.n, 1,
+                                                                self.diffs.shape[-1])
         return single
 
     def removed_sum(self, removed: torch.Tensor) -> torch.Tensor:
