@@ -272,3 +272,22 @@ def test_patterns_grouped_by_start_layer_over_the_shared_prefix_match_full_forwa
     expected = plain.edge_metric(masks)
     assert torch.allclose(graph.edge_metric(masks), expected, atol=1e-4)
     assert graph.edge_metric(masks[:1]).item() == pytest.approx(graph.full_metric, abs=1e-5)
+
+
+@pytest.mark.parametrize("adjacent_pairs", [False, True])
+def test_rotary_at_given_positions_matches_transformer_lens(adjacent_pairs):
+    """The own blocks' rotary (any positions per row) against transformer_lens's apply_rotary at an offset,
+    with both pairings and a rotary dimension smaller than the head."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featcircuits.circuits.attention import rotate
+
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=11, act_fn="silu",
+        positional_embedding_type="rotary", rotary_dim=4, rotary_adjacent_pairs=adjacent_pairs))
+    attn = model.blocks[0].attn
+    x = torch.randn(3, 5, 2, 8, generator=torch.Generator().manual_seed(0))  # [batch, pos, head, d_head]
+    expected = attn.apply_rotary(x, 6)
+    ours = rotate(attn, x, torch.arange(6, 11)[:, None])
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert not torch.allclose(ours, x, atol=1e-2)

@@ -44,15 +44,27 @@ def own_blocks_supported(model) -> bool:
 
 
 def rotate(attn, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x [..., pos, d_head]`` at absolute ``positions`` (``[pos]``, or broadcastable
-    ``[..., pos]``), with the attention module's own tables and pairing."""
+    """Rotary embedding of ``x [..., d_head]`` at absolute ``positions`` (broadcastable to ``x.shape[:-1]``),
+    with the attention module's own tables and pairing (adjacent pairs, or the two halves)."""
     rotary_dim = attn.cfg.rotary_dim
     if int(positions.max()) >= attn.rotary_cos.shape[0]:
         raise ValueError(f"position {int(positions.max())} is past the model's rotary table "
                          f"({attn.rotary_cos.shape[0]} positions); give prompts of at most n_ctx tokens.")
-    cos, sin = attn.rotary_cos[positions].to(x.dtype), attn.rotary_sin[positions].to(x.dtype)  # [..., pos, rotary_dim]
-    x_rot = x[..., :rotary_dim]
-    rotated = x_rot * cos + attn.rotate_every_two(x_rot) * sin
+    x_rot = x[..., :rotary_dim].contiguous()
+    cos, sin = attn.rotary_cos[positions].to(x.dtype), attn.rotary_sin[positions].to(x.dtype)  # [..., rotary_dim]
+    # x rotated by 90 degrees in each pair is its pair partner with one sign flipped: fold the sign into sin
+    if getattr(attn.cfg, "rotary_adjacent_pairs", False):
+        partner = x_rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        sign = torch.tensor([-1.0, 1.0], dtype=x.dtype, device=x.device).repeat(rotary_dim // 2)
+    else:
+        partner = x_rot.roll(rotary_dim // 2, dims=-1)
+        sign = torch.ones(rotary_dim, dtype=x.dtype, device=x.device)
+        sign[: rotary_dim // 2] = -1.0
+    # tables spelled out over every trailing dimension they vary with or sit inside, so the elementwise
+    # passes run over long contiguous blocks instead of d_head-sized ones
+    trailing = x_rot.shape[-cos.dim():]
+    cos, sin = cos.expand(trailing).contiguous(), (sin * sign).expand(trailing).contiguous()
+    rotated = (x_rot * cos).addcmul_(partner, sin)
     return rotated if rotary_dim == x.shape[-1] else torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 

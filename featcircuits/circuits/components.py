@@ -419,9 +419,11 @@ class ComponentGraph:
             qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)), inputs)
         else:  # every head reads the residual stream itself
             qkv = shared_qkv_head_major(block, resid)
-        q, k, v = qkv.split(attn.W_Q.shape[-1], dim=-1)  # [head, rows, width, d_head] each
-        if self.model.cfg.positional_embedding_type == "rotary":  # at each prompt's own positions
-            q, k = (rotate(attn, x.unflatten(1, (copies, n)), windows.positions).flatten(1, 2) for x in (q, k))
+        d_head = attn.W_Q.shape[-1]
+        q, k, v = qkv.split(d_head, dim=-1)  # [head, rows, width, d_head] each
+        if self.model.cfg.positional_embedding_type == "rotary":  # at each prompt's own positions, q and k at once
+            qk = qkv[..., :2 * d_head].unflatten(1, (copies, n)).unflatten(-1, (2, d_head))
+            q, k = rotate(attn, qk, windows.positions[..., None]).flatten(1, 2).unbind(-2)
         if windows.prefix:  # keys and values before the windows: the clean run's
             prefix_k, prefix_v = self._prefix_kv(layer, windows.prefix)
             k = torch.cat([prefix_k.repeat(1, copies, 1, 1), k], dim=2)
