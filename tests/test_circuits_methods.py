@@ -241,21 +241,44 @@ def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(
     assert (q - attn.b_Q).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
-def test_patterns_grouped_by_start_layer_over_the_shared_prefix_match_full_forwards(model_name, request):
-    """Forwards that start at each pattern's first changed layer, over the positions after the clean and
-    corrupt prompts' shared prefix (clean keys and values before it), give the full forwards' metrics."""
+def prefix_sharing_task(model):
+    """Pairs of unequal lengths (right-padded) whose clean and corrupt prompts share unequal prefixes."""
     from featcircuits.circuits import ContrastiveTask
 
-    model = request.getfixturevalue(model_name)
     generator = torch.Generator().manual_seed(3)
     pairs = []
-    for length, first_difference in ((9, 4), (7, 3), (9, 6), (8, 5)):  # right-padded, unequal prefixes
+    for length, first_difference in ((9, 4), (7, 3), (9, 6), (8, 5)):
         clean = torch.randint(0, 97, (length,), generator=generator)
         corrupt = clean.clone()
         corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
         pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
-    task = ContrastiveTask.from_pairs(model, pairs)
+    return ContrastiveTask.from_pairs(model, pairs)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("ablation", ["patch", "mean"])
+def test_edge_attribution_through_own_blocks_matches_transformer_lens(model_name, ablation, request, monkeypatch):
+    """Plain AtP through the own blocks (per-prompt windows, last block at the last token) gives
+    transformer_lens's hooked AtP scores."""
+    import featcircuits.circuits.components as components
+
+    model = request.getfixturevalue(model_name)
+    graph = ComponentGraph(model, prefix_sharing_task(model), ablation=ablation)
+    ours = graph.edge_attribution()
+    monkeypatch.setattr(components, "own_blocks_supported", lambda model: False)
+    reference = graph.edge_attribution()
+    assert reference.abs().max() > 1e-2
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
+def test_patterns_grouped_by_start_layer_over_the_shared_prefix_match_full_forwards(model_name, request):
+    """Forwards that start at each pattern's first changed layer, over the positions after the clean and
+    corrupt prompts' shared prefix (clean keys and values before it), give the full forwards' metrics."""
+
+    model = request.getfixturevalue(model_name)
+    generator = torch.Generator().manual_seed(3)
+    task = prefix_sharing_task(model)
     graph = ComponentGraph(model, task, ablation="patch")
     plain = ComponentGraph(model, task, ablation="patch", skip_clean_prefix=False)
     assert graph._shared_positions() == 3

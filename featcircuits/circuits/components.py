@@ -35,6 +35,10 @@ from .workspace import Workspace
 
 __all__ = ["ComponentGraph"]
 
+# (receiver group, senders) -> what the group's receivers' inputs lose, ``[rows, receivers, pos, d_model]``
+# (``None``: nothing), over the senders' positions
+Correction = Callable[[int, SenderDiffs], "torch.Tensor | None"]
+
 
 def _grouped(model) -> bool:
     return model.cfg.n_key_value_heads is not None and model.cfg.n_key_value_heads != model.cfg.n_heads
@@ -369,39 +373,62 @@ class ComponentGraph:
         return self._hooked_edge_forward(removed, copies, start_layer, skip, clean, ablated)
 
     def _own_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int) -> torch.Tensor:
-        """The edge-patching forward with the blocks run here (:meth:`_own_block`) over each prompt's window
-        of positions (:class:`.PromptWindows`), the last block at each prompt's last token: the metric
-        ``[copies]``."""
-        n, windows = len(self.task), self._prompt_windows()
-        clean, ablated = self._windowed_sender_outputs()  # [n | 1, senders, width, d_model]
+        """The edge-patching forward with the blocks run here: the metric ``[copies]``."""
+        n = len(self.task)
+
+        def removed_sum(group: int, senders: SenderDiffs) -> torch.Tensor | None:
+            _, first, n_receivers, n_senders = self._receiver_groups[group]
+            off = removed[:, first:first + n_receivers * n_senders]
+            return senders.removed_sum(off.view(-1, n_receivers, n_senders)) if bool(off.any()) else None
+
         self.forwards += 1
-        if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
-            senders = SenderDiffs(clean, ablated, copies, len(self.sender_ids)).at(windows.last)
-            last_final = self._clean_final[torch.arange(n, device=removed.device), self.task.clean_last]  # [n, d_model]
-            resid = repeat_copies(last_final, copies, n).unsqueeze(1)
-        else:
-            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, self._workspace)
-            resid = repeat_copies(windows.gather(self._clean_resid[start_layer], 1), copies, n)
-            for layer in range(start_layer, self.n_layers - 1):
-                resid, _ = self._own_block(layer, resid, senders, removed)
-            # the metric reads the last block at each prompt's last token only
-            resid, senders = self._own_block(self.n_layers - 1, resid, senders, removed, last_token=True)
-        _, first, _, n_s = self._receiver_groups[-1]
-        final = resid[:, 0] - senders.removed_sum(removed[:, first:first + n_s].view(-1, 1, n_s))[:, 0, 0]
+        final = self._own_forward(copies, start_layer, removed_sum, self._workspace)
         return self._metric_from_last(final.view(copies, n, -1))
 
-    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, removed: torch.Tensor,
-                   last_token: bool = False) -> tuple[torch.Tensor, SenderDiffs]:
+    def _own_forward(self, copies: int, start_layer: int, correction: Correction,
+                     workspace: Workspace | None) -> torch.Tensor:
+        """The blocks from ``start_layer`` on, run here (:meth:`_own_block`) over each prompt's window of
+        positions (:class:`.PromptWindows`), the last block at each prompt's last token.
+
+        Args:
+            copies: patterns; rows are ``copies * n``, copy-major.
+            start_layer: every row reads the clean residual stream there.
+            correction: what each receiver group's input loses (see :data:`Correction`).
+            workspace: scratch buffers for the large tensors (``None``: fresh ones, as autograd needs).
+
+        Returns:
+            The final residual stream at each row's last token, ``[rows, d_model]``.
+        """
+        n, windows = len(self.task), self._prompt_windows()
+        clean, ablated = self._windowed_sender_outputs()  # [n | 1, senders, width, d_model]
+        if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
+            senders = SenderDiffs(clean, ablated, copies, len(self.sender_ids)).at(windows.last)
+            last = self._clean_final[torch.arange(n, device=clean.device), self.task.clean_last]  # [n, d_model]
+            resid = repeat_copies(last, copies, n).unsqueeze(1)
+        else:
+            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, workspace)
+            resid = repeat_copies(windows.gather(self._clean_resid[start_layer], 1), copies, n)
+            for layer in range(start_layer, self.n_layers - 1):
+                resid, _ = self._own_block(layer, resid, senders, correction, workspace)
+            # the metric reads the last block at each prompt's last token only
+            resid, senders = self._own_block(self.n_layers - 1, resid, senders, correction, workspace,
+                                             last_token=True)
+        logits_correction = correction(len(self._receiver_groups) - 1, senders)
+        return resid[:, 0] if logits_correction is None else resid[:, 0] - logits_correction[:, 0, 0]
+
+    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, correction: Correction,
+                   workspace: Workspace | None, last_token: bool = False) -> tuple[torch.Tensor, SenderDiffs]:
         """One block of the edge-patching forward, run here rather than through transformer_lens's hooks.
 
-        Each head reads ``resid - (its removed senders' differences)``, the MLP likewise after the heads, and
-        the block records its own senders' differences in ``senders``.
+        Each head reads ``resid - correction[head]``, the MLP likewise after the heads, and the block records
+        its own senders' differences in ``senders``.
 
         Args:
             resid: the block's input ``[rows, width, d_model]`` over each prompt's window (rows ``copies * n``,
                 copy-major).
             senders: every earlier sender's difference over the same positions.
-            removed: ``[rows, n_edges]``, 1 where an edge is removed.
+            correction: what each receiver group's input loses (see :data:`Correction`).
+            workspace: scratch buffers, or ``None``.
             last_token: compute queries, MLP and senders at each prompt's last token only.
 
         Returns:
@@ -412,13 +439,12 @@ class ComponentGraph:
         n, windows = len(self.task), self._prompt_windows()
         copies = resid.shape[0] // n
         heads = 2 * layer if self.has_mlp else layer  # this layer's receiver groups: heads, then the MLP
-        _, first, n_heads, n_senders = self._receiver_groups[heads]
-        off = removed[:, first:first + n_heads * n_senders]
-        if bool(off.any()):
-            inputs = self._workspace.take("head_inputs", (n_heads, *resid.shape), resid)
-            qkv = head_qkv_head_major(block, resid, senders.removed_sum(off.view(-1, n_heads, n_senders)), inputs)
-        else:  # every head reads the residual stream itself
+        head_correction = correction(heads, senders)  # [rows, head, width, d_model]
+        if head_correction is None:  # every head reads the residual stream itself
             qkv = shared_qkv_head_major(block, resid)
+        else:
+            inputs = None if workspace is None else workspace.take("head_inputs", (self.n_heads, *resid.shape), resid)
+            qkv = head_qkv_head_major(block, resid, head_correction, inputs)
         d_head = attn.W_Q.shape[-1]
         q, k, v = qkv.split(d_head, dim=-1)  # [head, rows, width, d_head] each
         if self.model.cfg.positional_embedding_type == "rotary":  # at each prompt's own positions, q and k at once
@@ -442,12 +468,37 @@ class ComponentGraph:
         senders.store_heads(start, z, ablated_z, attn.W_O)
         resid = resid + torch.einsum("hbpd,hdm->bpm", z, attn.W_O) + attn.b_O
         if self.has_mlp:
-            _, first, _, n_senders = self._receiver_groups[heads + 1]
-            correction = senders.removed_sum(removed[:, first:first + n_senders].view(-1, 1, n_senders))[:, 0]
-            mlp_out = block.mlp(block.ln2(resid - correction))
+            mlp_correction = correction(heads + 1, senders)
+            mlp_out = block.mlp(block.ln2(resid if mlp_correction is None else resid - mlp_correction[:, 0]))
             senders.store(start + self.n_heads, mlp_out)
             resid = resid + mlp_out
         return resid, senders
+
+    def _own_edge_attribution(self) -> torch.Tensor:
+        """Plain AtP edge scores ``[n_edges]`` through the own blocks: every receiver group's input gets a zero
+        correction that gradients flow into (``-grad`` of its input), and the senders' differences are the
+        ones the clean forward records."""
+        n = len(self.task)
+        probes: dict[int, tuple[torch.Tensor, SenderDiffs]] = {}
+
+        def probe(group: int, senders: SenderDiffs) -> torch.Tensor:
+            _, _, n_receivers, _ = self._receiver_groups[group]
+            shape = (n, n_receivers, *senders.ablated.shape[2:])  # [n, receivers, pos, d_model]
+            probes[group] = (senders.ablated.new_zeros(shape).requires_grad_(), senders)
+            return probes[group][0]
+
+        with torch.enable_grad():
+            final = self._own_forward(1, 0, probe, workspace=None)
+            total = self._metric_from_last(final.view(1, n, -1)).sum()
+            grads = torch.autograd.grad(total, [leaf for leaf, _ in probes.values()])
+        self.forwards += 1
+        scores = torch.zeros(len(self.edge_ids), device=final.device)
+        for (group, (_, senders)), grad in zip(probes.items(), grads, strict=True):
+            _, first, n_receivers, n_senders = self._receiver_groups[group]
+            # input = x - probe, and the senders' differences are clean - ablated: two sign flips cancel
+            diffs = senders.differences(n_senders)  # [n, senders, pos, d_model]
+            scores[first:first + n_receivers * n_senders] = torch.einsum("nspd,nrpd->rs", diffs, grad).flatten()
+        return scores
 
     def _prompt_windows(self) -> PromptWindows:
         if self._windows is None:
@@ -545,6 +596,8 @@ class ComponentGraph:
         if check_receivers(receivers) != "linear" and steps != 1:
             raise ValueError(f"receivers={receivers!r} is an AtP estimator (steps=1); integrated gradients "
                              "(steps > 1) use receivers='linear'.")
+        if steps == 1 and receivers == "linear" and own_blocks_supported(self.model):
+            return self._own_edge_attribution()
         clean, ablated = self._sender_outputs()
         n = len(self.task)
         delta = repeat_copies(ablated, 1, n) - clean  # [n, senders, pos, d_model]

@@ -58,9 +58,10 @@ def head_qkv_head_major(block, resid: torch.Tensor, correction: torch.Tensor,
     norm = block.ln1
     weights, biases = _qkv_weights(block.attn)
     # head-major [head, batch, pos, d_model], written in one pass, so each head's projection is one matmul
-    if inputs is None:
-        inputs = resid.new_empty(correction.shape[1], *resid.shape)
-    torch.sub(resid.unsqueeze(0), correction.transpose(0, 1), out=inputs)
+    if inputs is None:  # (also the path gradients take)
+        inputs = (resid.unsqueeze(0) - correction.transpose(0, 1)).contiguous()
+    else:
+        torch.sub(resid.unsqueeze(0), correction.transpose(0, 1), out=inputs)
     if not isinstance(norm, _FOLDABLE_NORMS) or inputs.dtype not in (torch.float32, torch.float64):
         return torch.einsum("hbpd,hde->hbpe", norm(inputs), weights) + biases[:, None, None]
     if isinstance(norm, (LayerNorm, LayerNormPre)):

@@ -42,11 +42,13 @@ class SenderDiffs:
         shape = (ablated.shape[1] - prefix, copies * self.n, *ablated.shape[2:])
         self.diffs = ablated.new_empty(shape) if workspace is None else workspace.take("sender_diffs", shape, ablated)
 
+    @torch.no_grad()
     def store(self, start: int, value: torch.Tensor) -> None:
         """Sender ``start`` from its output ``value [copies * n, pos, d_model]``."""
         rows = self.diffs[start - self.prefix].view(self.copies, self.n, *value.shape[1:])
         torch.sub(value.view(rows.shape), self.ablated[:, start], out=rows)
 
+    @torch.no_grad()
     def store_heads(self, start: int, z: torch.Tensor, ablated_z: torch.Tensor, W_O: torch.Tensor) -> None:
         """Senders ``start .. start + heads`` from the heads' ``z [head, copies * n, pos, d_head]`` (head-major;
         a permuted view will do), their ablations ``ablated_z [head, n | 1, pos, d_head]`` and ``W_O [head,
@@ -56,6 +58,13 @@ class SenderDiffs:
         z_diff = z.unflatten(1, (self.copies, self.n)) - ablated_z.unsqueeze(1)  # [head, copies, n, pos, d_head]
         block = self.diffs[start - self.prefix:start - self.prefix + heads]
         torch.bmm(z_diff.reshape(heads, -1, d_head), W_O, out=block.view(heads, -1, block.shape[-1]))
+
+    def differences(self, n_senders: int) -> torch.Tensor:
+        """The first ``n_senders`` senders' differences ``[n, n_senders, pos, d_model]`` of a one-copy forward."""
+        if self.copies != 1:
+            raise ValueError(f"differences() reads a one-copy forward; this one holds {self.copies} copies.")
+        own = self.diffs[:max(0, n_senders - self.prefix)].transpose(0, 1)  # [n, own, pos, d_model]
+        return torch.cat([self.prefix_diffs[:, :n_senders], own], dim=1)
 
     def at(self, positions: torch.Tensor) -> SenderDiffs:
         """The differences at one position per prompt (``positions [n]``, the same in every copy), senders
