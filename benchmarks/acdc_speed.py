@@ -1,8 +1,9 @@
-"""Our ACDC (speculative batched chains guided by AtP, forwards started after the clean prefix, edges into
-nodes that left the circuit decided without a forward) vs the
-straightforward one-forward-per-edge ACDC (each forward runs the whole model).
+"""Our ACDC (speculative batched chains guided by AtP; each pattern's forward starts at the first layer it
+changes and runs featcircuits' own blocks over each prompt's window of changed positions, the last block at
+the last token; edges into nodes that left the circuit decided without a forward) vs the straightforward
+one-forward-per-edge ACDC (each forward runs the whole model through transformer_lens's hooks).
 
-    python benchmarks/acdc_speed.py [--tau 0.02]
+    python benchmarks/acdc_speed.py [--tau 0.02] [--threads 1] [--batch-size 32]
 
 Task: stories260k repeats the name of a story's character (clean "...a boy named Lily/Tim..." vs corrupt
 with the other name; answer = the clean name, distractor = the other). Component edges (embed, 40 heads,
@@ -79,7 +80,7 @@ def main() -> None:
                    predicted_keep=guess, edges=graph.edge_ids)
     batched_s = time.perf_counter() - start
     batched_forwards = graph.forwards - forwards_before
-    print(f"ours (AtP-guided chain of {args.batch_size}, clean prefix skipped): {batched_forwards} forwards "
+    print(f"ours (AtP-guided chain of {args.batch_size}, own blocks over the changed positions): {batched_forwards} forwards "
           f"(incl. 1 AtP forward), "
           f"{batched_s:.1f}s, {int(batched.keep.sum())} edges kept; {patterns} ablation patterns "
           f"({1000 * batched_s / patterns:.1f} ms each, against {1000 * naive_s / naive.forwards:.1f} ms per "
