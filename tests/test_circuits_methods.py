@@ -314,3 +314,29 @@ def test_rotary_at_given_positions_matches_transformer_lens(adjacent_pairs):
     ours = rotate(attn, x, torch.arange(6, 11)[:, None])
     assert torch.allclose(ours, expected, atol=1e-6)
     assert not torch.allclose(ours, x, atol=1e-2)
+
+
+def test_attention_only_models_patch_edges_like_transformer_lens():
+    """Attention-only models (no MLP input to hook) patch edges, and the own blocks agree with
+    transformer_lens's hooked forward on them, a pair whose clean and corrupt prompts are equal included."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from featcircuits.circuits import ContrastiveTask
+
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu", attn_only=True,
+        positional_embedding_type="rotary", normalization_type="LN"))
+    generator = torch.Generator().manual_seed(1)
+    same = torch.randint(0, 50, (7,), generator=generator).tolist()
+    pairs = [{"clean": same, "corrupt": same, "answer": 3, "distractor": 5},
+             {"clean": torch.randint(0, 50, (5,), generator=generator).tolist(),
+              "corrupt": torch.randint(0, 50, (5,), generator=generator).tolist(), "answer": 3, "distractor": 5}]
+    task = ContrastiveTask.from_pairs(model, pairs)
+    graph = ComponentGraph(model, task, ablation="patch")
+    plain = ComponentGraph(model, task, ablation="patch", skip_clean_prefix=False)
+    assert not graph.has_mlp and all(".MLP" not in receiver for _, receiver in graph.edge_ids)
+    keep = (torch.rand(16, len(graph.edge_ids), generator=generator) > 0.4).float()
+    expected = plain.edge_metric(keep)
+    assert expected.std() > 1e-2
+    assert torch.allclose(graph.edge_metric(keep), expected, atol=1e-5)

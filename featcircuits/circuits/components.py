@@ -67,7 +67,8 @@ def _edge_hooks_enabled(model, attn_result: bool = True, per_head_inputs: bool =
         model.set_use_split_qkv_input(per_head_inputs)
     else:
         model.set_use_attn_in(per_head_inputs)
-    model.set_use_hook_mlp_in(True)
+    if not cfg.attn_only:  # (attention-only models have no MLP input to hook)
+        model.set_use_hook_mlp_in(True)
     try:
         yield
     finally:
@@ -77,7 +78,8 @@ def _edge_hooks_enabled(model, attn_result: bool = True, per_head_inputs: bool =
             cfg.ungroup_grouped_query_attention = saved[4]
         else:
             model.set_use_attn_in(saved[1])
-        model.set_use_hook_mlp_in(saved[3])
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(saved[3])
 
 
 class ComponentGraph:
