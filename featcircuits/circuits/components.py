@@ -20,24 +20,15 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
-from .attention import causal_attention, own_blocks_supported, rotate
-from .head_inputs import (
-    HeadInputHooks,
-    head_qkv_head_major,
-    shared_head_inputs_supported,
-    shared_qkv_head_major,
-)
+from .attention import own_blocks_supported
+from .head_inputs import HeadInputHooks, shared_head_inputs_supported
+from .own_blocks import OwnBlocks
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
-from .windows import PromptWindows
-from .workspace import Workspace
 
 __all__ = ["ComponentGraph"]
 
-# (receiver group, senders) -> what the group's receivers' inputs lose, ``[rows, receivers, pos, d_model]``
-# (``None``: nothing), over the senders' positions
-Correction = Callable[[int, SenderDiffs], "torch.Tensor | None"]
 
 
 def _grouped(model) -> bool:
@@ -130,10 +121,7 @@ class ComponentGraph:
             self.full_metric = float(self.metric_fn(task, self.clean_last[None], self.clean_last)[0])
         self._node_values: dict[str, torch.Tensor] | None = None
         self._sender_values: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._prefix_kv_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._workspace = Workspace()  # the batched edge forward's scratch buffers, reused across forwards
-        self._windows: PromptWindows | None = None
-        self._windowed_senders: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._own: OwnBlocks | None = None
 
     def _add_receivers(self, hooks: list[str], receivers: list[str], n_senders: int) -> None:
         self._receiver_groups.append((hooks, len(self.edge_ids), len(receivers), n_senders))
@@ -361,7 +349,7 @@ class ComponentGraph:
         copies, n = keep.shape[0], len(self.task)
         removed = 1.0 - keep.repeat_interleave(n, dim=0)  # [copies * n, n_edges]
         if self.skip_clean_prefix and own_blocks_supported(self.model):
-            return self._own_edge_forward(removed, copies, start_layer)
+            return self._own_blocks().edge_metric(removed, copies, start_layer)
         skip = self._shared_positions()
         clean, ablated = self._sender_outputs()
         clean, ablated = clean[:, :, skip:], ablated[:, :, skip:]  # [n | 1, senders, pos - skip, d_model]
@@ -374,158 +362,11 @@ class ComponentGraph:
             return self._metric_from_final(final, skip)
         return self._hooked_edge_forward(removed, copies, start_layer, skip, clean, ablated)
 
-    def _own_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int) -> torch.Tensor:
-        """The edge-patching forward with the blocks run here: the metric ``[copies]``."""
-        n = len(self.task)
-
-        def removed_sum(group: int, senders: SenderDiffs) -> torch.Tensor | None:
-            _, first, n_receivers, n_senders = self._receiver_groups[group]
-            off = removed[:, first:first + n_receivers * n_senders]
-            return senders.removed_sum(off.view(-1, n_receivers, n_senders)) if bool(off.any()) else None
-
-        self.forwards += 1
-        final = self._own_forward(copies, start_layer, removed_sum, self._workspace)
-        return self._metric_from_last(final.view(copies, n, -1))
-
-    def _own_forward(self, copies: int, start_layer: int, correction: Correction,
-                     workspace: Workspace | None) -> torch.Tensor:
-        """The blocks from ``start_layer`` on, run here (:meth:`_own_block`) over each prompt's window of
-        positions (:class:`.PromptWindows`), the last block at each prompt's last token.
-
-        Args:
-            copies: patterns; rows are ``copies * n``, copy-major.
-            start_layer: every row reads the clean residual stream there.
-            correction: what each receiver group's input loses (see :data:`Correction`).
-            workspace: scratch buffers for the large tensors (``None``: fresh ones, as autograd needs).
-
-        Returns:
-            The final residual stream at each row's last token, ``[rows, d_model]``.
-        """
-        n, windows = len(self.task), self._prompt_windows()
-        clean, ablated = self._windowed_sender_outputs()  # [n | 1, senders, width, d_model]
-        if start_layer == self.n_layers:  # only edges into the logits: no block runs, every sender is clean
-            senders = SenderDiffs(clean, ablated, copies, len(self.sender_ids)).at(windows.last)
-            last = self._clean_final[torch.arange(n, device=clean.device), self.task.clean_last]  # [n, d_model]
-            resid = repeat_copies(last, copies, n).unsqueeze(1)
-        else:
-            senders = SenderDiffs(clean, ablated, copies, 1 + start_layer * self.per_layer, workspace)
-            resid = repeat_copies(windows.gather(self._clean_resid[start_layer], 1), copies, n)
-            for layer in range(start_layer, self.n_layers - 1):
-                resid, _ = self._own_block(layer, resid, senders, correction, workspace)
-            # the metric reads the last block at each prompt's last token only
-            resid, senders = self._own_block(self.n_layers - 1, resid, senders, correction, workspace,
-                                             last_token=True)
-        logits_correction = correction(len(self._receiver_groups) - 1, senders)
-        return resid[:, 0] if logits_correction is None else resid[:, 0] - logits_correction[:, 0, 0]
-
-    def _own_block(self, layer: int, resid: torch.Tensor, senders: SenderDiffs, correction: Correction,
-                   workspace: Workspace | None, last_token: bool = False) -> tuple[torch.Tensor, SenderDiffs]:
-        """One block of the edge-patching forward, run here rather than through transformer_lens's hooks.
-
-        Each head reads ``resid - correction[head]``, the MLP likewise after the heads, and the block records
-        its own senders' differences in ``senders``.
-
-        Args:
-            resid: the block's input ``[rows, width, d_model]`` over each prompt's window (rows ``copies * n``,
-                copy-major).
-            senders: every earlier sender's difference over the same positions.
-            correction: what each receiver group's input loses (see :data:`Correction`).
-            workspace: scratch buffers, or ``None``.
-            last_token: compute queries, MLP and senders at each prompt's last token only.
-
-        Returns:
-            The block's output (``[rows, 1, d_model]`` at the last token with ``last_token``) and the senders
-            (at the last token with ``last_token``).
-        """
-        block, attn = self.model.blocks[layer], self.model.blocks[layer].attn
-        n, windows = len(self.task), self._prompt_windows()
-        copies = resid.shape[0] // n
-        heads = 2 * layer if self.has_mlp else layer  # this layer's receiver groups: heads, then the MLP
-        head_correction = correction(heads, senders)  # [rows, head, width, d_model]
-        if head_correction is None:  # every head reads the residual stream itself
-            qkv = shared_qkv_head_major(block, resid)
-        else:
-            inputs = None if workspace is None else workspace.take("head_inputs", (self.n_heads, *resid.shape), resid)
-            qkv = head_qkv_head_major(block, resid, head_correction, inputs)
-        d_head = attn.W_Q.shape[-1]
-        q, k, v = qkv.split(d_head, dim=-1)  # [head, rows, width, d_head] each
-        if self.model.cfg.positional_embedding_type == "rotary":  # at each prompt's own positions, q and k at once
-            qk = qkv[..., :2 * d_head].unflatten(1, (copies, n)).unflatten(-1, (2, d_head))
-            q, k = rotate(attn, qk, windows.positions[..., None]).flatten(1, 2).unbind(-2)
-        if windows.prefix:  # keys and values before the windows: the clean run's
-            prefix_k, prefix_v = self._prefix_kv(layer, windows.prefix)
-            k = torch.cat([prefix_k.repeat(1, copies, 1, 1), k], dim=2)
-            v = torch.cat([prefix_v.repeat(1, copies, 1, 1), v], dim=2)
-        ablated_z = windows.gather(self._ablated_z[layer], 1).permute(2, 0, 1, 3)  # [head, n, width, d_head]
-        if last_token:
-            rows_last = windows.last.repeat(copies)
-            rows = torch.arange(resid.shape[0], device=resid.device)
-            z = causal_attention(attn, q[:, rows, rows_last].unsqueeze(2), k, v, windows.mask(last_only=True))
-            resid = resid[rows, rows_last].unsqueeze(1)
-            senders = senders.at(windows.last)
-            ablated_z = ablated_z[:, torch.arange(n, device=rows.device), windows.last].unsqueeze(2)
-        else:
-            z = causal_attention(attn, q, k, v, windows.mask())  # [head, rows, width, d_head]
-        start = 1 + layer * self.per_layer
-        senders.store_heads(start, z, ablated_z, attn.W_O)
-        resid = resid + torch.einsum("hbpd,hdm->bpm", z, attn.W_O) + attn.b_O
-        if self.has_mlp:
-            mlp_correction = correction(heads + 1, senders)
-            mlp_out = block.mlp(block.ln2(resid if mlp_correction is None else resid - mlp_correction[:, 0]))
-            senders.store(start + self.n_heads, mlp_out)
-            resid = resid + mlp_out
-        return resid, senders
-
-    def _own_edge_attribution(self) -> torch.Tensor:
-        """Plain AtP edge scores ``[n_edges]`` through the own blocks: every receiver group's input gets a zero
-        correction that gradients flow into (``-grad`` of its input), and the senders' differences are the
-        ones the clean forward records."""
-        n = len(self.task)
-        probes: dict[int, tuple[torch.Tensor, SenderDiffs]] = {}
-
-        def probe(group: int, senders: SenderDiffs) -> torch.Tensor:
-            _, _, n_receivers, _ = self._receiver_groups[group]
-            shape = (n, n_receivers, *senders.ablated.shape[2:])  # [n, receivers, pos, d_model]
-            probes[group] = (senders.ablated.new_zeros(shape).requires_grad_(), senders)
-            return probes[group][0]
-
-        with torch.enable_grad():
-            final = self._own_forward(1, 0, probe, workspace=None)
-            total = self._metric_from_last(final.view(1, n, -1)).sum()
-            grads = torch.autograd.grad(total, [leaf for leaf, _ in probes.values()])
-        self.forwards += 1
-        scores = torch.zeros(len(self.edge_ids), device=final.device)
-        for (group, (_, senders)), grad in zip(probes.items(), grads, strict=True):
-            _, first, n_receivers, n_senders = self._receiver_groups[group]
-            # input = x - probe, and the senders' differences are clean - ablated: two sign flips cancel
-            diffs = senders.differences(n_senders)  # [n, senders, pos, d_model]
-            scores[first:first + n_receivers * n_senders] = torch.einsum("nspd,nrpd->rs", diffs, grad).flatten()
-        return scores
-
-    def _prompt_windows(self) -> PromptWindows:
-        if self._windows is None:
-            task = self.task
-            self._windows = PromptWindows.of(task.clean_tokens, task.corrupt_tokens, task.clean_last,
-                                             patch=self.ablation == "patch")
-        return self._windows
-
-    def _windowed_sender_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean and ablated sender outputs at each prompt's window, ``[n, senders, width, d_model]``."""
-        if self._windowed_senders is None:
-            windows = self._prompt_windows()
-            clean, ablated = self._sender_outputs()
-            self._windowed_senders = (windows.gather(clean, 2), windows.gather(ablated, 2))
-        return self._windowed_senders
-
-    def _prefix_kv(self, layer: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The clean run's keys (rotated) and values at the first ``skip`` positions, ``[head, n, skip, d_head]``."""
-        key = (layer, skip)
-        if key not in self._prefix_kv_cache:
-            keys, values = (x[:, :skip].permute(2, 0, 1, 3) for x in self._clean_kv[layer])
-            if self.model.cfg.positional_embedding_type == "rotary":
-                keys = rotate(self.model.blocks[layer].attn, keys, torch.arange(skip, device=keys.device))
-            self._prefix_kv_cache[key] = (keys.contiguous(), values.contiguous())
-        return self._prefix_kv_cache[key]
+    def _own_blocks(self) -> OwnBlocks:
+        """The edge-patching forward that runs the blocks itself (:mod:`.own_blocks`), built on first use."""
+        if self._own is None:
+            self._own = OwnBlocks(self)
+        return self._own
 
     def _hooked_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int, skip: int,
                              clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
@@ -599,7 +440,7 @@ class ComponentGraph:
             raise ValueError(f"receivers={receivers!r} is an AtP estimator (steps=1); integrated gradients "
                              "(steps > 1) use receivers='linear'.")
         if steps == 1 and receivers == "linear" and own_blocks_supported(self.model):
-            return self._own_edge_attribution()
+            return self._own_blocks().edge_attribution()
         clean, ablated = self._sender_outputs()
         n = len(self.task)
         delta = repeat_copies(ablated, 1, n) - clean  # [n, senders, pos, d_model]
