@@ -8,6 +8,11 @@ query, key and value are recomputed at ``hook_q/k/v``; ``hook_mlp_in``; the fina
 the ablation value in its place: receiver input ``-= sender_out - sender_ablated``. Every copy in the
 batch has its own mask, so one forward scores many patterns. Gradients (AtP) are taken at per-head inputs
 (``hook_attn_in``, or ``hook_q/k/v_input`` under grouped-query attention).
+
+For pre-norm causal models with standard or rotary positions, edge patching and plain edge AtP run the blocks
+in :mod:`.own_blocks` instead of through these hooks (the same arithmetic, head-major, over each prompt's
+window of changed positions); other architectures, and the straightforward evaluator
+(``skip_clean_prefix=False``), use the hooks.
 """
 
 from __future__ import annotations
@@ -83,10 +88,10 @@ class ComponentGraph:
         metric: ``logit_diff``, ``prob_diff``, ``kl`` or a function ``(task, last_logits [copies, n, vocab], clean_last [n, vocab]) -> [copies]``.
         max_copies: most ablation patterns per forward (bounds memory).
         skip_clean_prefix: edge ablations start each pattern's forward at the first layer that has a removed
-            edge, from the clean residual stream (everything before it is the clean run's), run only the
-            positions after the clean and corrupt prompts' shared prefix, and run the last block's queries,
+            edge, from the clean residual stream (everything before it is the clean run's), run only each
+            prompt's positions from its first clean/corrupt difference on, and run the last block's queries,
             MLP and the edges into the logits at each prompt's last token only. ``False`` runs every forward
-            over the whole model (the straightforward evaluator).
+            over the whole model through transformer_lens's hooks (the straightforward evaluator).
     """
 
     def __init__(self, model, task: ContrastiveTask, ablation: str = "patch",
