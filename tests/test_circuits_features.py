@@ -87,3 +87,41 @@ def test_sites_without_dictionaries_are_refused(replacement, task):
     with pytest.raises(ValueError, match=r"No dictionary covers site\(s\) \['mlp1'\]"):
         FeatureGraph(replacement, task, sites=["mlp0", "mlp1"])
 
+
+
+@pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("positions", ["each", "sum"])
+def test_feature_ablations_after_the_clean_prefix_match_whole_prompt_runs(model_name, positions, request):
+    """Under patch ablation each prompt's forwards run only the positions after its first clean/corrupt
+    difference, with the model's clean keys and values before them; whole-prompt runs give the same metrics
+    (positional and rotary models, prompts of unequal lengths and prefixes)."""
+    from featcircuits.circuits import ContrastiveTask
+    from featcircuits.graph.replacement import ReplacementModel
+
+    model = request.getfixturevalue(model_name)
+    torch.manual_seed(0)
+    d = model.cfg.d_model
+    transcoder = Dictionary.from_config(DictionaryConfig(
+        d_in=d, d_sae=48, kind="transcoder", hook_in="blocks.0.ln2.hook_normalized", hook_out="blocks.0.hook_mlp_out",
+        layer=0))
+    sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=40, hook_in="blocks.1.hook_resid_pre", layer=1))
+    replacement = ReplacementModel(model, [transcoder, sae])
+    generator = torch.Generator().manual_seed(3)
+    pairs = []
+    for length, first_difference in ((9, 4), (7, 3), (8, 6)):
+        clean = torch.randint(0, 97, (length,), generator=generator)
+        corrupt = clean.clone()
+        corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
+        pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
+    task = ContrastiveTask.from_pairs(model, pairs)
+    graph = FeatureGraph(replacement, task, ablation="patch", positions=positions)
+    whole = FeatureGraph(replacement, task, ablation="patch", positions=positions, skip_clean_prefix=False)
+    assert [prefix is not None for prefix in graph._clean_prefixes] == [True, True, True]
+    assert graph.node_ids == whole.node_ids
+    keep = (torch.rand(6, len(graph.node_ids), generator=generator) > 0.5).float()
+    keep[0] = 1.0
+    keep[1] = 0.0
+    expected = whole.node_metric(keep)
+    assert expected.std() > 1e-2
+    assert torch.allclose(graph.node_metric(keep), expected, atol=1e-5)
+    assert graph.full_metric == pytest.approx(whole.full_metric, abs=1e-5)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import check_ablation, mix
 from .tasks import ContrastiveTask, get_metric
@@ -32,11 +34,15 @@ class FeatureGraph:
             nodes are made for every site. A requested site without a dictionary is an error.
         positions: ``"each"`` (a node per position) or ``"sum"`` (a node per feature).
         max_copies: most patterns per forward.
+        skip_clean_prefix: under patch ablation, each prompt's positions before its first token where clean and
+            corrupt differ hold no node (clean equals ablated there), so every pattern's forward is the clean
+            run there: ablation forwards run the later positions only, with the model's clean keys and values
+            before them. ``False`` runs every prompt whole.
     """
 
     def __init__(self, replacement, task: ContrastiveTask, ablation: str = "patch",
                  metric: str | Callable = "logit_diff", sites: Sequence[str] | None = None,
-                 positions: str = "each", max_copies: int = 64) -> None:
+                 positions: str = "each", max_copies: int = 64, skip_clean_prefix: bool = True) -> None:
         if positions not in ("each", "sum"):
             raise ValueError(f"positions={positions!r}; choose 'each' or 'sum'.")
         self.rm, self.task, self.ablation = replacement, task, check_ablation(ablation)
@@ -51,8 +57,10 @@ class FeatureGraph:
                 "for those sites or drop them from `sites`."
             )
         self.feature_sites = list(sites)
+        self.skip_clean_prefix = skip_clean_prefix
         self.forwards = 0
         self._collect_values()
+        self._clean_prefixes = self._prefix_keys_values()
         self._build_units()
         with torch.no_grad():
             self.full_metric = float(self.node_metric(torch.ones(1, len(self.node_ids)))[0])
@@ -124,6 +132,28 @@ class FeatureGraph:
                     self.node_ids += [f"{site.name}:{name}@{int(p)}" for name, p in zip(label, pos.tolist(), strict=False)]
         self.edge_ids: list[tuple[str, str]] = []
 
+    def _prefix_keys_values(self) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Per prompt, the model's keys and values ``[1, prefix, heads, d_head]`` per layer at the positions
+        before its first clean/corrupt difference (``None`` where there are none to skip)."""
+        prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
+        model = self.rm.model
+        for index in range(len(self.task)):
+            clean, corrupt = self._prompt(index), self._prompt(index, corrupt=True)
+            common = min(len(clean), len(corrupt))
+            differs = (clean[:common] != corrupt[:common]).nonzero()
+            first = int(differs[0, 0]) if len(differs) else common
+            first = min(first, len(clean) - 1)  # the last token always runs
+            if self.ablation != "patch" or not self.skip_clean_prefix or first == 0:
+                prefixes.append(None)
+                continue
+            cache = TransformerLensKeyValueCache.init_cache(model.cfg, clean.device, 1)
+            with torch.no_grad():
+                prefix = clean[None, :first]
+                model(prefix, past_kv_cache=cache, attention_mask=torch.ones_like(prefix))
+            self.forwards += 1
+            prefixes.append([(entry.past_keys, entry.past_values) for entry in cache.entries])
+        return prefixes
+
     # -- running ------------------------------------------------------------------------------
 
     def _site_masks(self, keep: torch.Tensor, n_pos: int) -> dict[str, torch.Tensor]:
@@ -141,13 +171,30 @@ class FeatureGraph:
             masks[key] = mask
         return masks
 
-    def _run_prompt(self, index: int, patches: dict[str, Callable], copies: int) -> torch.Tensor:
+    def _run_prompt(self, index: int, patches: dict[str, Callable], copies: int,
+                    past_kv_cache: TransformerLensKeyValueCache | None = None) -> torch.Tensor:
+        """Last-token logits ``[copies, vocab]`` of prompt ``index`` under ``patches``; with ``past_kv_cache``
+        (a prefix's keys and values) only the positions after the prefix run, and the patches cover those."""
         feature_patches = {k.split(":", 1)[1]: p for k, p in patches.items() if k.startswith("feat:")}
         error_patches = {k.split(":", 1)[1]: p for k, p in patches.items() if k.startswith("error:")}
         self.forwards += 1
-        out = self.rm.run(self._prompt(index), feature_acts=feature_patches, errors=error_patches,
-                          batch_size=copies)
+        tokens = self._prompt(index)
+        if past_kv_cache is not None:
+            tokens = tokens[past_kv_cache.previous_attention_mask.shape[1]:]
+        out = self.rm.run(tokens, feature_acts=feature_patches, errors=error_patches, batch_size=copies,
+                          past_kv_cache=past_kv_cache)
         return out.logits[:, -1]
+
+    def _prefix_cache(self, index: int, copies: int) -> TransformerLensKeyValueCache | None:
+        """Prompt ``index``'s clean prefix keys and values for ``copies`` rows, frozen; ``None`` if none."""
+        prefix = self._clean_prefixes[index]
+        if prefix is None:
+            return None
+        entries = [TransformerLensKeyValueCacheEntry(keys.expand(copies, -1, -1, -1),
+                                                     values.expand(copies, -1, -1, -1), frozen=True)
+                   for keys, values in prefix]
+        mask = torch.ones(copies, prefix[0][0].shape[1], dtype=torch.int, device=prefix[0][0].device)
+        return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
     def node_metric(self, keep: torch.Tensor) -> torch.Tensor:
         """``keep [copies, n_nodes]`` -> metric ``[copies]``; one forward per prompt per ``max_copies``."""
@@ -159,9 +206,11 @@ class FeatureGraph:
         last = []
         for index, per_prompt in enumerate(self.values):
             n_pos = int(self.task.clean_last[index]) + 1
-            masks = self._site_masks(keep, n_pos)
-            patches = {key: (lambda cur, a=per_prompt[key][1], k=masks[key]: mix(cur, a, k)) for key in masks}
-            last.append(self._run_prompt(index, patches, keep.shape[0]))
+            cache = self._prefix_cache(index, keep.shape[0])
+            skip = 0 if cache is None else cache.previous_attention_mask.shape[1]  # positions the cache holds
+            masks = {key: mask[:, skip:] for key, mask in self._site_masks(keep, n_pos).items()}
+            patches = {key: (lambda cur, a=per_prompt[key][1][skip:], k=masks[key]: mix(cur, a, k)) for key in masks}
+            last.append(self._run_prompt(index, patches, keep.shape[0], cache))
         return self.metric_fn(self.task, torch.stack(last, dim=1), self.clean_last)
 
     def node_attribution(self, steps: int = 1) -> torch.Tensor:

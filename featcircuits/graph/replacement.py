@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from ..dictionaries import Dictionary
 from ..models import check_hook_name, mlp_out
@@ -274,6 +275,7 @@ class ReplacementModel:
         output_deltas: dict[str, torch.Tensor] | None = None,
         compute_logits: bool = True,
         features_from_inputs: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        past_kv_cache: TransformerLensKeyValueCache | None = None,
     ) -> ReplacementOutput:
         """Run the replacement model, optionally patched, over a batch of patch patterns.
 
@@ -293,6 +295,8 @@ class ReplacementModel:
                 activations [batch, pos, d_sae]``: features are recomputed from their frozen-model input
                 (e.g. ``dictionary.encode``, or with edited pre-activations) instead of held at the clean
                 run's; ``feature_acts`` patches still apply on top.
+            past_kv_cache: (live runs) keys and values of the positions before ``tokens``, e.g. a frozen cache
+                of a prefix no patch changes; ``tokens`` and every patch then cover the later positions only.
         """
         feature_acts, errors, output_deltas = feature_acts or {}, errors or {}, output_deltas or {}
         for name in (*feature_acts, *errors):
@@ -305,6 +309,9 @@ class ReplacementModel:
         out = ReplacementOutput(logits=torch.empty(0), final=torch.empty(0))
         if clean is None and features_from_inputs is not None:
             raise ValueError("features_from_inputs applies to frozen runs; pass clean=replacement.clean_run(...).")
+        if clean is not None and past_kv_cache is not None:
+            raise ValueError("past_kv_cache applies to live runs; a frozen run (clean=...) holds its clean prefix "
+                             "already. Drop one of them.")
         if clean is not None:
             hooks = self._frozen_hooks(clean, batch_size, feature_acts, errors, embeddings, output_deltas, out,
                                        return_acts, state, features_from_inputs)
@@ -312,7 +319,12 @@ class ReplacementModel:
             hooks = self._live_hooks(clean, batch_size, feature_acts, errors, embeddings, output_deltas, out,
                                      return_acts, state)
         with self.model.hooks(fwd_hooks=hooks):
-            resid = self.model(tokens[None].expand(batch_size, -1), stop_at_layer=self.cfg.n_layers)
+            batch_tokens = tokens[None].expand(batch_size, -1)
+            # with a cache, an explicit mask (every token real): transformer_lens would otherwise derive one
+            # from the tokenizer and treat any token equal to its pad id as padding
+            mask = None if past_kv_cache is None else torch.ones_like(batch_tokens)
+            resid = self.model(batch_tokens, stop_at_layer=self.cfg.n_layers, past_kv_cache=past_kv_cache,
+                               attention_mask=mask)
             final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
         out.final = final
         if compute_logits:
