@@ -204,11 +204,13 @@ class FeatureGraph:
     @torch.no_grad()
     def _node_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
         last = []
+        # built once at the longest prompt's width; each prompt reads its own positions
+        all_masks = self._site_masks(keep, max(int(last) + 1 for last in self.task.clean_last))
         for index, per_prompt in enumerate(self.values):
             n_pos = int(self.task.clean_last[index]) + 1
             cache = self._prefix_cache(index, keep.shape[0])
             skip = 0 if cache is None else cache.previous_attention_mask.shape[1]  # positions the cache holds
-            masks = {key: mask[:, skip:] for key, mask in self._site_masks(keep, n_pos).items()}
+            masks = {key: mask[:, skip:n_pos] for key, mask in all_masks.items()}
             patches = {key: (lambda cur, a=per_prompt[key][1][skip:], k=masks[key]: mix(cur, a, k)) for key in masks}
             last.append(self._run_prompt(index, patches, keep.shape[0], cache))
         return self.metric_fn(self.task, torch.stack(last, dim=1), self.clean_last)
