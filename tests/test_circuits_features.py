@@ -12,17 +12,22 @@ from featcircuits.dictionaries import Dictionary, DictionaryConfig
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def replacement(tiny_gpt2):
+def _replacement(model):
+    """``model`` with a fresh 48-feature transcoder on layer 0's MLP and a 40-feature SAE on layer 1's input."""
     from featcircuits.graph.replacement import ReplacementModel
 
     torch.manual_seed(0)
-    d = tiny_gpt2.cfg.d_model
+    d = model.cfg.d_model
     transcoder = Dictionary.from_config(DictionaryConfig(
         d_in=d, d_sae=48, kind="transcoder", hook_in="blocks.0.ln2.hook_normalized", hook_out="blocks.0.hook_mlp_out",
         layer=0))
     sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=40, hook_in="blocks.1.hook_resid_pre", layer=1))
-    return ReplacementModel(tiny_gpt2, [transcoder, sae])
+    return ReplacementModel(model, [transcoder, sae])
+
+
+@pytest.fixture(scope="module")
+def replacement(tiny_gpt2):
+    return _replacement(tiny_gpt2)
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +101,9 @@ def test_feature_ablations_after_the_clean_prefix_match_whole_prompt_runs(model_
     difference, with the model's clean keys and values before them; whole-prompt runs give the same metrics
     (positional and rotary models, prompts of unequal lengths and prefixes)."""
     from featcircuits.circuits import ContrastiveTask
-    from featcircuits.graph.replacement import ReplacementModel
 
     model = request.getfixturevalue(model_name)
-    torch.manual_seed(0)
-    d = model.cfg.d_model
-    transcoder = Dictionary.from_config(DictionaryConfig(
-        d_in=d, d_sae=48, kind="transcoder", hook_in="blocks.0.ln2.hook_normalized", hook_out="blocks.0.hook_mlp_out",
-        layer=0))
-    sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=40, hook_in="blocks.1.hook_resid_pre", layer=1))
-    replacement = ReplacementModel(model, [transcoder, sae])
+    replacement = _replacement(model)
     generator = torch.Generator().manual_seed(3)
     pairs = []
     for length, first_difference in ((9, 4), (7, 3), (8, 6)):
