@@ -340,3 +340,14 @@ def test_attention_only_models_patch_edges_like_transformer_lens():
     expected = plain.edge_metric(keep)
     assert expected.std() > 1e-2
     assert torch.allclose(graph.edge_metric(keep), expected, atol=1e-5)
+
+
+def test_acdc_batch_size_defaults_to_the_device(tiny_gpt2):
+    """Without a batch size ACDC takes 32 patterns per forward on CPU (64 on accelerators), and records it."""
+    from featcircuits.circuits.discovery import default_batch_size
+
+    task = random_token_task(tiny_gpt2, 2, 5, 0)
+    graph = ComponentGraph(tiny_gpt2, task, ablation="zero")
+    assert default_batch_size(tiny_gpt2) == default_batch_size(graph) == 32
+    circuit = find_circuit(tiny_gpt2, task, "acdc", level="edges", tau=0.05, graph=graph)
+    assert circuit.params["batch_size"] == 32

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-edges", type=int,
                         help="feature edges: keep the N candidate edges with the largest |AtP| (default: all)")
     parser.add_argument("--sizes", type=int, nargs="+", help="circuit sizes (units) of the faithfulness sweep")
-    parser.add_argument("--batch-size", type=int, default=64, help="ablation patterns per forward")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="ablation patterns per forward (default 32 on CPU, 64 on accelerators)")
     parser.add_argument("--device", default="cpu")
 
 
