@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import ablation_value, check_ablation, mix, repeat_copies
 from .attention import own_blocks_supported
@@ -31,9 +30,9 @@ from .own_blocks import OwnBlocks
 from .receivers import check_receivers, exact_edge_scores
 from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
+from .windows import first_differences, frozen_prefix_cache
 
 __all__ = ["ComponentGraph"]
-
 
 
 def _grouped(model) -> bool:
@@ -334,18 +333,14 @@ class ComponentGraph:
         if (self.ablation != "patch" or not self.skip_clean_prefix
                 or self.model.cfg.positional_embedding_type == "shortformer"):
             return 0
-        differs = self.task.clean_tokens != self.task.corrupt_tokens  # [n, pos]
-        first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), differs.shape[1])
-        return int(min(first.min(), self.task.clean_last.min()))  # every prompt's last token still runs
+        task = self.task
+        return int(first_differences(task.clean_tokens, task.corrupt_tokens, task.clean_last).min())
 
     def _clean_kv_cache(self, copies: int, positions: int) -> TransformerLensKeyValueCache:
         """The clean run's keys and values at the first ``positions``, for ``copies`` patterns (frozen)."""
         n = len(self.task)
-        entries = [TransformerLensKeyValueCacheEntry(repeat_copies(keys[:, :positions], copies, n),
-                                                     repeat_copies(values[:, :positions], copies, n), frozen=True)
-                   for keys, values in self._clean_kv]
-        mask = torch.ones(copies * n, positions, dtype=torch.int, device=self.task.clean_tokens.device)
-        return TransformerLensKeyValueCache(entries, mask, frozen=True)
+        return frozen_prefix_cache([(repeat_copies(keys[:, :positions], copies, n),
+                                     repeat_copies(values[:, :positions], copies, n)) for keys, values in self._clean_kv])
 
     @torch.no_grad()
     def _edge_metric_chunk(self, keep: torch.Tensor, start_layer: int) -> torch.Tensor:
@@ -375,7 +370,7 @@ class ComponentGraph:
 
     def _hooked_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int, skip: int,
                              clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-        """The edge-patching forward through transformer_lens's hooks, for blocks :meth:`_own_block` does not
+        """The edge-patching forward through transformer_lens's hooks, for blocks :class:`.OwnBlocks` does not
         cover (and for the straightforward evaluator): the metric ``[copies]``."""
         n = len(self.task)
         prefix = 1 + start_layer * self.per_layer if start_layer > 0 or skip else 0  # senders before the first block

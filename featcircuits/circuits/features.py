@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from .ablation import check_ablation, mix
 from .tasks import ContrastiveTask, get_metric
+from .windows import first_differences, frozen_prefix_cache
 
 __all__ = ["FeatureGraph"]
 
@@ -136,13 +136,11 @@ class FeatureGraph:
         """Per prompt, the model's keys and values ``[1, prefix, heads, d_head]`` per layer at the positions
         before its first clean/corrupt difference (``None`` where there are none to skip)."""
         prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
-        model = self.rm.model
-        for index in range(len(self.task)):
-            clean, corrupt = self._prompt(index), self._prompt(index, corrupt=True)
-            common = min(len(clean), len(corrupt))
-            differs = (clean[:common] != corrupt[:common]).nonzero()
-            first = int(differs[0, 0]) if len(differs) else common
-            first = min(first, len(clean) - 1)  # the last token always runs
+        model, task = self.rm.model, self.task
+        # (a corrupt prompt shorter than its clean one differs at its padding: a prefix no longer than needed)
+        firsts = first_differences(task.clean_tokens, task.corrupt_tokens, task.clean_last).tolist()
+        for index, first in enumerate(firsts):
+            clean = self._prompt(index)
             if self.ablation != "patch" or not self.skip_clean_prefix or first == 0:
                 prefixes.append(None)
                 continue
@@ -190,11 +188,8 @@ class FeatureGraph:
         prefix = self._clean_prefixes[index]
         if prefix is None:
             return None
-        entries = [TransformerLensKeyValueCacheEntry(keys.expand(copies, -1, -1, -1),
-                                                     values.expand(copies, -1, -1, -1), frozen=True)
-                   for keys, values in prefix]
-        mask = torch.ones(copies, prefix[0][0].shape[1], dtype=torch.int, device=prefix[0][0].device)
-        return TransformerLensKeyValueCache(entries, mask, frozen=True)
+        return frozen_prefix_cache([(keys.expand(copies, -1, -1, -1), values.expand(copies, -1, -1, -1))
+                                    for keys, values in prefix])
 
     def node_metric(self, keep: torch.Tensor) -> torch.Tensor:
         """``keep [copies, n_nodes]`` -> metric ``[copies]``; one forward per prompt per ``max_copies``."""

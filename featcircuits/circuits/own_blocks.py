@@ -48,6 +48,7 @@ class OwnBlocks:
         self.workspace = Workspace()  # the batched forward's scratch buffers, reused across forwards
         self._windowed_senders: tuple[torch.Tensor, torch.Tensor] | None = None
         self._prefix_kv_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ablated_z_cache: dict[int, torch.Tensor] = {}
 
     def edge_metric(self, removed: torch.Tensor, copies: int, start_layer: int) -> torch.Tensor:
         """The metric ``[copies]`` of ``removed [copies * n, n_edges]`` (1 removes an edge), every copy from the
@@ -135,7 +136,7 @@ class OwnBlocks:
             prefix_k, prefix_v = self._prefix_kv(layer, windows.prefix)
             k = torch.cat([prefix_k.repeat(1, copies, 1, 1), k], dim=2)
             v = torch.cat([prefix_v.repeat(1, copies, 1, 1), v], dim=2)
-        ablated_z = windows.gather(graph._ablated_z[layer], 1).permute(2, 0, 1, 3)  # [head, n, width, d_head]
+        ablated_z = self._windowed_ablated_z(layer)  # [head, n, width, d_head]
         if last_token:
             rows_last = windows.last.repeat(copies)
             rows = torch.arange(resid.shape[0], device=resid.device)
@@ -190,6 +191,12 @@ class OwnBlocks:
             clean, ablated = graph._sender_outputs()
             self._windowed_senders = (windows.gather(clean, 2), windows.gather(ablated, 2))
         return self._windowed_senders
+
+    def _windowed_ablated_z(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s heads' ablated ``z`` at each prompt's window, head-major ``[head, n, width, d_head]``."""
+        if layer not in self._ablated_z_cache:
+            self._ablated_z_cache[layer] = self.windows.gather(self.graph._ablated_z[layer], 1).permute(2, 0, 1, 3)
+        return self._ablated_z_cache[layer]
 
     def _prefix_kv(self, layer: int, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean run's keys (rotated) and values at the first ``skip`` positions, ``[head, n, skip, d_head]``."""

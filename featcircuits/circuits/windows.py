@@ -10,11 +10,31 @@ with positions no real query sees. Other ablations change every position: the wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-__all__ = ["PromptWindows"]
+__all__ = ["PromptWindows", "first_differences", "frozen_prefix_cache"]
+
+
+def first_differences(clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor,
+                      clean_last: torch.Tensor) -> torch.Tensor:
+    """``[n]`` each prompt's first position where its clean and corrupt tokens ``[n, pos]`` differ, at most its
+    last token ``clean_last [n]`` (which always runs). Before it, patch ablation changes nothing."""
+    differs = clean_tokens != corrupt_tokens
+    first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), differs.shape[1])
+    return torch.minimum(first, clean_last)
+
+
+def frozen_prefix_cache(keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> TransformerLensKeyValueCache:
+    """A frozen transformer_lens cache of per-layer ``(keys, values) [rows, prefix, heads, d_head]``: a
+    forward given it runs only the positions after the prefix, which it leaves unchanged."""
+    keys = keys_values[0][0]
+    entries = [TransformerLensKeyValueCacheEntry(k, v, frozen=True) for k, v in keys_values]
+    mask = torch.ones(keys.shape[0], keys.shape[1], dtype=torch.int, device=keys.device)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 @dataclass
@@ -33,19 +53,16 @@ class PromptWindows:
     last: torch.Tensor
     positions: torch.Tensor
     prefix: int
+    _masks: dict[bool, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor, clean_last: torch.Tensor,
            patch: bool) -> PromptWindows:
         """Windows for prompts ``[n, pos]`` with last tokens ``clean_last [n]``; ``patch``: patch ablation (else
         every window starts at 0)."""
-        n, length = clean_tokens.shape
-        if patch:
-            differs = clean_tokens != corrupt_tokens
-            first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), length)
-            starts = torch.minimum(first, clean_last)  # every prompt's last token still runs
-        else:
-            starts = torch.zeros_like(clean_last)
+        length = clean_tokens.shape[1]
+        starts = (first_differences(clean_tokens, corrupt_tokens, clean_last) if patch
+                  else torch.zeros_like(clean_last))
         last = clean_last - starts
         width = int(last.max()) + 1
         slots = torch.arange(width, device=starts.device)
@@ -69,6 +86,11 @@ class PromptWindows:
         """Additive attention mask ``[n, query, prefix + width]`` over the clean prefix's keys then the window's:
         a prefix key is seen where it precedes the prompt's window, a window key by the queries at or after
         it. ``last_only``: one query per prompt, at its last token."""
+        if last_only not in self._masks:
+            self._masks[last_only] = self._build_mask(last_only)
+        return self._masks[last_only]
+
+    def _build_mask(self, last_only: bool) -> torch.Tensor:
         device = self.positions.device
         prefix_hidden = torch.arange(self.prefix, device=device) >= self.starts[:, None]  # [n, prefix]
         slots = torch.arange(self.width, device=device)
