@@ -9,8 +9,12 @@ compiled graph, trains SAEs on every residual site with the library's Trainer (r
 every length; best of ``--seeds`` runs per site by held-out FVU), and scores the feature circuit (ACDC, AtP
 and AtP-IG over feature and error nodes summed over positions) against the program's dataflow, per program
 variable and per label (see featcircuits/circuits/tracr_truth.py); ``--task-draws N`` rescores the feature
-circuits on N task draws with the same SAEs and prints each method's mean and minimum. Last line:
-``roc_auc_components=<ACDC edges> roc_auc_features=<ACDC, variable units>``.
+circuits on N task draws with the same SAEs and prints each method's mean and minimum. ACDC runs twice:
+with the ACDC paper's metric for tracr (``--metric auto``: the squared distance to the clean output for a
+numerical output, KL to the clean distribution for a categorical one; a distance cannot cancel across
+pairs) and with the mean clean-output logit, which AtP and AtP-IG use (a distance's gradient vanishes at
+the clean run). Last line: ``roc_auc_components=<ACDC edges> roc_auc_features=<ACDC, variable units>``,
+both with the ``--metric`` metric.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def _roc(scores, truth) -> float:
     return roc_auc(scores, truth) if 0 < int(truth.sum()) < len(truth) else float("nan")
 
 
+def _name(method: str, metric: str, acdc_metric: str) -> str:
+    """``acdc`` under the chosen ACDC metric; ``acdc-logit`` for ACDC under the logit metric when that differs."""
+    return f"{method}-logit" if method == "acdc" and metric != acdc_metric else method
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--program", default="frac_prevs")
@@ -40,6 +49,8 @@ def main() -> None:
                         help="also score the feature circuits on this many task draws (seeds --task-seed onwards) "
                              "with the same SAEs, and print each method's mean and minimum ROC AUC over them")
     parser.add_argument("--tau", type=float, default=0.01)
+    parser.add_argument("--metric", default="auto", choices=("auto", "l2", "kl", "logit_diff"),
+                        help="ACDC's metric; auto: l2 for a numerical output, kl for a categorical one")
     parser.add_argument("--ablation", default="zero", choices=("zero", "mean", "patch"))
     parser.add_argument("--architecture", default="relu", choices=("relu", "topk", "batchtopk", "jumprelu"))
     parser.add_argument("--l1", type=float, default=0.1, help="L1 coefficient (relu)")
@@ -86,17 +97,23 @@ def main() -> None:
     print(f"{args.program}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}; agrees with the RASP "
           f"interpreter on {agree}/50 random inputs ({time.time() - start:.1f}s)")
     task = tracr_task(tm, args.pairs, seed=args.task_seed)
+    metric = args.metric if args.metric != "auto" else "l2" if tm.output_values is None else "kl"
+    # (method, metric) pairs: ACDC under the chosen metric is the headline; the logit metric for comparison
+    methods = [("acdc", metric), ("acdc", "logit_diff"), ("atp", "logit_diff"), ("ig", "logit_diff")]
+    methods = list(dict.fromkeys(methods))
     results = {}
     for level in ("nodes", "edges"):
-        graph = make_graph(tm.model, task, ablation="zero")
+        graphs = {m: make_graph(tm.model, task, ablation="zero", metric=m) for m in {metric, "logit_diff"}}
+        graph = graphs["logit_diff"]
         truth = tm.component_truth(graph.node_ids) if level == "nodes" else tm.edge_truth(graph.edge_ids)
         # edge AtP three ways: plain (linear receivers), exact receivers, exact receivers + secant downstream
-        variants = [("acdc", "linear"), ("atp", "linear")]
-        variants += [("atp", "exact"), ("atp", "secant")] if level == "edges" else []
-        for method, receivers in variants:
-            circuit = find_circuit(tm.model, task, method, level=level, tau=args.tau, graph=graph, receivers=receivers)
+        variants = [(method, m, "linear") for method, m in methods if method != "ig"]
+        variants += [("atp", "logit_diff", "exact"), ("atp", "logit_diff", "secant")] if level == "edges" else []
+        for method, m, receivers in variants:
+            circuit = find_circuit(tm.model, task, method, level=level, tau=args.tau, graph=graphs[m],
+                                   receivers=receivers)
             scores = circuit.node_scores if level == "nodes" else circuit.edge_scores
-            name = method if receivers == "linear" else f"{method}-{receivers}"
+            name = _name(method, m, metric) if receivers == "linear" else f"{method}-{receivers}"
             results[(level, name)] = _roc([abs(s) for s in scores], truth)
             print(f"components {level:5s} {name:10s}: ROC AUC {results[(level, name)]:.3f}  "
                   f"({len(circuit.selected)}/{len(truth)} selected, {int(truth.sum())} true)")
@@ -120,32 +137,35 @@ def main() -> None:
           f"{int(recovery['directions'])} labelled directions, best decoder cosine mean {recovery['mean_cosine']:.3f} "
           f"min {recovery['min_cosine']:.3f}, {recovery['recovered_0.9']:.0%} at >= 0.9")
     replacement = ReplacementModel(tm.model, saes)
-    graph = make_graph(replacement, task, ablation=args.ablation, positions="sum")
-    for method in ("acdc", "atp", "ig"):
+    graphs = {m: make_graph(replacement, task, ablation=args.ablation, positions="sum", metric=m)
+              for m in {metric, "logit_diff"}}
+    for method, m in methods:
+        graph, name = graphs[m], _name(method, m, metric)
         circuit = find_circuit(replacement, task, method, tau=args.tau, graph=graph)
         node_scores = torch.tensor(circuit.node_scores)
         for grain, units in (("variables", variable_truth_units), ("labels", feature_truth_units)):
             names, scores, truth = units(tm, graph, node_scores)
-            results[(grain, method)] = _roc(scores, truth)
-            print(f"features {method:4s} {grain:9s}: ROC AUC {results[(grain, method)]:.3f} over {len(names)} units "
+            results[(grain, name)] = _roc(scores, truth)
+            print(f"features {name:12s} {grain:9s}: ROC AUC {results[(grain, name)]:.3f} over {len(names)} units "
                   f"({int(truth.sum())} true; {len(graph.node_ids)} feature/error nodes, {len(circuit.nodes)} kept)")
             if args.verbose:
                 for name, score, true in sorted(zip(names, scores.tolist(), truth.tolist(), strict=True),
                                                 key=lambda unit: -unit[1]):
                     print(f"    {score:8.4f} {'true ' if true else 'false'} {name}")
     if args.task_draws > 1:  # how much the feature figures depend on which random pairs the task drew
-        draws: dict[str, list[float]] = {method: [] for method in ("acdc", "atp", "ig")}
+        draws: dict[str, list[float]] = {_name(method, m, metric): [] for method, m in methods}
         for seed in range(args.task_seed, args.task_seed + args.task_draws):
             draw_task = tracr_task(tm, args.pairs, seed=seed)
-            draw_graph = make_graph(replacement, draw_task, ablation=args.ablation, positions="sum")
-            for method, values in draws.items():
-                circuit = find_circuit(replacement, draw_task, method, tau=args.tau, graph=draw_graph)
-                _, scores, truth = variable_truth_units(tm, draw_graph, torch.tensor(circuit.node_scores))
-                values.append(_roc(scores, truth))
-            print(f"task seed {seed}: variables ROC AUC " + "  ".join(f"{m} {v[-1]:.3f}" for m, v in draws.items()))
-        for method, values in draws.items():
-            print(f"features {method:4s} variables over {args.task_draws} task draws: mean {sum(values) / len(values):.3f}"
-                  f" min {min(values):.3f} max {max(values):.3f}")
+            draw_graphs = {m: make_graph(replacement, draw_task, ablation=args.ablation, positions="sum", metric=m)
+                           for m in {metric, "logit_diff"}}
+            for method, m in methods:
+                circuit = find_circuit(replacement, draw_task, method, tau=args.tau, graph=draw_graphs[m])
+                _, scores, truth = variable_truth_units(tm, draw_graphs[m], torch.tensor(circuit.node_scores))
+                draws[_name(method, m, metric)].append(_roc(scores, truth))
+            print(f"task seed {seed}: variables ROC AUC " + "  ".join(f"{n} {v[-1]:.3f}" for n, v in draws.items()))
+        for name, values in draws.items():
+            print(f"features {name:12s} variables over {args.task_draws} task draws: mean "
+                  f"{sum(values) / len(values):.3f} min {min(values):.3f} max {max(values):.3f}")
     print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features={results[('variables', 'acdc')]:.4f}")
 
 

@@ -75,6 +75,8 @@ def test_circuit_command_passes_the_edge_estimator(stories_path, tmp_path, capsy
     capsys.readouterr()
     assert main([*args, "--receivers", "exact"]) == 2  # node circuits have no receivers to refine
     assert "receivers='exact' refines edge AtP" in capsys.readouterr().err
+    assert main([*args, "--metric", "kl"]) == 2  # a distance's gradient vanishes at the clean run
+    assert "is a distance from the clean model" in capsys.readouterr().err
 
 
 def test_circuit_command_finds_feature_edges_with_dictionaries(stories_model, stories_path, tmp_path, capsys):

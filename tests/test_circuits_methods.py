@@ -179,6 +179,23 @@ def test_bad_parameters(tiny_gpt2, graph):
         ComponentGraph(tiny_gpt2, graph.task, ablation="resample")
 
 
+def test_distance_metrics_refuse_atp_and_guide_acdc_with_integrated_gradients(tiny_gpt2):
+    """AtP's gradient of a distance from the clean model is zero at the clean run: AtP is refused with a
+    clear error, and ACDC (guided by IG instead) keeps the circuit of the literal one-forward-per-edge walk."""
+    graph = ComponentGraph(tiny_gpt2, random_token_task(tiny_gpt2, 4, 6, 0), ablation="patch", metric="l2")
+    assert graph.node_attribution(steps=1).abs().max().item() < 1e-6  # why AtP is refused
+    with pytest.raises(ValueError, match="'l2_to_clean' is a distance from the clean model.*method='ig' or 'acdc'"):
+        find_circuit(tiny_gpt2, graph.task, "atp", graph=graph)
+    n_edges = len(graph.edge_ids)
+    circuit = find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", tau=0.05, graph=graph)
+    gap = float((graph.edge_metric(torch.zeros(1, n_edges)) - graph.full_metric).abs())
+    naive = acdc(graph.edge_metric, list(reversed(range(n_edges))), n_edges, tau=0.05, batch_size=1,
+                 reference_gap=gap)
+    assert sorted(circuit.edges) == sorted(graph.edge_ids[i] for i in naive.keep.nonzero()[:, 0].tolist())
+    assert 0 < len(circuit.edges) < n_edges
+    assert graph.full_metric == 0.0 and find_circuit(tiny_gpt2, graph.task, "ig", top_k=3, graph=graph).nodes
+
+
 def test_grouped_query_attention_edges(tiny_llama):
     """GQA models have no per-head attn_in: q/k/v inputs are hooked with key/value heads ungrouped."""
     graph = ComponentGraph(tiny_llama, random_token_task(tiny_llama, 4, 6, 0), ablation="patch")

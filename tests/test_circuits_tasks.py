@@ -9,7 +9,7 @@ import torch
 
 from featcircuits.circuits import Circuit, ContrastiveTask, load_task, roc_auc
 from featcircuits.circuits.evaluate import area_under
-from featcircuits.circuits.tasks import kl_to_clean, logit_diff, prob_diff
+from featcircuits.circuits.tasks import is_distance, kl_to_clean, l2_to_clean, logit_diff, prob_diff
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -29,6 +29,23 @@ def test_metrics_match_direct_model_logits(stories_model):
     assert kl_to_clean(task, last, last[0]).abs().item() < 1e-6
     corrupt = task.last_logits(model(task.corrupt_tokens).detach())
     assert kl_to_clean(task, corrupt, last[0]).item() > 0
+
+
+def test_l2_metric_sees_effects_that_cancel_in_the_mean_logit(stories_model):
+    """Two pairs, one output moved up and the other down by the same amount: the mean answer logit (no
+    distractor) does not move; the squared distance to the clean logits does, by the hand-computed amount."""
+    pairs = [{"clean": "Lily had a ball", "corrupt": "Lily had a cat", "answer": 7},
+             {"clean": "Tim had a dog", "corrupt": "Tim had a cat", "answer": 7}]
+    task = ContrastiveTask.from_pairs(stories_model, pairs)
+    clean = task.last_logits(stories_model(task.clean_tokens).detach())[0]  # [2, vocab]
+    moved = clean.clone()
+    moved[0, 7] += 0.5
+    moved[1, 7] -= 0.5
+    moved[1, 3] += 2.0
+    assert logit_diff(task, moved[None]).item() == pytest.approx(logit_diff(task, clean[None]).item(), abs=1e-5)
+    assert l2_to_clean(task, clean[None], clean).item() == 0.0
+    assert l2_to_clean(task, moved[None], clean).item() == pytest.approx((0.25 + 0.25 + 4.0) / 2, rel=1e-5)
+    assert is_distance("l2") and is_distance(kl_to_clean) and not is_distance("logit_diff")
 
 
 def test_pairs_of_different_lengths_are_padded_and_read_at_their_own_last_token(stories_model):

@@ -93,7 +93,8 @@ def test_truth_units_score_perfectly_with_the_labelled_directions_themselves(fra
 def test_saes_trained_on_the_residual_stream_recover_the_program_dataflow(frac_prevs):
     """The library's trainer on tracr's residual stream: every labelled direction has a feature close to it
     (an L1 SAE centres each variable, cosine ~0.87 for a value of a 5-valued variable), and the AtP feature
-    circuit ranks the variables the program reads above those it does not."""
+    circuit, and ACDC's under the squared distance to the clean output (ACDC's own metric for this program),
+    rank the variables the program reads above those it does not."""
     from featcircuits.circuits.tracr_saes import train_residual_saes
     from featcircuits.circuits.tracr_truth import label_recovery, tracr_task, variable_truth_units
     from featcircuits.graph.replacement import ReplacementModel
@@ -107,3 +108,7 @@ def test_saes_trained_on_the_residual_stream_recover_the_program_dataflow(frac_p
     circuit = find_circuit(replacement, None, "atp", graph=graph)
     names, scores, truth = variable_truth_units(frac_prevs, graph, torch.tensor(circuit.node_scores))
     assert roc_auc(scores, truth) >= 0.9
+    graph = make_graph(replacement, graph.task, ablation="zero", positions="sum", metric="l2")
+    circuit = find_circuit(replacement, None, "acdc", graph=graph)
+    names, scores, truth = variable_truth_units(frac_prevs, graph, torch.tensor(circuit.node_scores))
+    assert roc_auc(scores, truth) >= 0.95

@@ -16,7 +16,7 @@ from .evaluate import evaluate_circuit
 from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .receivers import check_receivers
-from .tasks import ContrastiveTask, load_task
+from .tasks import ContrastiveTask, is_distance, load_task
 
 __all__ = ["find_circuit", "evaluate", "make_graph", "METHODS"]
 
@@ -100,7 +100,11 @@ def find_circuit(
             removal changes the metric by less than that; AtP/IG keep units whose estimated effect is at
             least that (unless ``top_k`` is given).
         top_k: select the ``k`` best-scored units instead (AtP/IG).
-        prefilter: ACDC only tries the ``prefilter`` units with the largest AtP scores; the rest start removed.
+        metric: ``logit_diff``, ``prob_diff``, or a distance from the clean model, ``kl`` or ``l2`` (ACDC
+            and IG only: AtP's gradient of a distance is zero at the clean run), or a function (see
+            :mod:`featcircuits.circuits.tasks`).
+        prefilter: ACDC only tries the ``prefilter`` units with the largest AtP scores (AtP-IG under a
+            distance metric); the rest start removed.
         batch_size: ablation patterns per forward (ACDC's speculative chain length); default 32 on CPU, 64 on
             accelerators (:func:`default_batch_size`).
         graph: reuse a graph from :func:`make_graph` (then model/task/ablation/... are taken from it).
@@ -134,10 +138,17 @@ def find_circuit(
         graph = FeatureEdgeGraph(graph, max_edges=max_edges)
     if level == "nodes" and isinstance(graph, FeatureEdgeGraph):
         graph = graph.nodes
+    distance = is_distance(graph.metric_fn)
+    if method == "atp" and distance:
+        raise ValueError(
+            f"metric {getattr(graph.metric_fn, '__name__', metric)!r} is a distance from the clean model: its "
+            "gradient at the clean run is zero, so AtP would score every unit 0. Use method='ig' or 'acdc' "
+            "with it, or a signed metric ('logit_diff', 'prob_diff') for AtP."
+        )
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
     attribute = (graph.node_attribution if level == "nodes"
-                 else functools.partial(graph.edge_attribution, receivers=receivers))
+                 else functools.partial(graph.edge_attribution, receivers="linear" if distance else receivers))
     n_units = len(units)
     forwards_before = graph.forwards
     with torch.no_grad():
@@ -157,8 +168,9 @@ def find_circuit(
             chosen = (scores.abs() >= tau * gap).nonzero()[:, 0]
     else:
         initial = None
-        # AtP estimates guide the speculative chain (fewer forwards, same circuit) and the pre-filter.
-        estimate = attribute(steps=1).detach().cpu().abs()
+        # AtP estimates guide the speculative chain (fewer forwards, same circuit) and the pre-filter; under a
+        # distance metric AtP's are all 0, so integrated gradients (which leave the clean run) guide instead.
+        estimate = attribute(steps=steps if distance else 1).detach().cpu().abs()
         if prefilter is not None:
             initial = torch.zeros(n_units, dtype=torch.bool)
             initial[estimate.argsort(descending=True)[:prefilter]] = True

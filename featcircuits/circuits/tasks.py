@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ContrastiveTask", "load_task", "METRICS", "logit_diff", "prob_diff", "kl_to_clean"]
+__all__ = ["ContrastiveTask", "load_task", "METRICS", "logit_diff", "prob_diff", "kl_to_clean", "l2_to_clean",
+           "is_distance"]
 
 ALIGNMENTS = (None, "start")
 
@@ -179,8 +180,26 @@ def kl_to_clean(task: ContrastiveTask, last: torch.Tensor, clean_last: torch.Ten
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
 
 
+def l2_to_clean(task: ContrastiveTask, last: torch.Tensor, clean_last: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over pairs of the squared distance between this run's last-token logits and the clean model's
+    (0 for the full model). For outputs with no answer/distractor contrast, such as a numerical output:
+    an ablation that raises the output on one pair and lowers it on another moves this metric, where the
+    mean of the answer logit (``logit_diff`` without distractors) would see the two cancel."""
+    if clean_last is None:
+        raise ValueError("The L2 metric needs the clean model's logits.")
+    return (last - clean_last).pow(2).sum(-1).mean(-1)
+
+
 Metric = Callable[[ContrastiveTask, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "prob_diff": prob_diff, "kl": kl_to_clean}
+METRICS: dict[str, Metric] = {"logit_diff": logit_diff, "prob_diff": prob_diff, "kl": kl_to_clean, "l2": l2_to_clean}
+# Distances from the clean model: 0 at the full model and at their minimum there, so their gradient at the
+# clean run is zero and attribution patching (a first-order estimate taken there) scores every unit 0.
+_DISTANCES = (kl_to_clean, l2_to_clean)
+
+
+def is_distance(metric: str | Metric) -> bool:
+    """Whether ``metric`` is a distance from the clean model (``kl``, ``l2``): see ``_DISTANCES``."""
+    return get_metric(metric) in _DISTANCES
 
 
 def get_metric(metric: str | Metric) -> Metric:

@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=["atp", "ig", "acdc"])
     parser.add_argument("--out", required=True, help="circuit JSON to write (the curve goes beside it as .csv)")
     parser.add_argument("--ablation", default="patch", choices=["zero", "mean", "patch"])
-    parser.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl"])
+    parser.add_argument("--metric", default="logit_diff", choices=["logit_diff", "prob_diff", "kl", "l2"],
+                        help="kl and l2 are distances from the clean model (ig or acdc; atp's gradient is 0 there)")
     parser.add_argument("--level", default="nodes", choices=["nodes", "edges"],
                         help="edges: between heads/MLPs, or with --dictionaries the linear graph's feature edges")
     parser.add_argument("--receivers", default="linear", choices=["linear", "exact", "secant"],
