@@ -16,7 +16,7 @@ from .evaluate import evaluate_circuit
 from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .receivers import check_receivers
-from .tasks import ContrastiveTask, is_distance, load_task
+from .tasks import ContrastiveTask, get_metric, is_distance, load_task
 
 __all__ = ["find_circuit", "evaluate", "make_graph", "METHODS"]
 
@@ -125,6 +125,14 @@ def find_circuit(
                          "'atp' or 'acdc'.")
     if steps < 1:
         raise ValueError(f"steps={steps}; integrated gradients needs at least 1 step.")
+    metric_fn = graph.metric_fn if graph is not None else get_metric(metric)
+    distance = is_distance(metric_fn)
+    if method == "atp" and distance:  # refused before any graph is built
+        raise ValueError(
+            f"metric {getattr(metric_fn, '__name__', metric)!r} is a distance from the clean model: its "
+            "gradient at the clean run is zero, so AtP would score every unit 0. Use method='ig' or 'acdc' "
+            "with it, or a signed metric ('logit_diff', 'prob_diff') for AtP."
+        )
     if batch_size is None:
         batch_size = default_batch_size(graph if graph is not None else model)
     if graph is None:
@@ -138,13 +146,6 @@ def find_circuit(
         graph = FeatureEdgeGraph(graph, max_edges=max_edges)
     if level == "nodes" and isinstance(graph, FeatureEdgeGraph):
         graph = graph.nodes
-    distance = is_distance(graph.metric_fn)
-    if method == "atp" and distance:
-        raise ValueError(
-            f"metric {getattr(graph.metric_fn, '__name__', metric)!r} is a distance from the clean model: its "
-            "gradient at the clean run is zero, so AtP would score every unit 0. Use method='ig' or 'acdc' "
-            "with it, or a signed metric ('logit_diff', 'prob_diff') for AtP."
-        )
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
     attribute = (graph.node_attribution if level == "nodes"
