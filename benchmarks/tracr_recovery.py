@@ -149,9 +149,9 @@ def main() -> None:
             print(f"features {name:12s} {grain:9s}: ROC AUC {results[(grain, name)]:.3f} over {len(names)} units "
                   f"({int(truth.sum())} true; {len(graph.node_ids)} feature/error nodes, {len(circuit.nodes)} kept)")
             if args.verbose:
-                for name, score, true in sorted(zip(names, scores.tolist(), truth.tolist(), strict=True),
-                                                key=lambda unit: -unit[1]):
-                    print(f"    {score:8.4f} {'true ' if true else 'false'} {name}")
+                for unit, score, true in sorted(zip(names, scores.tolist(), truth.tolist(), strict=True),
+                                                key=lambda row: -row[1]):
+                    print(f"    {score:8.4f} {'true ' if true else 'false'} {unit}")
     if args.task_draws > 1:  # how much the feature figures depend on which random pairs the task drew
         draws: dict[str, list[float]] = {_name(method, m, metric): [] for method, m in methods}
         for seed in range(args.task_seed, args.task_seed + args.task_draws):

@@ -167,6 +167,19 @@ def test_max_edges_keeps_the_largest_attributions_and_marks_the_set_incomplete(r
     assert set(tied.edge_ids) <= set(every.edge_ids)
 
 
+def test_under_a_distance_metric_candidate_edges_are_the_best_by_integrated_gradients(replacement, task):
+    """A distance's gradient is zero at the clean run, so AtP cannot rank candidates there: max_edges keeps
+    the edges with the largest |AtP-IG| among all of them instead, and AtP itself stays what it is (0)."""
+    from featcircuits.circuits.feature_edges import DISTANCE_RANKING_STEPS
+
+    every = FeatureEdgeGraph(FeatureGraph(replacement, task, ablation="zero", metric="l2"))
+    ig = every.edge_attribution(steps=DISTANCE_RANKING_STEPS).abs()
+    assert ig.max() > 1e-3 and every.edge_attribution(steps=1).abs().max() < 1e-6 * ig.max()
+    limited = FeatureEdgeGraph(FeatureGraph(replacement, task, ablation="zero", metric="l2"), max_edges=30)
+    best = {every.edge_ids[i] for i in ig.topk(30).indices.tolist()}
+    assert set(limited.edge_ids) == best
+
+
 def test_feature_edges_refuse_summed_positions_and_bad_limits(replacement, task):
     with pytest.raises(ValueError, match="positions='each'"):
         find_circuit(replacement, task, "atp", level="edges", positions="sum")

@@ -184,15 +184,27 @@ def test_distance_metrics_refuse_atp_and_guide_acdc_with_integrated_gradients(ti
     clear error, and ACDC (guided by IG instead) keeps the circuit of the literal one-forward-per-edge walk."""
     graph = ComponentGraph(tiny_gpt2, random_token_task(tiny_gpt2, 4, 6, 0), ablation="patch", metric="l2")
     assert graph.node_attribution(steps=1).abs().max().item() < 1e-6  # why AtP is refused
-    with pytest.raises(ValueError, match="'l2_to_clean' is a distance from the clean model.*method='ig' or 'acdc'"):
+    with pytest.raises(ValueError, match="'l2_to_clean' is a distance from the clean model.*method='ig'"):
         find_circuit(tiny_gpt2, graph.task, "atp", graph=graph)
+    with pytest.raises(ValueError, match="IG with steps=1"):
+        find_circuit(tiny_gpt2, graph.task, "ig", steps=1, graph=graph)
+    with pytest.raises(ValueError, match="receivers='exact' refines AtP"):
+        find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", receivers="exact", graph=graph)
     n_edges = len(graph.edge_ids)
-    circuit = find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", tau=0.05, graph=graph)
+    circuit = find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", tau=0.05, graph=graph, batch_size=64)
+    order = list(reversed(range(n_edges)))
     gap = float((graph.edge_metric(torch.zeros(1, n_edges)) - graph.full_metric).abs())
-    naive = acdc(graph.edge_metric, list(reversed(range(n_edges))), n_edges, tau=0.05, batch_size=1,
-                 reference_gap=gap)
+    naive = acdc(graph.edge_metric, order, n_edges, tau=0.05, batch_size=1, reference_gap=gap)
     assert sorted(circuit.edges) == sorted(graph.edge_ids[i] for i in naive.keep.nonzero()[:, 0].tolist())
     assert 0 < len(circuit.edges) < n_edges
+    # the pre-filter ranks by IG: ACDC then walks exactly the edges with the largest |IG| (AtP's would be noise)
+    k = n_edges // 4
+    top = torch.zeros(n_edges, dtype=torch.bool)
+    top[graph.edge_attribution(steps=8).abs().topk(k).indices] = True
+    filtered = find_circuit(tiny_gpt2, graph.task, "acdc", level="edges", tau=0.05, graph=graph, prefilter=k)
+    walk = acdc(graph.edge_metric, order, n_edges, tau=0.05, batch_size=1, reference_gap=gap, initial_keep=top)
+    assert sorted(filtered.edges) == sorted(graph.edge_ids[i] for i in walk.keep.nonzero()[:, 0].tolist())
+    assert len(filtered.edges) > 0
     assert graph.full_metric == 0.0 and find_circuit(tiny_gpt2, graph.task, "ig", top_k=3, graph=graph).nodes
 
 

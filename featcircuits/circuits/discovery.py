@@ -127,12 +127,18 @@ def find_circuit(
         raise ValueError(f"steps={steps}; integrated gradients needs at least 1 step.")
     metric_fn = graph.metric_fn if graph is not None else get_metric(metric)
     distance = is_distance(metric_fn)
-    if method == "atp" and distance:  # refused before any graph is built
-        raise ValueError(
-            f"metric {getattr(metric_fn, '__name__', metric)!r} is a distance from the clean model: its "
-            "gradient at the clean run is zero, so AtP would score every unit 0. Use method='ig' or 'acdc' "
-            "with it, or a signed metric ('logit_diff', 'prob_diff') for AtP."
-        )
+    if distance:  # refused before any graph is built
+        name = repr(getattr(metric_fn, "__name__", metric))
+        if method == "atp" or (method == "ig" and steps < 2):
+            raise ValueError(
+                f"metric {name} is a distance from the clean model: its gradient at the clean run is zero, so "
+                f"{'AtP' if method == 'atp' else 'IG with steps=1 (its one point is the clean run)'} would score "
+                "every unit 0. Use method='ig' (steps >= 2) or 'acdc' with it, or a signed metric "
+                "('logit_diff', 'prob_diff') for AtP."
+            )
+        if receivers != "linear":
+            raise ValueError(f"receivers={receivers!r} refines AtP's first-order edge estimate, which a distance "
+                             f"metric ({name}) cannot use; leave receivers='linear'.")
     if batch_size is None:
         batch_size = default_batch_size(graph if graph is not None else model)
     if graph is None:
@@ -149,7 +155,7 @@ def find_circuit(
     units = graph.node_ids if level == "nodes" else graph.edge_ids
     run = graph.node_metric if level == "nodes" else graph.edge_metric
     attribute = (graph.node_attribution if level == "nodes"
-                 else functools.partial(graph.edge_attribution, receivers="linear" if distance else receivers))
+                 else functools.partial(graph.edge_attribution, receivers=receivers))
     n_units = len(units)
     forwards_before = graph.forwards
     with torch.no_grad():
@@ -171,7 +177,7 @@ def find_circuit(
         initial = None
         # AtP estimates guide the speculative chain (fewer forwards, same circuit) and the pre-filter; under a
         # distance metric AtP's are all 0, so integrated gradients (which leave the clean run) guide instead.
-        estimate = attribute(steps=steps if distance else 1).detach().cpu().abs()
+        estimate = attribute(steps=max(steps, 2) if distance else 1).detach().cpu().abs()
         if prefilter is not None:
             initial = torch.zeros(n_units, dtype=torch.bool)
             initial[estimate.argsort(descending=True)[:prefilter]] = True

@@ -21,10 +21,14 @@ from __future__ import annotations
 import torch
 
 from .features import FeatureGraph
+from .tasks import is_distance
 
 __all__ = ["FeatureEdgeGraph"]
 
 LOGITS = "logits"
+# Under a distance metric the gradient at the clean run is zero, so candidate edges are ranked by AtP-IG
+# with this many points instead of by AtP.
+DISTANCE_RANKING_STEPS = 8
 
 
 class FeatureEdgeGraph:
@@ -32,8 +36,9 @@ class FeatureEdgeGraph:
 
     Args:
         nodes: the feature/error nodes, their task, ablation and metric.
-        max_edges: keep only this many candidate edges, those with the largest |AtP| score (all edges
-            with a non-zero weight when None). Edges left out always stay in the model.
+        max_edges: keep only this many candidate edges, those with the largest |AtP| score (AtP-IG under
+            a distance metric; all edges with a non-zero weight when None). Edges left out always stay in
+            the model.
         chunk: receivers whose weights one batched backward pass computes.
 
     Attributes:
@@ -202,7 +207,8 @@ class FeatureEdgeGraph:
     def _collect_edges(self, max_edges: int | None) -> None:
         """Candidate edges (non-zero weight in some prompt), their per-prompt weights and AtP scores."""
         n_prompts = len(self.task)
-        gradients = [self._metric_gradients(i, 1) for i in range(n_prompts)]
+        self._ranking_steps = DISTANCE_RANKING_STEPS if is_distance(self.metric_fn) else 1
+        gradients = [self._metric_gradients(i, self._ranking_steps) for i in range(n_prompts)]
         # a feature's weight is per unit of activation, an error's is its whole ablation
         per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()
         sender, receiver, score, weight = [], [], [], []  # edges into features; weight [edges, prompts]
@@ -247,7 +253,7 @@ class FeatureEdgeGraph:
         self._edge_sender = torch.cat([sender[order], logit_senders])
         self._edge_receiver = torch.cat([receiver[order], torch.full_like(logit_senders, -1)])
         self._feature_weights, self._logit_weights = weight[order], logit_weights
-        self._atp = torch.cat([score[order], logit_scores])
+        self._ranking_scores = torch.cat([score[order], logit_scores])  # AtP, or AtP-IG under a distance
         self.n_feature_edges = len(order)
         receiver_site = self._site[self._edge_receiver[:len(order)]]
         self._edges_into = {i: (receiver_site == i).nonzero()[:, 0] for i in self._site_index.values()}
@@ -320,8 +326,8 @@ class FeatureEdgeGraph:
         if receivers != "linear":
             raise ValueError(f"receivers={receivers!r}: feature edges are exact linear maps, so only "
                              "receivers='linear' applies to them.")
-        if steps == 1:
-            return self._atp.clone()
+        if steps == self._ranking_steps:
+            return self._ranking_scores.clone()
         scores = torch.zeros(len(self.edge_ids))
         n_f = self.n_feature_edges
         s, r = self._edge_sender, self._edge_receiver[:n_f]

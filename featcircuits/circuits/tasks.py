@@ -198,7 +198,9 @@ _DISTANCES = (kl_to_clean, l2_to_clean)
 
 
 def is_distance(metric: str | Metric) -> bool:
-    """Whether ``metric`` is a distance from the clean model (``kl``, ``l2``): see ``_DISTANCES``."""
+    """Whether ``metric`` is one of the library's distances from the clean model (``kl``, ``l2``): see
+    ``_DISTANCES``. A function of your own (or a wrapped one) is not recognised: attribution patching
+    under a distance of your own scores every unit 0."""
     return get_metric(metric) in _DISTANCES
 
 
