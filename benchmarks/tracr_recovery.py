@@ -101,9 +101,10 @@ def main() -> None:
     # (method, metric) pairs: ACDC under the chosen metric is the headline; the logit metric for comparison
     methods = [("acdc", metric), ("acdc", "logit_diff"), ("atp", "logit_diff"), ("ig", "logit_diff")]
     methods = list(dict.fromkeys(methods))
+    metrics = list(dict.fromkeys(m for _, m in methods))  # one graph per metric
     results = {}
     for level in ("nodes", "edges"):
-        graphs = {m: make_graph(tm.model, task, ablation="zero", metric=m) for m in {metric, "logit_diff"}}
+        graphs = {m: make_graph(tm.model, task, ablation="zero", metric=m) for m in metrics}
         graph = graphs["logit_diff"]
         truth = tm.component_truth(graph.node_ids) if level == "nodes" else tm.edge_truth(graph.edge_ids)
         # edge AtP three ways: plain (linear receivers), exact receivers, exact receivers + secant downstream
@@ -137,8 +138,7 @@ def main() -> None:
           f"{int(recovery['directions'])} labelled directions, best decoder cosine mean {recovery['mean_cosine']:.3f} "
           f"min {recovery['min_cosine']:.3f}, {recovery['recovered_0.9']:.0%} at >= 0.9")
     replacement = ReplacementModel(tm.model, saes)
-    graphs = {m: make_graph(replacement, task, ablation=args.ablation, positions="sum", metric=m)
-              for m in {metric, "logit_diff"}}
+    graphs = {m: make_graph(replacement, task, ablation=args.ablation, positions="sum", metric=m) for m in metrics}
     for method, m in methods:
         graph, name = graphs[m], _name(method, m, metric)
         circuit = find_circuit(replacement, task, method, tau=args.tau, graph=graph)
@@ -157,7 +157,7 @@ def main() -> None:
         for seed in range(args.task_seed, args.task_seed + args.task_draws):
             draw_task = tracr_task(tm, args.pairs, seed=seed)
             draw_graphs = {m: make_graph(replacement, draw_task, ablation=args.ablation, positions="sum", metric=m)
-                           for m in {metric, "logit_diff"}}
+                           for m in metrics}
             for method, m in methods:
                 circuit = find_circuit(replacement, draw_task, method, tau=args.tau, graph=draw_graphs[m])
                 _, scores, truth = variable_truth_units(tm, draw_graphs[m], torch.tensor(circuit.node_scores))

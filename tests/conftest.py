@@ -40,6 +40,21 @@ def random_token_task(model, n: int, length: int, seed: int):
     return ContrastiveTask.from_pairs(model, pairs)
 
 
+def prefix_sharing_task(model, shapes=((9, 4), (7, 3), (9, 6), (8, 5))):
+    """Pairs of unequal lengths (right-padded) whose clean and corrupt prompts share unequal prefixes: per pair
+    ``(length, first position where clean and corrupt differ)``; answer 3, distractor 5."""
+    from featcircuits.circuits import ContrastiveTask
+
+    generator = torch.Generator().manual_seed(3)
+    pairs = []
+    for length, first_difference in shapes:
+        clean = torch.randint(0, 97, (length,), generator=generator)
+        corrupt = clean.clone()
+        corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
+        pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
+    return ContrastiveTask.from_pairs(model, pairs)
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES260K / "config.json").exists():

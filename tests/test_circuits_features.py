@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_task
+from conftest import prefix_sharing_task, random_token_task
 
 from featcircuits.circuits import FeatureGraph, evaluate, find_circuit
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
@@ -100,18 +100,10 @@ def test_feature_ablations_after_the_clean_prefix_match_whole_prompt_runs(model_
     """Under patch ablation each prompt's forwards run only the positions after its first clean/corrupt
     difference, with the model's clean keys and values before them; whole-prompt runs give the same metrics
     (positional and rotary models, prompts of unequal lengths and prefixes)."""
-    from featcircuits.circuits import ContrastiveTask
-
     model = request.getfixturevalue(model_name)
     replacement = _replacement(model)
+    task = prefix_sharing_task(model, ((9, 4), (7, 3), (8, 6)))
     generator = torch.Generator().manual_seed(3)
-    pairs = []
-    for length, first_difference in ((9, 4), (7, 3), (8, 6)):
-        clean = torch.randint(0, 97, (length,), generator=generator)
-        corrupt = clean.clone()
-        corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
-        pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
-    task = ContrastiveTask.from_pairs(model, pairs)
     graph = FeatureGraph(replacement, task, ablation="patch", positions=positions)
     whole = FeatureGraph(replacement, task, ablation="patch", positions=positions, skip_clean_prefix=False)
     assert [prefix is not None for prefix in graph._clean_prefixes] == [True, True, True]

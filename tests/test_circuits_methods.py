@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_token_task
+from conftest import prefix_sharing_task, random_token_task
 
 from featcircuits.circuits import ComponentGraph, acdc, evaluate, find_circuit
 from featcircuits.circuits.tasks import logit_diff
@@ -268,20 +268,6 @@ def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(
         reference = torch.einsum("bphd,hde->bphe", inputs, weight) + bias
         assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     assert (q - attn.b_Q).abs().max() > 0.1
-
-
-def prefix_sharing_task(model):
-    """Pairs of unequal lengths (right-padded) whose clean and corrupt prompts share unequal prefixes."""
-    from featcircuits.circuits import ContrastiveTask
-
-    generator = torch.Generator().manual_seed(3)
-    pairs = []
-    for length, first_difference in ((9, 4), (7, 3), (9, 6), (8, 5)):
-        clean = torch.randint(0, 97, (length,), generator=generator)
-        corrupt = clean.clone()
-        corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
-        pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
-    return ContrastiveTask.from_pairs(model, pairs)
 
 
 @pytest.mark.parametrize("model_name", ["tiny_gpt2", "tiny_llama"])

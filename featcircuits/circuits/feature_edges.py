@@ -64,6 +64,7 @@ class FeatureEdgeGraph:
         self.clean_last, self.full_metric = nodes.clean_last, nodes.full_metric
         self.forwards = 0
         self._chunk = chunk
+        self._ranking_steps = DISTANCE_RANKING_STEPS if is_distance(self.metric_fn) else 1
         self._masks: dict[tuple[int, str], torch.Tensor] = {}  # (prompt, site) -> node mask [pos, d_sae]
         self._values: dict[tuple[int, int], torch.Tensor] = {}  # (prompt, clean 0 / ablated 1) -> [n_nodes]
         self._index_nodes()
@@ -207,7 +208,6 @@ class FeatureEdgeGraph:
     def _collect_edges(self, max_edges: int | None) -> None:
         """Candidate edges (non-zero weight in some prompt), their per-prompt weights and AtP scores."""
         n_prompts = len(self.task)
-        self._ranking_steps = DISTANCE_RANKING_STEPS if is_distance(self.metric_fn) else 1
         gradients = [self._metric_gradients(i, self._ranking_steps) for i in range(n_prompts)]
         # a feature's weight is per unit of activation, an error's is its whole ablation
         per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()

@@ -65,6 +65,11 @@ class FeatureGraph:
         with torch.no_grad():
             self.full_metric = float(self.node_metric(torch.ones(1, len(self.node_ids)))[0])
 
+    @property
+    def _width(self) -> int:
+        """Positions of the longest prompt (the grid node masks and attributions are laid out on)."""
+        return int(self.task.clean_last.max()) + 1
+
     # -- clean, corrupt and ablation values -------------------------------------------------------
 
     def _prompt(self, index: int, corrupt: bool = False) -> torch.Tensor:
@@ -107,7 +112,7 @@ class FeatureGraph:
         """Node ids and, per site, index tensors locating each unit."""
         self.node_ids: list[str] = []
         self._site_units: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []  # key, site, start, pos, feat
-        width = max(int(last) + 1 for last in self.task.clean_last)
+        width = self._width
         for site in self.rm.sites:
             kinds = ["feat", "error"] if site.name in self.feature_sites else ["error"]
             for kind in kinds:
@@ -200,7 +205,7 @@ class FeatureGraph:
     def _node_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
         last = []
         # built once at the longest prompt's width; each prompt reads its own positions
-        all_masks = self._site_masks(keep, max(int(last) + 1 for last in self.task.clean_last))
+        all_masks = self._site_masks(keep, self._width)
         for index, per_prompt in enumerate(self.values):
             n_pos = int(self.task.clean_last[index]) + 1
             cache = self._prefix_cache(index, keep.shape[0])
@@ -235,7 +240,7 @@ class FeatureGraph:
             flat = [leaf for prompt_leaves in leaves for leaf in prompt_leaves.values()]
             grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
         scores = torch.zeros(len(self.node_ids), device=device)
-        width = max(int(last) + 1 for last in self.task.clean_last)
+        width = self._width
         for index, prompt_leaves in enumerate(leaves):
             contributions = {}
             for key, _leaf in prompt_leaves.items():

@@ -100,8 +100,8 @@ class SenderDiffs:
             per_copy = removed[:, :, :shared].reshape(self.copies, self.n, n_receivers, shared)
             prefix = self.prefix_diffs[:, :shared].reshape(self.n, shared, pos * d_model)
             out = total.view(self.copies, self.n, n_receivers, pos * d_model)
-            for copy in range(self.copies):
-                torch.bmm(per_copy[copy], prefix, out=out[copy])
+            for pattern in range(self.copies):
+                torch.bmm(per_copy[pattern], prefix, out=out[pattern])
             if own:
                 total.baddbmm_(removed[:, :, shared:], own_diffs)
         else:
