@@ -42,7 +42,7 @@ def main() -> None:
 
     from featcircuits import load_dictionaries, load_model
     from featcircuits.circuits import ContrastiveTask, FeatureGraph, acdc
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.patching.replacement import ReplacementModel
 
     model = load_model(args.model)
     replacement = ReplacementModel(model, load_dictionaries(args.dictionaries))

@@ -8,7 +8,7 @@ receivers / the secant downstream: featcircuits/circuits/receivers.py) and score
 compiled graph, trains SAEs on every residual site with the library's Trainer (random inputs of
 every length; best of ``--seeds`` runs per site by held-out FVU), and scores the feature circuit (ACDC, AtP
 and AtP-IG over feature and error nodes summed over positions) against the program's dataflow, per program
-variable and per label (see featcircuits/circuits/tracr_truth.py); ``--task-draws N`` rescores the feature
+variable and per label (see featcircuits/groundtruth/tracr_truth.py); ``--task-draws N`` rescores the feature
 circuits on N task draws with the same SAEs and prints each method's mean and minimum. ACDC runs twice:
 with the ACDC paper's metric for tracr (``--metric auto``: the squared distance to the clean output for a
 numerical output, KL to the clean distribution for a categorical one; a distance cannot cancel across
@@ -68,15 +68,15 @@ def main() -> None:
     from tracr.rasp import rasp
 
     from featcircuits.circuits import find_circuit, make_graph
-    from featcircuits.circuits.tracr import compile_tracr, tracr_program
-    from featcircuits.circuits.tracr_saes import train_residual_saes
-    from featcircuits.circuits.tracr_truth import (
+    from featcircuits.groundtruth.tracr_model import compile_tracr, tracr_program
+    from featcircuits.groundtruth.tracr_saes import train_residual_saes
+    from featcircuits.groundtruth.tracr_truth import (
         feature_truth_units,
         label_recovery,
         tracr_task,
         variable_truth_units,
     )
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.patching.replacement import ReplacementModel
 
     start = time.time()
     program, vocab, n = tracr_program(args.program, args.max_seq_len)

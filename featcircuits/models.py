@@ -2,8 +2,10 @@
 
 Three sources are accepted by :func:`load_model`:
 
-* a local Hugging Face checkpoint directory (Llama, GPT-2 and GPT-NeoX families), whose
-  ``config.json`` is mapped to a :class:`HookedTransformerConfig` here and whose tokenizer is read
+* a local Hugging Face checkpoint directory of a family in :mod:`featcircuits.model_families`
+  (GPT-2, GPT-NeoX/Pythia, Llama 2/3, Mistral, Qwen2, Qwen3, Gemma, Gemma-2, text-only Gemma-3), whose
+  ``config.json`` is mapped to a :class:`HookedTransformerConfig` the way TransformerLens maps that
+  architecture, whose weights go through TransformerLens' converter for it, and whose tokenizer is read
   from the same directory;
 * a ``HookedTransformerConfig`` (or a dict of its fields) for tiny test models;
 * any model name TransformerLens knows (needs a network or a filled Hugging Face cache).
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from featcircuits.model_families import FAMILIES, check_supported, complete_hf_config, family_for
+
 __all__ = [
     "load_model",
     "hf_config_to_hooked_config",
@@ -35,112 +39,31 @@ __all__ = [
 ]
 
 
-def _llama_config(hf: dict[str, Any]) -> dict[str, Any]:
-    n_heads = hf["num_attention_heads"]
-    d_head = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    n_kv = hf.get("num_key_value_heads") or n_heads
-    rope = hf.get("rope_parameters") or {}
-    return dict(
-        d_model=hf["hidden_size"],
-        d_head=d_head,
-        n_heads=n_heads,
-        n_key_value_heads=n_kv if n_kv != n_heads else None,
-        d_mlp=hf["intermediate_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
-        d_vocab=hf["vocab_size"],
-        eps=hf.get("rms_norm_eps", 1e-6),
-        act_fn=hf.get("hidden_act", "silu"),
-        normalization_type="RMS",
-        final_rms=True,
-        gated_mlp=True,
-        positional_embedding_type="rotary",
-        rotary_dim=d_head,
-        rotary_base=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
-        # HF Llama rotates (i, i + d_head/2) pairs, not adjacent ones.
-        rotary_adjacent_pairs=False,
-        original_architecture="LlamaForCausalLM",
-    )
-
-
-def _gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
-    d_model = hf["n_embd"]
-    return dict(
-        d_model=d_model,
-        d_head=d_model // hf["n_head"],
-        n_heads=hf["n_head"],
-        d_mlp=hf.get("n_inner") or 4 * d_model,
-        n_layers=hf["n_layer"],
-        n_ctx=hf["n_positions"],
-        d_vocab=hf["vocab_size"],
-        eps=hf.get("layer_norm_epsilon", 1e-5),
-        act_fn=hf.get("activation_function", "gelu_new"),
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        original_architecture="GPT2LMHeadModel",
-    )
-
-
-def _neox_config(hf: dict[str, Any]) -> dict[str, Any]:
-    n_heads = hf["num_attention_heads"]
-    d_head = hf["hidden_size"] // n_heads
-    rope = hf.get("rope_parameters") or {}
-    rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", 1.0))
-    return dict(
-        d_model=hf["hidden_size"],
-        d_head=d_head,
-        n_heads=n_heads,
-        d_mlp=hf["intermediate_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_ctx=hf.get("max_position_embeddings", 2048),
-        d_vocab=hf["vocab_size"],
-        eps=hf.get("layer_norm_eps", 1e-5),
-        act_fn=hf.get("hidden_act", "gelu"),
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        rotary_dim=int(rotary_pct * d_head),
-        rotary_base=float(hf.get("rotary_emb_base") or hf.get("rope_theta") or rope.get("rope_theta", 10000)),
-        rotary_adjacent_pairs=False,
-        parallel_attn_mlp=hf.get("use_parallel_residual", True),
-        original_architecture="GPTNeoXForCausalLM",
-    )
-
-
-_CONFIG_MAPPERS = {
-    "llama": _llama_config,
-    "gpt2": _gpt2_config,
-    "gpt_neox": _neox_config,
-}
-
-
 def hf_config_to_hooked_config(
     hf_config: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> HookedTransformerConfig:
-    """Map a Hugging Face ``config.json`` (as a dict) to a ``HookedTransformerConfig``."""
-    model_type = hf_config.get("model_type")
-    if model_type not in _CONFIG_MAPPERS:
-        raise ValueError(
-            f"config.json has model_type={model_type!r}; featcircuits loads local checkpoints of the "
-            f"{sorted(_CONFIG_MAPPERS)} families. Load other models by their TransformerLens name instead."
-        )
-    fields = _CONFIG_MAPPERS[model_type](hf_config)
+    """Map a Hugging Face ``config.json`` (as a dict) to a ``HookedTransformerConfig``.
+
+    The dict is first completed with its family's ``transformers`` defaults (so a field a checkpoint leaves out
+    reads as what the HF model computes with), then mapped by the family's function in
+    :mod:`featcircuits.model_families`. Raises a ``ValueError`` for a family featcircuits does not map and a
+    ``NotImplementedError`` when the installed transformer_lens cannot represent the family.
+    """
+    family = family_for(hf_config.get("model_type"))
+    fields = family.map_config(complete_hf_config(hf_config))
+    fields["original_architecture"] = family.architecture
     fields["tokenizer_prepends_bos"] = True
+    check_supported(family, fields)
     return HookedTransformerConfig(**fields, device=str(device), dtype=dtype)
 
 
 def _convert_weights(hf_model: torch.nn.Module, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
-    from transformer_lens.pretrained.weight_conversions import (
-        convert_gpt2_weights,
-        convert_llama_weights,
-        convert_neox_weights,
-    )
+    """TransformerLens' own converter for the family, unchanged (Gemma's embedding scale and 1 + w norms,
+    Qwen2's attention biases and the q/k norms all come from it)."""
+    from transformer_lens.pretrained import weight_conversions
 
-    converter = {
-        "LlamaForCausalLM": convert_llama_weights,
-        "GPT2LMHeadModel": convert_gpt2_weights,
-        "GPTNeoXForCausalLM": convert_neox_weights,
-    }[cfg.original_architecture]
-    return converter(hf_model, cfg)
+    family = next(f for f in FAMILIES.values() if f.architecture == cfg.original_architecture)
+    return getattr(weight_conversions, family.converter)(hf_model, cfg)
 
 
 def _load_local_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
@@ -152,6 +75,7 @@ def _load_local_checkpoint(path: Path, device: str | torch.device, dtype: torch.
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     state_dict = _convert_weights(hf_model, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    cfg.init_weights = False  # every parameter is overwritten from the checkpoint
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict,
@@ -219,7 +143,11 @@ def resid_post(layer: int) -> str:
 
 
 def mlp_in(layer: int) -> str:
-    """The normalised input the MLP of block ``layer`` reads (what a transcoder encodes)."""
+    """The normalised residual stream the MLP of block ``layer`` reads (what a transcoder encodes).
+
+    transformer_lens hooks the normalised vector before the norm's own elementwise weight (and LayerNorm's
+    bias): the MLP reads ``hook_normalized * ln2.w (+ ln2.b)``. Checkpoints loaded here keep those weights
+    unfolded, so a transcoder on this hook learns them as part of its encoder."""
     return f"blocks.{layer}.ln2.hook_normalized"
 
 

@@ -1,6 +1,6 @@
-"""The bundled model (pretrained/bundled): loads through featcircuits, matches transformers, has learned
-its corpus (held-out standard-library files), and its task skills on held-out prompts from
-train/bundled_model/eval_tasks.py.
+"""The bundled model (featcircuits/pretrained/bundled, package data): loads through featcircuits, matches
+transformers, has learned its corpus (held-out standard-library files), and its task skills on held-out
+prompts from train/bundled_model/eval_tasks.py.
 
 The shipped model (4000 steps, 16.4M tokens; its last 1000 steps mix in derived ``:param`` docstrings
 and synthetic repeated sequences, train/README.md) does the docstring task (top-1 0.66 on this file's
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 
+from featcircuits._resources import pretrained_path
 from train.bundled_model import eval_tasks
 from train.bundled_model.build_corpus import is_validation, stdlib_files
 
-BUNDLED = REPO_ROOT / "pretrained" / "bundled"
+BUNDLED = pretrained_path("bundled")  # where the library finds it
 TEST_SEED = 2  # docstring_task.json was drawn with seed 1; these prompts are different ones
 
 
@@ -121,8 +121,8 @@ def test_induction_competence(bundled):
 
 @pytest.mark.parametrize("name", ["docstring", "forwarding"])
 def test_task_files_are_right_on_clean(bundled, name):
-    """pretrained/bundled/{docstring,forwarding}_task.json (the demo's tasks) hold only pairs the model
-    gets right."""
+    """featcircuits/pretrained/bundled/{docstring,forwarding}_task.json (the demo's tasks) hold only pairs
+    the model gets right."""
     path = BUNDLED / f"{name}_task.json"
     task = json.loads(path.read_text())
     assert len(task) >= 40

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _replacement(model, widths: tuple[int, int]):
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.patching.replacement import ReplacementModel
 
     torch.manual_seed(0)
     d = model.cfg.d_model
@@ -197,7 +197,7 @@ def test_feature_edges_refuse_summed_positions_and_bad_limits(replacement, task)
 def test_feature_edges_do_not_depend_on_parameter_gradients_or_dictionary_precision(task, edges):
     # frozen parameters: the first site's receivers then depend on no leaf at all; float64 dictionaries
     from featcircuits import load_model
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.patching.replacement import ReplacementModel
 
     model = load_model(TINY_GPT2_CONFIG, seed=0)
     reference = _replacement(model, (48, 40))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def _replacement(model):
     """``model`` with a fresh 48-feature transcoder on layer 0's MLP and a 40-feature SAE on layer 1's input."""
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.patching.replacement import ReplacementModel
 
     torch.manual_seed(0)
     d = model.cfg.d_model

@@ -250,7 +250,7 @@ def test_per_head_queries_keys_values_match_the_blocks_own_norm_and_projections(
     for every norm transformer_lens builds (folded LayerNorm included) and none."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from featcircuits.circuits.head_inputs import head_qkv
+    from featcircuits.patching.head_inputs import head_qkv
 
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(
@@ -318,7 +318,7 @@ def test_rotary_at_given_positions_matches_transformer_lens(adjacent_pairs):
     with both pairings and a rotary dimension smaller than the head."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from featcircuits.circuits.attention import rotate
+    from featcircuits.patching.attention import rotate
 
     model = HookedTransformer(HookedTransformerConfig(
         n_layers=1, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=11, act_fn="silu",

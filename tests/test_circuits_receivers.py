@@ -17,8 +17,8 @@ def test_receiver_changes_match_a_hand_written_edge_ablation(name, request):
     """Grouped-query attention, rotary, RMSNorm (tiny_llama) and per-head attn_in, LayerNorm (tiny_gpt2): the
     batched receiver rerun gives each receiver's output under the one-edge ablation that a plain hooked
     forward gives; edges into the logits score their exact effect."""
-    from featcircuits.circuits.components import _edge_hooks_enabled, _head_input_hooks
     from featcircuits.circuits.receivers import receiver_changes
+    from featcircuits.patching.edge_hooks import edge_hooks_enabled, head_input_hooks
 
     model = request.getfixturevalue(name)
     graph = ComponentGraph(model, random_token_task(model, 3, 5, 1), ablation="patch", max_copies=4)
@@ -40,9 +40,9 @@ def test_receiver_changes_match_a_hand_written_edge_ablation(name, request):
         captured[hook.name] = x.detach()
         return x
 
-    with torch.no_grad(), _edge_hooks_enabled(model):
+    with torch.no_grad(), edge_hooks_enabled(model):
         model.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
-            *[(hook, remove_from_head) for hook in _head_input_hooks(model, layer)],
+            *[(hook, remove_from_head) for hook in head_input_hooks(model, layer)],
             (f"blocks.{layer}.attn.hook_result", capture)])
         model.run_with_hooks(graph.task.clean_tokens, fwd_hooks=[
             (f"blocks.{layer}.hook_mlp_in", remove_from_mlp), (f"blocks.{layer}.hook_mlp_out", capture)])
@@ -75,8 +75,8 @@ def test_exact_receivers_see_through_saturated_attention_and_mlps():
     exact one-edge ablation effect (plain AtP: 1e-7 for one of -0.094). hist: the secant also sees through
     the saturated MLP after the head (ROC 1.0; plain AtP 0.75)."""
     pytest.importorskip("tracr")
-    from featcircuits.circuits.tracr import compile_tracr, tracr_program
-    from featcircuits.circuits.tracr_truth import tracr_task
+    from featcircuits.groundtruth.tracr_model import compile_tracr, tracr_program
+    from featcircuits.groundtruth.tracr_truth import tracr_task
 
     for name in ("frac_prevs", "hist"):
         tm = compile_tracr(*tracr_program(name))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featcircuits.circuits import Circuit, ContrastiveTask, load_task, roc_auc
-from featcircuits.circuits.evaluate import area_under
+from featcircuits.circuits.evaluation import area_under
 from featcircuits.circuits.tasks import is_distance, kl_to_clean, l2_to_clean, logit_diff, prob_diff
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -14,7 +14,7 @@ tracr = pytest.importorskip("tracr")
 
 @pytest.fixture(scope="module")
 def frac_prevs():
-    from featcircuits.circuits.tracr import compile_tracr, tracr_program
+    from featcircuits.groundtruth.tracr_model import compile_tracr, tracr_program
 
     return compile_tracr(*tracr_program("frac_prevs"))
 
@@ -22,8 +22,8 @@ def frac_prevs():
 def test_tracr_programs_compile_and_component_circuits_match_the_compiled_graph(frac_prevs):
     from tracr.rasp import rasp
 
-    from featcircuits.circuits.tracr import compile_tracr, tracr_program
-    from featcircuits.circuits.tracr_truth import tracr_task
+    from featcircuits.groundtruth.tracr_model import compile_tracr, tracr_program
+    from featcircuits.groundtruth.tracr_truth import tracr_task
 
     for name in ("frac_prevs", "reverse"):
         program, vocab, n = tracr_program(name)
@@ -43,7 +43,7 @@ def test_tracr_programs_compile_and_component_circuits_match_the_compiled_graph(
 
 
 def test_tracr_source_serves_every_length_as_the_model_computes_it(frac_prevs):
-    from featcircuits.circuits.tracr_saes import TracrSource
+    from featcircuits.groundtruth.tracr_saes import TracrSource
 
     hook = "blocks.1.hook_resid_pre"
     source = TracrSource(frac_prevs, [hook], inputs_per_length=3, seed=5)
@@ -76,9 +76,9 @@ def _label_dictionary(tm, hook: str, rows: torch.Tensor) -> Dictionary:
 def test_truth_units_score_perfectly_with_the_labelled_directions_themselves(frac_prevs):
     """The ground-truth definition checked by interventions: with dictionaries whose features ARE the
     labelled directions, ablating exactly the labels the program reads is what moves the output."""
-    from featcircuits.circuits.tracr_saes import TracrSource, residual_sites
-    from featcircuits.circuits.tracr_truth import tracr_task, variable_truth_units
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.groundtruth.tracr_saes import TracrSource, residual_sites
+    from featcircuits.groundtruth.tracr_truth import tracr_task, variable_truth_units
+    from featcircuits.patching.replacement import ReplacementModel
 
     hooks = residual_sites(frac_prevs)
     rows = TracrSource(frac_prevs, hooks, inputs_per_length=16).next_chunk()
@@ -95,9 +95,9 @@ def test_saes_trained_on_the_residual_stream_recover_the_program_dataflow(frac_p
     (an L1 SAE centres each variable, cosine ~0.87 for a value of a 5-valued variable), and the AtP feature
     circuit, and ACDC's under the squared distance to the clean output (ACDC's own metric for this program),
     rank the variables the program reads above those it does not."""
-    from featcircuits.circuits.tracr_saes import train_residual_saes
-    from featcircuits.circuits.tracr_truth import label_recovery, tracr_task, variable_truth_units
-    from featcircuits.graph.replacement import ReplacementModel
+    from featcircuits.groundtruth.tracr_saes import train_residual_saes
+    from featcircuits.groundtruth.tracr_truth import label_recovery, tracr_task, variable_truth_units
+    from featcircuits.patching.replacement import ReplacementModel
 
     saes, info = train_residual_saes(frac_prevs, steps=600, seeds=(0,))
     assert max(info["fvu"].values()) < 0.05

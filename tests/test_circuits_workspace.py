@@ -2,7 +2,7 @@
 
 import torch
 
-from featcircuits.circuits.workspace import Workspace
+from featcircuits.patching.workspace import Workspace
 
 
 def test_workspace_reuses_a_role_buffer_and_keeps_nothing_past_its_budget():

@@ -60,7 +60,7 @@ def transcoder_dir(transcoders, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo(stories_model, transcoders, tmp_path_factory):
-    from featcircuits.demo import run_demo
+    from featcircuits.pipeline.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "report"
     return run_demo(stories_model, transcoders, out=out, max_pairs=2, max_feature_nodes=48, n_sizes=4,
@@ -82,7 +82,7 @@ def _logit_diffs(model, pairs, which: str, fwd_hooks=()) -> torch.Tensor:
 
 def test_names_task_is_within_stories260k_competence(stories_model):
     """The built-in task: stories260k repeats the dog's name it saw earlier, and a swapped name flips it."""
-    from featcircuits.demo import builtin_task_pairs
+    from featcircuits.pipeline.demo import builtin_task_pairs
 
     pairs = builtin_task_pairs("names", stories_model)
     assert len(pairs) >= 2
@@ -169,8 +169,8 @@ def test_report_files(demo):
 
 
 def test_cli_with_model_dictionaries_prompt_and_task_file(stories_path, transcoder_dir, tmp_path, capsys):
-    from featcircuits.demo import builtin_task_pairs
     from featcircuits.models import load_model
+    from featcircuits.pipeline.demo import builtin_task_pairs
 
     pairs = builtin_task_pairs("names", load_model(stories_path))[-1:]
     task = tmp_path / "task.json"
@@ -191,7 +191,7 @@ def test_cli_with_model_dictionaries_prompt_and_task_file(stories_path, transcod
 
 
 def test_no_arguments_without_the_bundled_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    import featcircuits.demo as demo_module
+    import featcircuits.pipeline.demo as demo_module
 
     monkeypatch.setattr(demo_module, "BUNDLED_DIR", tmp_path / "bundled")
     out = tmp_path / "report"
@@ -199,6 +199,7 @@ def test_no_arguments_without_the_bundled_model_is_a_clear_error(monkeypatch, tm
     error = capsys.readouterr().err
     assert "config.json" in error and "transcoders" in error and "forwarding_task.json" in error
     assert "python -m train.bundled_model.train_model" in error and "featcircuits train" in error
+    assert "--out featcircuits/pretrained/bundled " in error  # the recipes write the package data
     assert not out.exists()  # nothing pretended
 
 
@@ -206,7 +207,7 @@ def test_no_arguments_runs_on_the_bundled_model_and_its_transcoders(tmp_path, ca
     """The README's main command: offline, the bundled model, its shipped transcoders and its docstring
     task. The full-model end of the metric is the bundled model's own logit difference on those pairs."""
     from featcircuits import load_model
-    from featcircuits.demo import BUNDLED_DIR
+    from featcircuits.pipeline.demo import BUNDLED_DIR
 
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
@@ -235,7 +236,7 @@ def test_dictionaries_for_another_model(stories_path, tmp_path, capsys):
 
 
 def test_empty_prompt_and_half_given_inputs(stories_model, transcoders, tmp_path, capsys):
-    from featcircuits.demo import run_demo
+    from featcircuits.pipeline.demo import run_demo
 
     with pytest.raises(ValueError, match="prompt is empty"):
         run_demo(stories_model, transcoders, prompt="  \n", out=tmp_path / "a")

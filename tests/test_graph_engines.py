@@ -9,7 +9,7 @@ from test_graph_attribution import PROMPT, attn_sae, make_dictionary, mlp_transc
 
 from featcircuits import load_model
 from featcircuits.graph import ReplacementModel, build_graph, verify
-from featcircuits.graph.linear_backward import unsupported_reason
+from featcircuits.patching.linear_backward import unsupported_reason
 
 
 def assert_same_graph(model, dictionaries, prompt, **kw):

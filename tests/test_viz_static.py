@@ -147,7 +147,7 @@ def test_circuit_adapter_feature_and_component_circuits():
 
     empty = graph_payload(circuit_to_graph_json(Circuit("atp", "nodes", heads, [0.0] * 5)))
     assert empty["nodes"] == [] and empty["links"] == []
-    with pytest.raises(ValueError, match="neither a component id"):
+    with pytest.raises(ValueError, match="'what' cannot be drawn: 'what' is not a node id"):
         circuit_to_graph_json(Circuit("atp", "nodes", ["what"], [1.0], nodes=["what"]))
-    with pytest.raises(ValueError, match="is not a feature index"):
+    with pytest.raises(ValueError, match="'mlp0:x' is not a node id"):
         circuit_to_graph_json(Circuit("atp", "nodes", ["mlp0:x"], [1.0], nodes=["mlp0:x"]))

@@ -1,11 +1,11 @@
 """Circuit discovery: contrastive tasks and metrics, component and feature nodes, batched ablations,
 attribution patching (AtP, AtP-IG), ACDC, the Circuit type and its evaluation."""
 
-from .acdc import acdc
+from .acdc_search import acdc
 from .circuit import Circuit
 from .components import ComponentGraph
 from .discovery import evaluate, find_circuit, make_graph
-from .evaluate import evaluate_circuit, roc_auc
+from .evaluation import evaluate_circuit, roc_auc
 from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .tasks import METRICS, ContrastiveTask, load_task

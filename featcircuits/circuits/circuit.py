@@ -13,6 +13,15 @@ from ..dictionaries.io.common import atomic_path
 __all__ = ["Circuit"]
 
 FORMAT_VERSION = 1
+MEASURED_IN = ("model", "live replacement", "frozen local replacement", "attribution graph")
+
+
+def _measured_in_of_old_file(data: dict[str, Any]) -> str:
+    """Files written before ``measured_in`` existed: feature ids (``site:...``) were measured in the live
+    replacement model (nodes) or the frozen local one (edges), component ids in the model."""
+    if not any(":" in node for node in data["node_ids"]):
+        return "model"
+    return "live replacement" if data["level"] == "nodes" else "frozen local replacement"
 
 
 @dataclass
@@ -22,7 +31,11 @@ class Circuit:
     ``node_scores[i]`` scores ``node_ids[i]`` (larger magnitude = more important); likewise for edges,
     which are ``(sender, receiver)`` id pairs. ``nodes``/``edges`` are the selected circuit. ``level`` is
     ``"nodes"`` or ``"edges"``: which set the method scored and ablates. ``evaluation`` holds the
-    faithfulness curve once :func:`featcircuits.evaluate` has run.
+    faithfulness curve once :func:`featcircuits.evaluate` has run. ``measured_in`` names the model the
+    scores and ablations ran in (:data:`MEASURED_IN`): ``"model"`` (heads and MLPs of the model itself),
+    ``"live replacement"`` (feature nodes: features downstream of an ablation recomputed from their
+    changed inputs), ``"frozen local replacement"`` (feature edges: the clean run's attention patterns and
+    norm scales, the linear graph's edges), or ``"attribution graph"`` (a pruned graph, not yet measured).
     """
 
     method: str
@@ -35,6 +48,13 @@ class Circuit:
     edges: list[tuple[str, str]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    measured_in: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.measured_in not in MEASURED_IN:
+            raise ValueError(f"measured_in={self.measured_in!r}; choose one of {MEASURED_IN}.")
+        if self.level not in ("nodes", "edges"):
+            raise ValueError(f"level={self.level!r}; a circuit is scored at 'nodes' or 'edges'.")
 
     # -- selection ----------------------------------------------------------------------------
 
@@ -68,7 +88,7 @@ class Circuit:
             touched = {node for edge in edges for node in edge}
             nodes = [n for n in self.node_ids if n in touched]
         return Circuit(self.method, self.level, self.node_ids, self.node_scores, self.edge_ids, self.edge_scores,
-                       nodes, edges, {**self.params, "selection": how}, {})
+                       nodes, edges, {**self.params, "selection": how}, {}, self.measured_in)
 
     def top_k(self, k: int) -> Circuit:
         """The ``k`` units with the largest |score|."""
@@ -91,7 +111,7 @@ class Circuit:
             "node_ids": self.node_ids, "node_scores": clean(self.node_scores),
             "edge_ids": [list(e) for e in self.edge_ids], "edge_scores": clean(self.edge_scores),
             "nodes": self.nodes, "edges": [list(e) for e in self.edges],
-            "params": self.params, "evaluation": self.evaluation,
+            "params": self.params, "evaluation": self.evaluation, "measured_in": self.measured_in,
         }
 
     @classmethod
@@ -105,7 +125,8 @@ class Circuit:
 
         return cls(data["method"], data["level"], list(data["node_ids"]), scores(data["node_scores"]),
                    [tuple(e) for e in data["edge_ids"]], scores(data["edge_scores"]), list(data["nodes"]),
-                   [tuple(e) for e in data["edges"]], dict(data["params"]), dict(data["evaluation"]))
+                   [tuple(e) for e in data["edges"]], dict(data["params"]), dict(data["evaluation"]),
+                   data.get("measured_in") or _measured_in_of_old_file(data))
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temporary file, then rename)."""
@@ -122,4 +143,5 @@ class Circuit:
 
     def __repr__(self) -> str:
         return (f"Circuit(method={self.method!r}, level={self.level!r}, nodes={len(self.nodes)}/"
-                f"{len(self.node_ids)}, edges={len(self.edges)}/{len(self.edge_ids)})")
+                f"{len(self.node_ids)}, edges={len(self.edges)}/{len(self.edge_ids)}, "
+                f"measured_in={self.measured_in!r})")

@@ -18,63 +18,23 @@ window of changed positions); other architectures, and the straightforward evalu
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from .ablation import ablation_value, check_ablation, mix, repeat_copies
-from .attention import own_blocks_supported
-from .head_inputs import HeadInputHooks, shared_head_inputs_supported
-from .own_blocks import OwnBlocks
+from ..nodes import Node
+from ..patching.ablation import ablation_value, check_ablation, mix, repeat_copies
+from ..patching.attention import keys_values_as_cached, own_blocks_supported, prefix_keys_reproducible
+from ..patching.edge_hooks import edge_hooks_enabled, head_input_hooks
+from ..patching.head_inputs import HeadInputHooks, shared_head_inputs_supported
+from ..patching.logits import logits_from_resid
+from ..patching.own_blocks import OwnBlocks
+from ..patching.sender_diffs import SenderDiffs
+from ..patching.windows import first_differences, frozen_prefix_cache
 from .receivers import check_receivers, exact_edge_scores
-from .sender_diffs import SenderDiffs
 from .tasks import ContrastiveTask, get_metric
-from .windows import first_differences, frozen_prefix_cache
 
 __all__ = ["ComponentGraph"]
-
-
-def _grouped(model) -> bool:
-    return model.cfg.n_key_value_heads is not None and model.cfg.n_key_value_heads != model.cfg.n_heads
-
-
-def _head_input_hooks(model, layer: int) -> list[str]:
-    """Per-head input hooks of a layer. Grouped-query attention has no per-head ``hook_attn_in``, so its
-    query, key and value inputs are hooked separately, with key/value heads ungrouped (one per query head)."""
-    if _grouped(model):
-        return [f"blocks.{layer}.hook_{kind}_input" for kind in ("q", "k", "v")]
-    return [f"blocks.{layer}.hook_attn_in"]
-
-
-@contextmanager
-def _edge_hooks_enabled(model, attn_result: bool = True, per_head_inputs: bool = True):
-    """``hook_mlp_in``, key/value heads ungrouped, and where asked per-head outputs (``hook_result``) and
-    per-head residual inputs. transformer_lens builds per-head outputs as a ``[batch, pos, head, d_head,
-    d_model]`` product, the largest tensor of the forward, so code that only reads them computes them from
-    ``hook_z``; code that only sets head inputs can set ``hook_q/k/v`` instead (:mod:`.head_inputs`)."""
-    cfg = model.cfg
-    saved = (cfg.use_attn_result, cfg.use_attn_in, cfg.use_split_qkv_input, cfg.use_hook_mlp_in,
-             cfg.ungroup_grouped_query_attention)
-    model.set_use_attn_result(attn_result)
-    if _grouped(model):
-        cfg.ungroup_grouped_query_attention = True
-        model.set_use_split_qkv_input(per_head_inputs)
-    else:
-        model.set_use_attn_in(per_head_inputs)
-    if not cfg.attn_only:  # (attention-only models have no MLP input to hook)
-        model.set_use_hook_mlp_in(True)
-    try:
-        yield
-    finally:
-        model.set_use_attn_result(saved[0])
-        if _grouped(model):
-            model.set_use_split_qkv_input(saved[2])
-            cfg.ungroup_grouped_query_attention = saved[4]
-        else:
-            model.set_use_attn_in(saved[1])
-        if not cfg.attn_only:
-            model.set_use_hook_mlp_in(saved[3])
 
 
 class ComponentGraph:
@@ -93,6 +53,8 @@ class ComponentGraph:
             over the whole model through transformer_lens's hooks (the straightforward evaluator).
     """
 
+    measured_in = "model"  # the model its ablations run in (Circuit.measured_in)
+
     def __init__(self, model, task: ContrastiveTask, ablation: str = "patch",
                  metric: str | Callable = "logit_diff", max_copies: int = 64, skip_clean_prefix: bool = True) -> None:
         self.model, self.task, self.ablation = model, task, check_ablation(ablation)
@@ -103,22 +65,22 @@ class ComponentGraph:
         self.has_mlp = not cfg.attn_only
         self.node_ids: list[str] = []
         for layer in range(self.n_layers):
-            self.node_ids += [f"L{layer}.H{head}" for head in range(self.n_heads)]
+            self.node_ids += [Node("head", layer=layer, head=head).id for head in range(self.n_heads)]
             if self.has_mlp:
-                self.node_ids.append(f"L{layer}.MLP")
+                self.node_ids.append(Node("mlp", layer=layer).id)
         self.per_layer = self.n_heads + int(self.has_mlp)
-        self.sender_ids = ["embed", *self.node_ids]
+        self.sender_ids = [Node("embedding").id, *self.node_ids]
         # Edges grouped by receiver in topological order; each receiver reads a prefix of the senders.
         self.edge_ids: list[tuple[str, str]] = []
         # (input hooks, first edge, n receivers, n senders)
         self._receiver_groups: list[tuple[list[str], int, int, int]] = []
         for layer in range(self.n_layers):
             n_senders = 1 + layer * self.per_layer
-            self._add_receivers(_head_input_hooks(model, layer), [f"L{layer}.H{h}" for h in range(self.n_heads)],
+            self._add_receivers(head_input_hooks(model, layer), [Node("head", layer=layer, head=h).id for h in range(self.n_heads)],
                                 n_senders)
             if self.has_mlp:
-                self._add_receivers([f"blocks.{layer}.hook_mlp_in"], [f"L{layer}.MLP"], n_senders + self.n_heads)
-        self._add_receivers([f"blocks.{self.n_layers - 1}.hook_resid_post"], ["logits"], len(self.sender_ids))
+                self._add_receivers([f"blocks.{layer}.hook_mlp_in"], [Node("mlp", layer=layer).id], n_senders + self.n_heads)
+        self._add_receivers([f"blocks.{self.n_layers - 1}.hook_resid_post"], [Node("logits").id], len(self.sender_ids))
         self.forwards = 0
         with torch.no_grad():
             self.clean_last = task.last_logits(self._run(task.clean_tokens, []))[0]
@@ -164,14 +126,12 @@ class ComponentGraph:
     def _metric_from_last(self, final: torch.Tensor) -> torch.Tensor:
         """The metric ``[copies]`` from the residual stream after the last block at each prompt's last token,
         ``[copies, n, d_model]``."""
-        model = self.model
-        if model.cfg.normalization_type is not None:
-            final = model.ln_final(final)
-        logits = model.unembed(final)
-        cap = getattr(model.cfg, "output_logits_soft_cap", None)
-        if cap is not None and cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+        logits = logits_from_resid(self.model, final)
         return self.metric_fn(self.task, logits, self.clean_last)
+
+    def _lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real positions ``[n]`` of each clean and each corrupt prompt (the rest is padding)."""
+        return self.task.clean_last + 1, self.task.corrupt_last + 1
 
     def node_values(self) -> dict[str, torch.Tensor]:
         """Clean and ablated ``hook_z`` ``[n, pos, head, d_head]`` and ``hook_mlp_out`` per layer."""
@@ -189,7 +149,7 @@ class ComponentGraph:
             for name in names:
                 self._node_values[name] = clean[name]
                 self._node_values[name + ".ablated"] = ablation_value(
-                    self.ablation, clean[name], None if corrupt is None else corrupt[name])
+                    self.ablation, clean[name], None if corrupt is None else corrupt[name], *self._lengths())
         return self._node_values
 
     def _sender_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +173,7 @@ class ComponentGraph:
                     parts.append(value.permute(0, 2, 1, 3) if value.dim() == 4 else value.unsqueeze(1))
                 return torch.cat(parts, dim=1)
 
-            with torch.no_grad(), _edge_hooks_enabled(self.model):
+            with torch.no_grad(), edge_hooks_enabled(self.model):
                 _, cache = self.model.run_with_cache(self.task.clean_tokens,
                                                      names_filter=names + z_names + kv_names + resid_names
                                                      + mlp_in_names + [final_name])
@@ -222,8 +182,11 @@ class ComponentGraph:
                 self._clean_mlp_in = [cache[name] for name in mlp_in_names]  # receivers' inputs (exact receivers)
                 self._clean_final = cache[final_name]
                 clean_z = [cache[name] for name in z_names]  # [n, pos, head, d_head] each
-                # keys and values before rotary, key/value heads ungrouped: [n, pos, head, d_head]
-                self._clean_kv = [(cache[f"blocks.{layer}.attn.hook_k"], cache[f"blocks.{layer}.attn.hook_v"])
+                # keys and values before rotary, as the key-value cache holds them (q/k norms applied), key/value
+                # heads ungrouped: [n, pos, head, d_head]
+                self._clean_kv = [keys_values_as_cached(self.model.blocks[layer].attn,
+                                                        cache[f"blocks.{layer}.attn.hook_k"],
+                                                        cache[f"blocks.{layer}.attn.hook_v"])
                                   for layer in range(self.n_layers)]
                 corrupt, corrupt_z = None, [None] * self.n_layers
                 if self.ablation == "patch":
@@ -231,10 +194,10 @@ class ComponentGraph:
                     corrupt = stack(cache)
                     corrupt_z = [cache[name] for name in z_names]
             # heads' ablated z: a head's ablated output is its ablated z times W_O under every ablation
-            self._ablated_z = [ablation_value(self.ablation, clean_z[layer], corrupt_z[layer])
+            self._ablated_z = [ablation_value(self.ablation, clean_z[layer], corrupt_z[layer], *self._lengths())
                                for layer in range(self.n_layers)]
             self.forwards += 1 + int(corrupt is not None)
-            self._sender_values = (clean, ablation_value(self.ablation, clean, corrupt))
+            self._sender_values = (clean, ablation_value(self.ablation, clean, corrupt, *self._lengths(), pos_dim=2))
         return self._sender_values
 
     # -- node ablation ------------------------------------------------------------------------
@@ -331,7 +294,8 @@ class ComponentGraph:
         output equals its ablation there, so no edge removal changes anything). Their keys and values are
         read from the clean run; the forward runs the later positions only."""
         if (self.ablation != "patch" or not self.skip_clean_prefix
-                or self.model.cfg.positional_embedding_type == "shortformer"):
+                or self.model.cfg.positional_embedding_type == "shortformer"
+                or not prefix_keys_reproducible(self.model)):
             return 0
         task = self.task
         return int(first_differences(task.clean_tokens, task.corrupt_tokens, task.clean_last).min())
@@ -416,11 +380,11 @@ class ComponentGraph:
             layer = int(names[0].split(".")[1])
             if layer < start_layer:
                 continue
-            if shared_inputs and names == _head_input_hooks(self.model, layer):  # this layer's heads
+            if shared_inputs and names == head_input_hooks(self.model, layer):  # this layer's heads
                 hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
             else:
                 hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
-        with _edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
+        with edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
             if prefix == 0:
                 return self._run_to_metric(self._tokens(copies), hooks)
             resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
@@ -469,7 +433,7 @@ class ComponentGraph:
             if self.has_mlp:
                 hooks.append((f"blocks.{layer}.hook_mlp_out", move(start + self.n_heads, 1)))
         hooks += [(hook, watch) for names, *_ in self._receiver_groups for hook in names]
-        with torch.enable_grad(), _edge_hooks_enabled(self.model):
+        with torch.enable_grad(), edge_hooks_enabled(self.model):
             total = self._score(self._run(self._tokens(steps), hooks)).sum() / steps
             names = list(receiver_inputs)
             target_grad, *input_grads = torch.autograd.grad(total, [targets] + [receiver_inputs[n] for n in names])

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from .acdc import acdc, check_tau
+from .acdc_search import acdc, check_tau
 from .circuit import Circuit
 from .components import ComponentGraph
-from .evaluate import evaluate_circuit
+from .evaluation import evaluate_circuit
 from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
 from .receivers import check_receivers
@@ -36,7 +36,7 @@ def make_graph(model: Any, task: Any, dictionaries: Any = None, ablation: str = 
                sites: Sequence[str] | None = None, max_copies: int = 64) -> ComponentGraph | FeatureGraph:
     """The patchable graph a method runs on: feature/error nodes when dictionaries are given (a list of
     ``Dictionary`` or a ``ReplacementModel`` as ``model``), else heads and MLPs."""
-    from ..graph.replacement import ReplacementModel
+    from ..patching.replacement import ReplacementModel
 
     if isinstance(model, ReplacementModel):
         replacement = model
@@ -184,8 +184,9 @@ def find_circuit(
             params["prefilter"] = prefilter
         result = acdc(run, list(reversed(range(n_units))), n_units, tau, batch_size=batch_size,
                       initial_keep=initial, reference_gap=gap, predicted_keep=estimate >= tau * gap,
-                      # edges into nodes that left the circuit are free only if every edge is a candidate
-                      edges=graph.edge_ids if level == "edges" and getattr(graph, "complete", True) else None)
+                      # edges into nodes that left the circuit are free only if every edge is a candidate and
+                      # no activation couples features (see FeatureEdgeGraph.free_removals)
+                      edges=graph.edge_ids if level == "edges" and getattr(graph, "free_removals", True) else None)
         scores = result.scores.clone()
         if initial is not None:
             scores[~initial] = 0.0  # never tried: the pre-filter judged them unimportant
@@ -194,7 +195,8 @@ def find_circuit(
     params["forwards"] = graph.forwards - forwards_before
     score_list = [float(s) for s in scores]
     circuit = Circuit(method, level, list(graph.node_ids), score_list if level == "nodes" else None,
-                      list(graph.edge_ids), score_list if level == "edges" else None, params=params)
+                      list(graph.edge_ids), score_list if level == "edges" else None, params=params,
+                      measured_in=graph.measured_in)
     circuit = circuit._with_selection(sorted(chosen.tolist()), {"tau": tau} if top_k is None else {"top_k": top_k})
     circuit.params.update(params)
     circuit.graph = graph  # not saved; lets evaluate() reuse the graph
@@ -204,7 +206,7 @@ def find_circuit(
 def evaluate(circuit: Circuit, graph: ComponentGraph | FeatureGraph | FeatureEdgeGraph | None = None,
              sizes: Sequence[int] | None = None) -> dict[str, Any]:
     """Faithfulness, completeness, the size sweep curve, CPR and CMD of ``circuit`` (see
-    :func:`featcircuits.circuits.evaluate.evaluate_circuit`). ``graph`` defaults to the one the circuit
+    :func:`featcircuits.circuits.evaluation.evaluate_circuit`). ``graph`` defaults to the one the circuit
     was found on."""
     graph = graph if graph is not None else getattr(circuit, "graph", None)
     if graph is None:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import torch
 
+from ..nodes import Node
+from ..patching.direct_effects import DirectEffects
+from ..patching.logits import unembed
 from .features import FeatureGraph
 from .tasks import is_distance
 
 __all__ = ["FeatureEdgeGraph"]
 
-LOGITS = "logits"
+LOGITS = Node("logits").id
 # Under a distance metric the gradient at the clean run is zero, so candidate edges are ranked by AtP-IG
 # with this many points instead of by AtP.
 DISTANCE_RANKING_STEPS = 8
@@ -40,14 +43,20 @@ class FeatureEdgeGraph:
             a distance metric; all edges with a non-zero weight when None). Edges left out always stay in
             the model.
         chunk: receivers whose weights one batched backward pass computes.
+        engine: how edge weights are taken (:class:`featcircuits.patching.direct_effects.DirectEffects`):
+            ``"linear"`` (the frozen model's transpose, as ``build_graph``), ``"autograd"``, or ``"auto"``.
 
     Attributes:
         edge_ids: ``(sender node id, receiver node id or "logits")`` in topological order of receivers.
-        complete: every non-zero edge is a candidate (ACDC may then decide edges into nodes that left the
-            circuit without a forward).
+        complete: every non-zero edge is a candidate.
+        free_removals: ``complete`` and every dictionary's activation elementwise: ACDC may then remove edges
+            into nodes that left the circuit without a forward.
     """
 
-    def __init__(self, nodes: FeatureGraph, max_edges: int | None = None, chunk: int = 64) -> None:
+    measured_in = "frozen local replacement"  # the model its ablations run in (Circuit.measured_in)
+
+    def __init__(self, nodes: FeatureGraph, max_edges: int | None = None, chunk: int = 64,
+                 engine: str = "auto") -> None:
         if nodes.positions != "each":
             raise ValueError("Feature edges connect nodes at positions; build the FeatureGraph with "
                              "positions='each' (positions='sum' has no per-position edges).")
@@ -70,7 +79,15 @@ class FeatureEdgeGraph:
         self._index_nodes()
         self._clean_runs = [self.rm.clean_run(nodes._prompt(i)) for i in range(len(self.task))]
         self.forwards += len(self.task)
+        # the linear graph's edge weights, per prompt: the frozen model's transpose where it runs the model
+        self._effects = [DirectEffects(self.rm, clean, engine) for clean in self._clean_runs]
+        self.engine = self._effects[0].engine
         self._collect_edges(max_edges)
+        # ACDC may remove an edge into a feature that feeds nothing kept without measuring it only if no
+        # other feature reads that feature's pre-activation: not under TopK, whose top k depend on every one
+        self.free_removals = self.complete and all(
+            getattr(site.dictionary.activation, "elementwise", False)
+            for site in self.rm.sites if site.dictionary is not None)
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -119,34 +136,19 @@ class FeatureEdgeGraph:
         stream at dimensions ``final_dims``) of every node: ``[rows, n_nodes]``, per unit of a feature's
         activation, and for an error node its whole ablation (ablated minus clean error term)."""
         clean = self._clean_runs[index]
-        rm = self.rm
         rows = len(final_dims) if receivers is None else len(receivers)
         weights = torch.zeros(rows, len(self.node_ids))
         if receivers is not None and not (self._pos[receivers] < clean.n_pos).any():
             return weights  # every receiver lies past this prompt's end
-        feature_leaves = {name: acts.expand(rows, -1, -1).clone().requires_grad_()
-                          for name, acts in clean.feature_acts.items()}
-        error_leaves = {name: err.expand(rows, -1, -1).clone().requires_grad_() for name, err in clean.errors.items()}
-        with torch.enable_grad():
-            out = rm.run(clean.tokens, clean=clean, feature_acts=feature_leaves, errors=error_leaves,
-                         batch_size=rows, return_acts=receivers is not None, compute_logits=False)
-            if receivers is None:
-                objective = out.final[:, -1, final_dims.to(out.final.device)].diagonal().sum()
-            else:
-                objective = out.final.new_zeros(())
-                row = torch.arange(rows)
-                inside = self._pos[receivers] < clean.n_pos  # receivers past a shorter prompt get no weights
-                for site_index in self._site[receivers].unique().tolist():
-                    name = rm.sites[site_index].name
-                    here = (self._site[receivers] == site_index) & inside
-                    pick = receivers[here]
-                    objective = objective + out.pre_acts[name][row[here], self._pos[pick], self._feat[pick]].sum()
-            self.forwards += 1
-            if not objective.requires_grad:
-                return weights  # no node reaches these receivers (e.g. the first site's)
-            leaves = [*feature_leaves.values(), *error_leaves.values()]
-            grads = dict(zip([*feature_leaves, *("error:" + k for k in error_leaves)],
-                             torch.autograd.grad(objective, leaves, allow_unused=True), strict=True))
+        if receivers is None:
+            grads = self._effects[index].grads(None, final_dims)
+        else:
+            inside = self._pos[receivers] < clean.n_pos  # receivers past a shorter prompt get no weights
+            pos = torch.where(inside, self._pos[receivers], torch.zeros_like(receivers))
+            grads = self._effects[index].grads((self._site[receivers], pos, self._feat[receivers]))
+            # rows of receivers outside the prompt: zeroed (their seed sat at position 0 only to keep shapes)
+            grads = {name: grad * inside.to(grad.device, grad.dtype).view(-1, 1, 1) for name, grad in grads.items()}
+        self.forwards += 1
         _, error_delta = self._sender_delta(index)
         for key, site, start, pos, feats in self.nodes._site_units:
             grad = grads.get(site if key.startswith("feat:") else "error:" + site)
@@ -185,7 +187,7 @@ class FeatureEdgeGraph:
         with torch.enable_grad():
             out = self.rm.run(clean.tokens, clean=clean, errors=errors, batch_size=steps,
                               features_from_inputs=features, compute_logits=False)
-            logits = self.rm.model.unembed((out.final[:, -1] + final_shift)[:, None])[:, 0]
+            logits = unembed(self.rm.model, out.final[:, -1] + final_shift)
             metric = self._prompt_metric(index, logits).sum() / steps
             grads = torch.autograd.grad(metric, [*shifts.values(), final_shift])
         self.forwards += 1
@@ -318,7 +320,7 @@ class FeatureEdgeGraph:
         if len(self._logit_weights):
             correction = torch.einsum("ce,ed->cd", change(slice(n_f, len(sender))), self._logit_weights[:, index])
             final = final + correction.to(device, final.dtype)
-        return self.rm.model.unembed(final[:, None])[:, 0]
+        return unembed(self.rm.model, final)
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP (``steps=1``) / AtP-IG edge scores ``[n_edges]``: weight x (ablated - clean sender value) x

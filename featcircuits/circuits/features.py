@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from .ablation import check_ablation, mix
+from ..nodes import Node
+from ..patching.ablation import ablation_value, check_ablation, mix, pad_prompts
+from ..patching.windows import first_differences, frozen_prefix_cache
 from .tasks import ContrastiveTask, get_metric
-from .windows import first_differences, frozen_prefix_cache
 
 __all__ = ["FeatureGraph"]
 
@@ -39,6 +40,8 @@ class FeatureGraph:
             run there: ablation forwards run the later positions only, with the model's clean keys and values
             before them. ``False`` runs every prompt whole.
     """
+
+    measured_in = "live replacement"  # the model its ablations run in (Circuit.measured_in)
 
     def __init__(self, replacement, task: ContrastiveTask, ablation: str = "patch",
                  metric: str | Callable = "logit_diff", sites: Sequence[str] | None = None,
@@ -85,26 +88,18 @@ class FeatureGraph:
         self.clean_last = torch.stack([run.logits[-1] for run in clean_runs])
         # per prompt, per site: (clean, ablated) features [pos, d_sae] and errors [pos, d_model]
         self.values: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
+        width = max(run.n_pos for run in clean_runs + (corrupt_runs or []))
         for site in self.rm.sites:
             kinds = [("error", "errors")] + ([("feat", "feature_acts")] if site.name in self.feature_sites else [])
             for key, field in kinds:
                 clean = [getattr(run, field)[site.name] for run in clean_runs]
-                if self.ablation == "zero":
-                    ablated = [torch.zeros_like(c) for c in clean]
-                elif self.ablation == "mean":
-                    width = max(c.shape[0] for c in clean)
-                    padded = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[0])) for c in clean])
-                    mean = padded.mean(0)
-                    ablated = [mean[: c.shape[0]] for c in clean]
-                else:
-                    ablated = []
-                    for c, run in zip(clean, corrupt_runs, strict=False):
-                        # prompts aligned at their start: positions past the corrupt prompt stay clean
-                        value = c.clone()
-                        corrupt = getattr(run, field)[site.name]
-                        common = min(c.shape[0], corrupt.shape[0])
-                        value[:common] = corrupt[:common]
-                        ablated.append(value)
+                # the one definition of each ablation, on the prompts right-padded to the longest
+                padded, clean_lengths = pad_prompts(clean, width)
+                corrupt, corrupt_lengths = (None, None) if corrupt_runs is None else pad_prompts(
+                    [getattr(run, field)[site.name] for run in corrupt_runs], width)
+                value = ablation_value(self.ablation, padded, corrupt, clean_lengths, corrupt_lengths)
+                value = value.expand_as(padded)
+                ablated = [value[i, : c.shape[0]] for i, c in enumerate(clean)]
                 for i in range(n):
                     self.values[i][f"{key}:{site.name}"] = (clean[i], ablated[i])
 
@@ -130,11 +125,11 @@ class FeatureGraph:
                 else:
                     pos, feats = changed.nonzero(as_tuple=True)
                 self._site_units.append((key, site.name, len(self.node_ids), pos, feats))
-                label = [("error" if kind == "error" else str(int(f))) for f in feats.tolist()]
-                if self.positions == "sum":
-                    self.node_ids += [f"{site.name}:{name}" for name in label]
-                else:
-                    self.node_ids += [f"{site.name}:{name}@{int(p)}" for name, p in zip(label, pos.tolist(), strict=False)]
+                node_kind = "error" if kind == "error" else "feature"
+                for feature, at in zip(feats.tolist(), pos.tolist(), strict=True):
+                    node = Node(node_kind, None if self.positions == "sum" else at, site=site.name,
+                                feature=None if kind == "error" else feature)
+                    self.node_ids.append(node.id)
         self.edge_ids: list[tuple[str, str]] = []
 
     def _prefix_keys_values(self) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-from .ablation import repeat_copies
+from ..patching.ablation import repeat_copies
+from ..patching.edge_hooks import edge_hooks_enabled, head_input_hooks
+from ..patching.logits import logits_from_resid
 
 __all__ = ["RECEIVER_RULES", "check_receivers", "receiver_changes", "exact_edge_scores"]
 
@@ -62,7 +64,6 @@ def receiver_changes(graph: Any, layer: int, delta: torch.Tensor,
     head's ``hook_result`` (``S_h = 1 + layer * per_layer`` senders) and of ``hook_mlp_out`` (``S_m = S_h +
     n_heads``: the layer's own heads feed its MLP).
     """
-    from .components import _edge_hooks_enabled, _head_input_hooks  # circular at import time
 
     n, model = len(graph.task), graph.model
     n_head_senders = 1 + layer * graph.per_layer
@@ -88,11 +89,11 @@ def receiver_changes(graph: Any, layer: int, delta: torch.Tensor,
             store[hook.name] = x
             return x
 
-        hooks = [(name, shift_heads) for name in _head_input_hooks(model, layer)]
+        hooks = [(name, shift_heads) for name in head_input_hooks(model, layer)]
         hooks.append((f"blocks.{layer}.attn.hook_result", capture))
         if graph.has_mlp:
             hooks += [(f"blocks.{layer}.hook_mlp_in", set_mlp_in), (f"blocks.{layer}.hook_mlp_out", capture)]
-        with _edge_hooks_enabled(model):
+        with edge_hooks_enabled(model):
             graph.forwards += 1  # one block of one forward
             model.run_with_hooks(repeat_copies(graph._clean_resid[layer], copies, n), start_at_layer=layer,
                                  stop_at_layer=layer + 1, fwd_hooks=hooks)
@@ -113,7 +114,7 @@ def _logits_receiver_effects(graph: Any, delta: torch.Tensor) -> torch.Tensor:
     for chunk in torch.arange(delta.shape[1], device=delta.device).split(graph.max_copies):
         resid = repeat_copies(final, len(chunk), n) + _copy_major(delta[:, chunk])
         graph.forwards += 1  # the model's own head: final norm, unembedding, any logit soft-cap
-        effects.append(graph._score(model(resid, start_at_layer=model.cfg.n_layers)) - graph.full_metric)
+        effects.append(graph._score(logits_from_resid(model, resid)) - graph.full_metric)
     return torch.cat(effects)
 
 

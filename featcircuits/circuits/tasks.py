@@ -1,7 +1,9 @@
 """Contrastive tasks and the metrics circuits are judged by.
 
 A task is a list of pairs ``{"clean", "corrupt", "answer", "distractor"}``: text (tokenised with the
-model's tokenizer, BOS prepended) or token ids. ``answer`` and ``distractor`` must each be one token.
+model's tokenizer, BOS prepended) or token ids. ``answer`` and ``distractor`` must each be one token: text
+answers are tokenised in the context of the clean prompt (:func:`continuation_token`), so ``" Lily"`` gives
+the token the model predicts after the prompt on every tokenizer family.
 Pairs are right-padded to one length so they batch; the model is causal, so padding after a prompt
 changes nothing before it, and every metric reads each prompt at its own last token.
 """
@@ -16,8 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ContrastiveTask", "load_task", "METRICS", "logit_diff", "prob_diff", "kl_to_clean", "l2_to_clean",
-           "is_distance"]
+__all__ = ["ContrastiveTask", "continuation_token", "load_task", "METRICS", "logit_diff", "prob_diff", "kl_to_clean",
+           "l2_to_clean", "is_distance"]
 
 ALIGNMENTS = (None, "start")
 
@@ -32,23 +34,88 @@ def _tokenize(model: Any, value: str | Sequence[int], what: str, prepend_bos: bo
     return [int(t) for t in value]
 
 
-def _single_token(model: Any, value: str | int | Sequence[int], what: str) -> int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != 1:
-            raise ValueError(f"{what} {value!r} is {len(value)} tokens; it must be a single token id.")
-        return int(value[0])
+_WORD_START_MARKERS = ("\u2581", "\u0120")  # SentencePiece's "▁", byte-level BPE's "Ġ"
+
+
+def _pieces(model: Any, ids: Sequence[int]) -> list[str]:
+    return [str(piece) for piece in model.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+def _joined(model: Any, context: str, answer: str) -> str:
+    """``context + answer`` as the tokenizer reads a bare answer.
+
+    Tokenizers that mark a bare word as a word start (SentencePiece with a dummy prefix, as Llama's;
+    byte-level BPE with ``add_prefix_space``) read ``"Lily"`` as the word " Lily": there an answer that
+    begins with a letter or digit follows the prompt after a space, so ``"Lily"`` and ``" Lily"`` are one
+    answer. Elsewhere (GPT-2, Gemma) the answer is appended as written: ``"Lily"`` continues the last word.
+    """
+    if not context or context[-1].isspace() or not answer or not answer[0].isalnum():
+        return context + answer
+    alone = model.to_tokens(answer, prepend_bos=False)[0].tolist()
+    marked = bool(alone) and _pieces(model, alone[:1])[0].startswith(_WORD_START_MARKERS)
+    return context + " " + answer if marked else context + answer
+
+
+def _prompt_text(model: Any, prompt: str | Sequence[int], what: str, prepend_bos: bool) -> tuple[str, bool]:
+    """The prompt as text, and the ``prepend_bos`` that tokenises it back to the task's tokens."""
+    if isinstance(prompt, str):
+        return prompt, prepend_bos
+    ids = [int(t) for t in prompt]
+    bos = bool(ids) and ids[0] == getattr(model.tokenizer, "bos_token_id", None)
+    text = model.tokenizer.decode(ids[1:] if bos else ids)
+    if model.to_tokens(text, prepend_bos=bos)[0].tolist() != ids:
+        raise ValueError(
+            f"{what} is text but its prompt is token ids that do not decode to text tokenising back to the same "
+            "ids, so the answer cannot be tokenised in context; give the answer as a token id, or the prompt as text."
+        )
+    return text, bos
+
+
+def continuation_token(model: Any, prompt: str | Sequence[int], answer: str | int | Sequence[int],
+                       what: str = "answer", prepend_bos: bool = True) -> int:
+    """The one token ``answer`` adds after ``prompt``: the token the model predicts next.
+
+    Text answers are tokenised in context: ``prompt`` and ``prompt + answer`` (see :func:`_joined` for
+    bare words) are both tokenised and the answer's token is the first past their common prefix, so
+    ``" Lily"`` is ``▁Lily`` on a SentencePiece tokenizer (alone it would tokenise to a stray ``▁`` first)
+    and ``ĠLily`` on GPT-2's. Raises ``ValueError`` naming the answer and its tokens when it adds no token,
+    several tokens, or merges with the end of the prompt. Token ids (an int or a one-id list) pass through.
+    """
+    if isinstance(answer, int):
+        return answer
+    if isinstance(answer, Sequence) and not isinstance(answer, str):
+        if len(answer) != 1:
+            raise ValueError(f"{what} {answer!r} is {len(answer)} tokens; it must be a single token id.")
+        return int(answer[0])
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(f"{what} is text but the model has no tokenizer; give a token id.")
-    ids = model.to_tokens(value, prepend_bos=False)[0].tolist()
-    if len(ids) != 1:
-        pieces = [model.tokenizer.convert_ids_to_tokens(i) for i in ids]
+    context, bos = _prompt_text(model, prompt, what, prepend_bos)
+    before = model.to_tokens(context, prepend_bos=bos)[0].tolist() if context or bos else []
+    full = _joined(model, context, answer)
+    after = model.to_tokens(full, prepend_bos=bos)[0].tolist() if full or bos else []
+    common = 0
+    while common < min(len(before), len(after)) and before[common] == after[common]:
+        common += 1
+    added = after[common:]
+    if common < len(before):
         raise ValueError(
-            f"{what} {value!r} is not a single token: it tokenises to {len(ids)} tokens {pieces}. "
-            "Choose a word that is one token of this tokenizer, or give its token id."
+            f"{what} {answer!r} merges with the end of its prompt {context[-30:]!r}: the prompt ends in tokens "
+            f"{_pieces(model, before[common:])} but {full[-40:]!r} tokenises to {_pieces(model, added)} there, so "
+            "no token of the answer follows the prompt's tokens. End the prompt at a token boundary (move a "
+            "trailing space into the answer), or give the answer's token id."
         )
-    return int(ids[0])
+    if not added:
+        raise ValueError(
+            f"{what} {answer!r} adds no token after its prompt {context[-30:]!r} (the tokenizer drops it); "
+            "give a non-empty answer that is one token, or its token id."
+        )
+    if len(added) != 1:
+        raise ValueError(
+            f"{what} {answer!r} is not a single token: it tokenises to {len(added)} tokens {_pieces(model, added)} "
+            f"after its prompt {context[-30:]!r}. Choose a word that is one token of this tokenizer there, or give "
+            "its token id."
+        )
+    return int(added[0])
 
 
 @dataclass
@@ -104,9 +171,11 @@ class ContrastiveTask:
                 )
             clean.append(clean_ids)
             corrupt.append(corrupt_ids)
-            answers.append(_single_token(model, pair["answer"], f"{where} answer"))
+            # answers are read at the clean prompt's last token: tokenised in its context
+            answers.append(continuation_token(model, pair["clean"], pair["answer"], f"{where} answer", prepend_bos))
             if pair.get("distractor") is not None:
-                distractors.append(_single_token(model, pair["distractor"], f"{where} distractor"))
+                distractors.append(continuation_token(model, pair["clean"], pair["distractor"], f"{where} distractor",
+                                                      prepend_bos))
         if distractors and len(distractors) != len(pairs):
             raise ValueError(f"{source}: either every pair has a distractor or none does.")
         width = max(max(map(len, clean)), max(map(len, corrupt)))

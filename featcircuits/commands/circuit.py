@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..circuits import evaluate, find_circuit, load_task
-    from ..dictionaries import load_dictionaries
+    from ..hub.loading import load_dictionaries
     from ..models import load_model
 
     model = load_model(args.model, device=args.device)

@@ -35,7 +35,7 @@ def _tokens(values: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..pipeline import run_demo
 
     if args.text is not None and not Path(args.text).is_file():
         raise FileNotFoundError(f"No text file at {args.text}; give a text file for --text or leave it out.")

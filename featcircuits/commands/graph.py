@@ -28,22 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_dictionaries(spec: str, device: str):
-    from pathlib import Path
+    from ..hub.loading import load_dictionaries
 
-    from ..dictionaries import load_dictionaries
-
-    if Path(spec).exists():
-        return load_dictionaries(spec, device=device)
-    try:
-        from ..hub.loading import load_release
-    except ImportError as err:  # the hub module is optional in stripped installs
-        raise FileNotFoundError(f"No dictionary directory at {spec}.") from err
-    try:
-        return list(load_release(spec, device=device))
-    except KeyError as err:
-        raise FileNotFoundError(
-            f"{spec} is neither a dictionary directory nor a known registry release ({err})."
-        ) from err
+    return load_dictionaries(spec, device=device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Sparsifying activation functions, each a small registered module.
 
 Every activation maps encoder pre-activations ``[..., d_sae]`` to feature activations of the same shape.
-New ones register with :func:`register_activation` and become available to every dictionary kind,
+Each says whether it is ``elementwise`` (a feature's activation depends on its own pre-activation alone),
+which feature-edge ACDC relies on to skip edges into features nobody reads. New ones register with
+:func:`register_activation` and become available to every dictionary kind,
 the file formats and the trainer by name.
 """
 
@@ -30,6 +32,8 @@ def register_activation(name: str) -> Callable[[type[nn.Module]], type[nn.Module
 class ReLU(nn.Module):
     """``max(0, pre)``; sparsity comes from an L1 penalty during training."""
 
+    elementwise = True  # each feature's activation depends on its own pre-activation alone
+
     def __init__(self, d_sae: int, k: int | None = None) -> None:
         super().__init__()
 
@@ -46,6 +50,8 @@ def topk_scatter(pre_acts: torch.Tensor, k: int) -> torch.Tensor:
 @register_activation("topk")
 class TopK(nn.Module):
     """The ``k`` largest pre-activations per token survive (ReLU applied to them)."""
+
+    elementwise = False  # which features fire depends on every pre-activation at the token
 
     def __init__(self, d_sae: int, k: int | None = None) -> None:
         super().__init__()
@@ -66,6 +72,8 @@ class BatchTopK(nn.Module):
     threshold for every feature, so a token's features no longer depend on the rest of its batch.
     """
 
+    elementwise = True  # at inference (the graphs and circuits run in eval mode)
+
     def __init__(self, d_sae: int, k: int | None = None) -> None:
         super().__init__()
         if not k or k < 1 or k > d_sae:
@@ -85,6 +93,8 @@ class BatchTopK(nn.Module):
 @register_activation("jumprelu")
 class JumpReLU(nn.Module):
     """``pre * [pre > threshold]`` with a learned per-feature threshold ``[d_sae]``."""
+
+    elementwise = True
 
     def __init__(self, d_sae: int, k: int | None = None) -> None:
         super().__init__()

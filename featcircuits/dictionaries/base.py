@@ -164,8 +164,8 @@ class Dictionary(nn.Module):
     def from_pretrained(
         release: str, id: str | int, revision: str | None = None, device: str | torch.device = "cpu"
     ) -> Dictionary:
-        """One dictionary of a pretrained release (pretrained/registry.yaml or any SAELens release id),
-        fetched through huggingface_hub's cache; ``revision`` pins a branch, tag or commit."""
+        """One dictionary of a pretrained release (featcircuits/pretrained/registry.yaml or any SAELens
+        release id), fetched through huggingface_hub's cache; ``revision`` pins a branch, tag or commit."""
         from ..hub.loading import from_pretrained
 
         return from_pretrained(release, id, revision=revision, device=device)

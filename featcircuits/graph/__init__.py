@@ -4,19 +4,19 @@
 ``build_dataset_graph``) compute every direct linear effect between features, errors, embeddings and
 targets; ``verify`` checks edges by intervention; ``prune_graph`` / ``prune_topk`` / ``prune_threshold``
 cut graphs down; ``graph_scores`` measures them; ``write_circuit_tracer_json`` / ``to_networkx`` export.
-Node ids are described in ``featcircuits.graph.nodes``.
+Node ids are described in ``featcircuits.nodes``.
 """
 
+from ..nodes import Node, parse_node_id
+from ..patching.replacement import CleanRun, ReplacementModel, ReplacementOutput, Site
 from .attribution import GraphTooLargeError, build_graph, estimate_graph_memory
 from .attribution_graph import AttributionGraph
 from .dataset import build_dataset_graph
 from .export import to_circuit_tracer_json, to_networkx, write_circuit_tracer_json
-from .nodes import Node, parse_node_id
 from .prune import PruneResult, apply_prune, prune_graph, prune_threshold, prune_topk
-from .replacement import CleanRun, ReplacementModel, ReplacementOutput, Site
 from .scores import GraphScores, graph_scores
 from .targets import Target, logit_diff_target, logit_target
-from .verify import VerifyResult, verify
+from .verification import VerifyResult, verify
 
 __all__ = [
     "AttributionGraph", "CleanRun", "GraphScores", "GraphTooLargeError", "Node", "PruneResult",

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..patching.linear_backward import LinearBackward, unsupported_reason
+from ..patching.replacement import CleanRun, ReplacementModel
 from .attribution_graph import EMBEDDING, ERROR, FEATURE, TARGET, AttributionGraph
 from .influence import normalize_adjacency
-from .linear_backward import LinearBackward, unsupported_reason
-from .replacement import CleanRun, ReplacementModel
 from .targets import Target, resolve_targets
 
 __all__ = ["build_graph", "estimate_graph_memory", "GraphTooLargeError"]
@@ -249,7 +249,7 @@ def build_graph(
         progress: show a progress bar over attribution rows.
         engine: how gradients are taken: ``"linear"`` (the frozen model's transpose written out; fast),
             ``"autograd"`` (through the HookedTransformer; any architecture), or ``"auto"``: linear where
-            the model allows it (see :func:`featcircuits.graph.linear_backward.unsupported_reason`).
+            the model allows it (see :func:`featcircuits.patching.linear_backward.unsupported_reason`).
     """
     rm = _as_replacement(model, dictionaries)
     engine = _choose_engine(rm, engine)

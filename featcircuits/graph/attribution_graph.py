@@ -1,19 +1,70 @@
-"""AttributionGraph: the nodes and exact direct-effect edges of one prompt (or a mean over prompts)."""
+"""AttributionGraph: the nodes and exact direct-effect edges of one prompt (or a mean over prompts).
+
+``save`` / ``load`` keep a graph in two files side by side: ``NAME.safetensors`` (node keys, adjacency,
+activations, tokens, target vectors) and ``NAME.json`` (everything else, with the format version, the
+featcircuits version, the model's and dictionaries' identities and the tensors file's checksum).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from .nodes import NODE_KINDS, Node, parse_node_id
+from ..dictionaries.io.common import atomic_path, read_json, read_tensors
+from ..nodes import NODE_KINDS, Node, parse_node_id
 from .targets import Target
 
-__all__ = ["AttributionGraph", "FEATURE", "ERROR", "EMBEDDING", "TARGET"]
+__all__ = ["AttributionGraph", "FEATURE", "ERROR", "EMBEDDING", "TARGET", "GRAPH_FORMAT", "GRAPH_FORMAT_VERSION",
+           "graph_provenance"]
 
 # node kind codes, in the order nodes are stored
 FEATURE, ERROR, EMBEDDING, TARGET = range(4)
+
+GRAPH_FORMAT = "featcircuits.attribution_graph"
+GRAPH_FORMAT_VERSION = 1
+_MODEL_KEYS = ("name", "n_layers", "d_model", "d_vocab")
+
+
+def _model_identity(model: Any) -> dict[str, Any]:
+    cfg = model.cfg
+    return {"name": str(cfg.model_name), "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model),
+            "d_vocab": int(cfg.d_vocab), "dtype": str(cfg.dtype).removeprefix("torch.")}
+
+
+def _dictionary_identities(replacement: Any) -> list[dict[str, Any]]:
+    rows = []
+    for site in replacement.sites:
+        cfg = site.dictionary.cfg if site.dictionary is not None else None
+        rows.append({"site": site.name, "hook_in": site.hook_in, "hook_out": site.hook_out, "d_sae": site.d_sae,
+                     "kind": cfg.kind if cfg else None, "activation": cfg.activation if cfg else None,
+                     "k": cfg.k if cfg else None, "d_in": cfg.d_in if cfg else None,
+                     "d_out": cfg.d_out if cfg else None, "model_name": cfg.model_name if cfg else None})
+    return rows
+
+
+def graph_provenance(replacement: Any, tokens: torch.Tensor | None = None,
+                     targets: Sequence[Target] = ()) -> dict[str, Any]:
+    """What a graph built on ``replacement`` (a ReplacementModel) records about it: the model's name and
+    shape, every site's dictionary identity (hooks, ``d_sae``, kind; ``d_sae=0`` for a bare MLP) and, with
+    a tokenizer, the text of the prompt's tokens and of logit targets (so a graph read without its model
+    can still be labelled)."""
+    provenance: dict[str, Any] = {"model": _model_identity(replacement.model),
+                                  "dictionaries": _dictionary_identities(replacement)}
+    tokenizer = getattr(replacement.model, "tokenizer", None)
+    if tokenizer is not None:
+        if tokens is not None:
+            provenance["token_strings"] = [tokenizer.decode([t]) for t in tokens.tolist()]
+        provenance["target_strings"] = [None if t.token is None else tokenizer.decode([t.token]) for t in targets]
+    return provenance
 
 
 @dataclass
@@ -33,6 +84,9 @@ class AttributionGraph:
         tokens: ``[n_pos]`` prompt tokens (None for dataset-level graphs, whose positions are negative,
             aligned at each prompt's end).
         replacement, clean: the model and clean run the graph was built from (what :func:`verify` needs).
+        provenance: the model's and dictionaries' identities (:func:`graph_provenance`), filled from
+            ``replacement`` when it is given and kept when the graph is saved, loaded or has no model
+            attached; any other JSON-serialisable entries (a build's parameters) are saved with it.
     """
 
     node_keys: torch.Tensor
@@ -46,6 +100,11 @@ class AttributionGraph:
     replacement: Any = field(default=None, repr=False)
     clean: Any = field(default=None, repr=False)
     n_prompts: int = 1
+    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.provenance and self.replacement is not None:
+            self.provenance = graph_provenance(self.replacement, self.tokens, self.targets)
 
     # ---- counts and masks --------------------------------------------------------------------
 
@@ -123,6 +182,164 @@ class AttributionGraph:
         self.activations = self.activations.to(device)
         return self
 
+    # ---- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write the graph losslessly to ``NAME.safetensors`` and ``NAME.json`` (``path`` is either file or
+        ``NAME``); both are written atomically. Returns their paths. The model and clean run are not saved:
+        :meth:`load` attaches them again when given the ReplacementModel."""
+        from .._version import __version__
+
+        tensors_path, json_path = _graph_paths(path)
+        tensors = {"node_keys": self.node_keys, "adjacency": self.adjacency, "activations": self.activations}
+        if self.tokens is not None:
+            tensors["tokens"] = self.tokens
+        for index, target in enumerate(self.targets):
+            tensors[f"targets.{index}.vector"] = target.vector
+        fields = {f.name for f in dataclasses.fields(Target)} - {"vector"}
+        meta = {
+            "format": GRAPH_FORMAT, "format_version": GRAPH_FORMAT_VERSION, "featcircuits_version": __version__,
+            "n_nodes": self.n_nodes, "node_ids": self.node_ids, "sites": list(self.sites),
+            "targets": [{name: getattr(t, name) for name in sorted(fields)} for t in self.targets],
+            "has_tokens": self.tokens is not None, "prompt": self.prompt,
+            "n_active_features": self.n_active_features, "n_prompts": self.n_prompts,
+            "provenance": self.provenance,
+        }
+        try:
+            json.dumps(meta)
+        except TypeError as err:  # before anything is written
+            raise TypeError(f"The graph's provenance must be JSON-serialisable to be saved: {err}.") from None
+        with ExitStack() as stack:  # both files are renamed into place on success; on failure neither changes
+            json_tmp = stack.enter_context(atomic_path(json_path))  # renamed last: the tensors are in place first
+            tensors_tmp = stack.enter_context(atomic_path(tensors_path))
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensors_tmp),
+                      metadata={"format": f"{GRAPH_FORMAT} {GRAPH_FORMAT_VERSION}"})  # one key: stable bytes
+            meta["tensors_sha256"] = _sha256(tensors_tmp)
+            json_tmp.write_text(json.dumps(meta, indent=1))
+        return tensors_path, json_path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None, device: str | torch.device | None = None) -> AttributionGraph:
+        """Read a graph written by :meth:`save` (``path``: either file, or ``NAME``).
+
+        ``model``: a HookedTransformer or ReplacementModel to check the graph against (refused, naming both,
+        when its name or shape differs from the one the graph was built on; a ReplacementModel's sites and
+        dictionaries must match too). A ReplacementModel is attached and the clean run of a single-prompt
+        graph recomputed, so :func:`verify` works again. ``device``: the model's, or CPU without one.
+        """
+        tensors_path, json_path = _graph_paths(path)
+        if not json_path.is_file():
+            raise FileNotFoundError(
+                f"No graph metadata at {json_path}: a saved graph is two files, {tensors_path.name} and "
+                f"{json_path.name}, side by side. Copy both, or save the graph again with AttributionGraph.save."
+            )
+        if not tensors_path.is_file():
+            raise FileNotFoundError(
+                f"No graph tensors at {tensors_path} (the metadata {json_path.name} is there): a saved graph is "
+                "two files side by side. Copy both, or save the graph again with AttributionGraph.save."
+            )
+        meta = read_json(json_path)
+        _check_format(meta, json_path)
+        if _sha256(tensors_path) != meta.get("tensors_sha256"):
+            raise ValueError(
+                f"{tensors_path} does not match the checksum recorded in {json_path.name}: it is truncated or "
+                "corrupt, or the two files come from different saves. Save the graph again."
+            )
+        if device is None:
+            device = model.cfg.device if model is not None else "cpu"
+        n_nodes, n_targets = int(meta["n_nodes"]), len(meta["targets"])
+        expected: dict[str, tuple[int, ...] | None] = {
+            "node_keys": (n_nodes, 4), "adjacency": (n_nodes, n_nodes), "activations": (n_nodes,),
+            **{f"targets.{i}.vector": None for i in range(n_targets)}}
+        if meta["has_tokens"]:
+            expected["tokens"] = None
+        tensors = read_tensors(tensors_path, expected, device=device)
+        targets = [Target(vector=tensors[f"targets.{i}.vector"], **fields) for i, fields in enumerate(meta["targets"])]
+        graph = cls(node_keys=tensors["node_keys"], adjacency=tensors["adjacency"], activations=tensors["activations"],
+                    sites=list(meta["sites"]), targets=targets, tokens=tensors.get("tokens"), prompt=meta["prompt"],
+                    n_active_features=int(meta["n_active_features"]), n_prompts=int(meta["n_prompts"]),
+                    provenance=meta["provenance"])
+        if graph.node_ids != meta["node_ids"]:
+            raise ValueError(f"The node keys in {tensors_path} do not give the node ids listed in {json_path.name}; "
+                             "the files are corrupt or from different saves. Save the graph again.")
+        if model is not None:
+            graph._attach(model, json_path)
+        return graph
+
+    def _attach(self, model: Any, where: Path) -> None:
+        """Check ``model`` against the provenance; attach a ReplacementModel and recompute the clean run."""
+        replacement = model if hasattr(model, "sites") and hasattr(model, "model") else None
+        base = replacement.model if replacement is not None else model
+        saved = self.provenance.get("model")
+        if not saved:
+            raise ValueError(f"{where} records no model (the graph was built without one), so it cannot be checked "
+                             "against a model; load it without model=.")
+        have = _model_identity(base)
+        differ = [key for key in _MODEL_KEYS if saved.get(key) != have[key]]
+        if differ:
+            show = ", ".join(f"{key}={{}}" for key in _MODEL_KEYS)
+            raise ValueError(
+                f"{where} was built on model {show.format(*(saved.get(k) for k in _MODEL_KEYS))}, but the model "
+                f"given has {show.format(*(have[k] for k in _MODEL_KEYS))} (differing: {differ}). Load the graph "
+                "with the model it was built on, or without model= to read it unattached."
+            )
+        if replacement is None:
+            return
+        wanted, given = self.provenance.get("dictionaries", []), _dictionary_identities(replacement)
+        if wanted != given:
+            mismatched = [f"{w.get('site')}: saved {w} vs given {g}" for w, g in zip(wanted, given, strict=False)
+                          if w != g] or [f"saved {len(wanted)} sites, given {len(given)}"]
+            raise ValueError(f"{where} was built with other dictionaries than the ReplacementModel given "
+                             f"({'; '.join(mismatched[:3])}). Give the ReplacementModel with the dictionaries "
+                             "the graph was built with.")
+        self.replacement = replacement
+        if self.tokens is None or self.n_prompts != 1:
+            return  # dataset-level graphs have no single clean run
+        clean = replacement.clean_run(self.tokens)
+        features = self.node_keys[self.mask(FEATURE)]
+        acts = torch.stack([clean.feature_acts[self.sites[s]][p, f] for s, p, f in features[:, 1:].tolist()]) \
+            if features.numel() else self.activations[:0]
+        saved_acts = self.activations[self.mask(FEATURE)].to(acts)
+        scale = float(saved_acts.abs().max()) if saved_acts.numel() else 1.0
+        if acts.numel() and float((acts - saved_acts).abs().max()) > 1e-3 * max(scale, 1.0):
+            raise ValueError(f"The dictionaries given do not reproduce the feature activations saved in {where} "
+                             "(same shapes, other weights?). Give the ReplacementModel the graph was built with.")
+        self.clean = clean
+
     def __repr__(self) -> str:
         return (f"AttributionGraph({self.n_nodes} nodes: {self.n_features} features, {self.count(ERROR)} errors, "
                 f"{self.count(EMBEDDING)} embeddings, {self.count(TARGET)} targets; {self.n_edges} edges)")
+
+
+def _graph_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` from ``NAME``, ``NAME.safetensors`` or ``NAME.json``."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_format(meta: dict[str, Any], where: Path) -> None:
+    from .._version import __version__
+
+    if meta.get("format") != GRAPH_FORMAT:
+        raise ValueError(f"{where} is not a saved featcircuits attribution graph (format {meta.get('format')!r}, "
+                         f"expected {GRAPH_FORMAT!r}).")
+    version = meta.get("format_version")
+    if version != GRAPH_FORMAT_VERSION:
+        writer = meta.get("featcircuits_version", "unknown")
+        fix = (f"upgrade featcircuits to {writer} or later to read it" if isinstance(version, int)
+               and version > GRAPH_FORMAT_VERSION else
+               f"rebuild the graph with build_graph (or load it with featcircuits {writer}, which wrote it) and save "
+               "it again")
+        raise ValueError(
+            f"{where} holds graph format version {version} (written by featcircuits {writer}), but featcircuits "
+            f"{__version__} reads format version {GRAPH_FORMAT_VERSION}; {fix}."
+        )

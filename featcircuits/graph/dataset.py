@@ -9,11 +9,13 @@ the prompts (a node absent from a prompt counts as zero there).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from ..circuits.tasks import ContrastiveTask, continuation_token
 from .attribution import _as_replacement, build_graph
-from .attribution_graph import AttributionGraph
+from .attribution_graph import AttributionGraph, graph_provenance
 from .targets import Target, logit_diff_target
 
 __all__ = ["build_dataset_graph"]
@@ -21,19 +23,30 @@ __all__ = ["build_dataset_graph"]
 TASK_TARGET = "answer-distractor"
 
 
-def _token_id(model, token: int | str, what: str) -> int:
+def _token_id(model, prompt: Any, token: int | str, what: str) -> int:
+    """A token id, or the one token the text ``token`` adds after ``prompt`` (tokenised in context)."""
     if isinstance(token, str):
-        try:
-            return int(model.to_single_token(token))
-        except (AssertionError, ValueError, KeyError) as err:
-            raise ValueError(f"The {what} {token!r} is not a single token of this model; give a token id.") from err
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        return continuation_token(model, prompt, token, what)
     return int(token)
+
+
+def _from_task(task: ContrastiveTask) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """A task's clean prompts (token ids, without their right padding) with its answer and distractor ids."""
+    if task.distractors is None:
+        raise ValueError(
+            "The task has no distractors, but a dataset graph's target is logit[answer] - logit[distractor]; "
+            "give every pair a distractor, or build single-prompt graphs with logit targets (build_graph)."
+        )
+    prompts = [task.clean_tokens[i, : int(last) + 1] for i, last in enumerate(task.clean_last.tolist())]
+    return prompts, [int(t) for t in task.answers.tolist()], [int(t) for t in task.distractors.tolist()]
 
 
 def build_dataset_graph(
     model,
-    dictionaries: Sequence | None = None,
-    prompts: Sequence[str | torch.Tensor | Sequence[int]] = (),
+    dictionaries: Sequence | ContrastiveTask | None = None,
+    prompts: ContrastiveTask | Sequence[str | torch.Tensor | Sequence[int]] = (),
     answers: Sequence[int | str] = (),
     distractors: Sequence[int | str] = (),
     *,
@@ -43,10 +56,21 @@ def build_dataset_graph(
 ) -> AttributionGraph:
     """Mean attribution graph over ``prompts``, target ``logit[answer_i] - logit[distractor_i]``.
 
+    ``prompts`` is a :class:`~featcircuits.circuits.tasks.ContrastiveTask` (its clean prompts, answers and
+    distractors; then give no ``answers`` / ``distractors``) or a list of prompts (text or token ids) with
+    one answer and one distractor each (token ids, or text tokenised after its prompt as tasks do). With a
+    ReplacementModel the task may be the second argument: ``build_dataset_graph(rm, task)``.
     ``graph_kwargs`` go to :func:`build_graph` (``max_feature_nodes``, ``batch_size``). The result has
     no model attached (``verify`` the per-prompt graphs instead) and ``n_prompts`` set.
     """
-    if not prompts:
+    if isinstance(dictionaries, ContrastiveTask) and not len(prompts):
+        prompts, dictionaries = dictionaries, None
+    if isinstance(prompts, ContrastiveTask):
+        if len(answers) or len(distractors):
+            raise ValueError("A ContrastiveTask carries its own answers and distractors; do not also pass "
+                             "answers= or distractors=.")
+        prompts, answers, distractors = _from_task(prompts)
+    if not len(prompts):
         raise ValueError("build_dataset_graph needs at least one prompt.")
     if not len(prompts) == len(answers) == len(distractors):
         raise ValueError(
@@ -55,9 +79,10 @@ def build_dataset_graph(
         )
     rm = _as_replacement(model, dictionaries)
     graphs: list[AttributionGraph] = []
-    for prompt, answer, distractor in zip(prompts, answers, distractors, strict=True):
-        target = logit_diff_target(rm.model, _token_id(rm.model, answer, "answer"),
-                                   _token_id(rm.model, distractor, "distractor"), name=TASK_TARGET)
+    for index, (prompt, answer, distractor) in enumerate(zip(prompts, answers, distractors, strict=True)):
+        target = logit_diff_target(rm.model, _token_id(rm.model, prompt, answer, f"prompt {index} answer"),
+                                   _token_id(rm.model, prompt, distractor, f"prompt {index} distractor"),
+                                   name=TASK_TARGET)
         graph = build_graph(rm, prompt=prompt, targets=[target], memory_budget_gb=memory_budget_gb,
                             progress=progress, **graph_kwargs)
         aligned = graph.node_keys.clone()
@@ -87,5 +112,5 @@ def build_dataset_graph(
         node_keys=union, adjacency=adjacency / len(graphs), activations=activations / len(graphs),
         sites=graphs[0].sites, targets=[target], tokens=None,
         prompt=f"mean over {len(graphs)} prompts", n_active_features=max(g.n_active_features for g in graphs),
-        n_prompts=len(graphs),
+        n_prompts=len(graphs), provenance=graph_provenance(rm, targets=[target]),
     )

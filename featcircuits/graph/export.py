@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..dictionaries.io.common import atomic_path
+from ..nodes import site_layer
 from .attribution_graph import EMBEDDING, ERROR, FEATURE, AttributionGraph
-from .nodes import site_layer
 from .prune import PruneResult, prune_graph
 from .schema import GraphFile
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..circuits.circuit import Circuit
 from .attribution_graph import EMBEDDING, FEATURE, TARGET, AttributionGraph
 from .influence import edge_influence, node_influence, normalize_adjacency
 
@@ -35,6 +36,24 @@ class PruneResult:
     @property
     def n_edges(self) -> int:
         return int(self.edge_mask.sum())
+
+    def to_circuit(self, graph: AttributionGraph, method: str = "prune") -> Circuit:
+        """The kept part of ``graph`` as a :class:`~featcircuits.circuits.Circuit` that ``evaluate`` can score.
+
+        Every node of the graph is a candidate, scored by its influence on the targets; the kept nodes are
+        the selection. The candidate edges are the kept ones (the full graph can hold millions), scored by
+        their weight. ``measured_in`` is ``"attribution graph"``: nothing was ablated yet; evaluating it
+        (``fc.evaluate(circuit, make_graph(replacement, task))``) ablates every feature and error node of the
+        task's graph that the circuit leaves out.
+        """
+        ids = graph.node_ids
+        targets, sources = self.edge_mask.nonzero(as_tuple=True)
+        weights = graph.adjacency[targets, sources].tolist()
+        edge_ids = [(ids[s], ids[t]) for s, t in zip(sources.tolist(), targets.tolist(), strict=True)]
+        kept = [ids[i] for i in self.node_mask.nonzero()[:, 0].tolist()]
+        return Circuit(method, "nodes", list(ids), [float(v) for v in self.influence.tolist()], edge_ids,
+                       [float(w) for w in weights], kept, edge_ids,
+                       params={"n_nodes": self.n_nodes, "n_edges": self.n_edges}, measured_in="attribution graph")
 
 
 def cumulative_threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:

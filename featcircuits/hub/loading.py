@@ -14,9 +14,10 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from ..dictionaries.base import Dictionary
-from .registry import REGISTRY_PATH, DictionaryEntry, Release, get_release
+from ..dictionaries.io import load_dictionaries as load_local_dictionaries
+from .registry import REGISTRY_PATH, DictionaryEntry, Release, UnknownReleaseError, get_release
 
-__all__ = ["from_pretrained", "load_release", "hub_file", "HubFileError"]
+__all__ = ["load_dictionaries", "from_pretrained", "load_release", "hub_file", "HubFileError"]
 
 # files of a folder-layout dictionary, by format
 _FOLDER_FILES = {
@@ -96,7 +97,8 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
     except EntryNotFoundError:
         raise HubFileError(
             f"Hub repo {repo_id!r} at revision {shown_revision!r} has no file {filename!r}: the repo lacks the files "
-            "this release expects. Check the dictionary id, or the release's paths in pretrained/registry.yaml."
+            "this release expects. Check the dictionary id, or the release's paths in its registry "
+            "(featcircuits' own: featcircuits/pretrained/registry.yaml)."
         ) from None
 
 
@@ -213,7 +215,7 @@ def from_pretrained(release: str, dictionary_id: str | int, revision: str | None
         release: release name, e.g. ``"gpt2-small-res-jb"``.
         dictionary_id: its id in the release (e.g. ``"blocks.8.hook_resid_pre"``) or a layer number.
         revision: branch, tag or commit to pin (default: the release's pin, else ``main``).
-        registry: the registry file (default: ``pretrained/registry.yaml``).
+        registry: the registry file (default: featcircuits' own, ``featcircuits/pretrained/registry.yaml``).
     """
     spec = get_release(release, registry)
     return _load_entry(spec, spec.entry(dictionary_id), revision, device)
@@ -225,3 +227,34 @@ def load_release(release: str, ids: list[str] | None = None, revision: str | Non
     spec = get_release(release, registry)
     entries = [spec.entry(i) for i in ids] if ids is not None else list(spec.dictionaries.values())
     return [_load_entry(spec, entry, revision, device) for entry in entries]
+
+
+def load_dictionaries(source: str | Path, ids: list[str] | None = None, *, revision: str | None = None,
+                      device: str | torch.device = "cpu", format: str | None = None,
+                      registry: str | Path = REGISTRY_PATH) -> list[Dictionary]:
+    """The one way to load dictionaries: from local files or from a pretrained release.
+
+    Args:
+        source: a local path (one dictionary directory or file in any supported format: native, SAELens,
+            sparsify, circuit-tracer; a directory of them; or a directory of ``featcircuits train --out``
+            runs), or a release name from the registry or SAELens (e.g. ``"gpt2-small-res-jb"``), fetched
+            through the Hugging Face Hub cache.
+        ids: a release's dictionaries to load (default: all); not used for local paths.
+        revision: a release's branch, tag or commit (default: the release's pin, else ``main``).
+        device: where the weights go.
+        format: force a local format instead of detecting it.
+        registry: the registry file releases are looked up in.
+
+    Returns the dictionaries, in the order of the directory's sorted entries for local paths and in registry
+    order for releases.
+    """
+    path = Path(source)
+    if path.exists() or not isinstance(source, str) or "/" in source or source.startswith((".", "~")):
+        if ids is not None:
+            raise ValueError(f"ids={ids} selects dictionaries of a release; {source} is a local path, loaded "
+                             "whole. Point at the one dictionary's directory instead.")
+        return load_local_dictionaries(path, device=device, format=format)
+    try:
+        return load_release(source, ids=ids, revision=revision, device=device, registry=registry)
+    except UnknownReleaseError as err:
+        raise FileNotFoundError(f"No dictionary at {source}: the path does not exist, nor is it a release. {err}") from None

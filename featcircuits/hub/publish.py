@@ -105,7 +105,7 @@ def build_upload_folder(
     ``cfg.json`` + ``sae_weights.safetensors``, for every dictionary sae-lens has an architecture for: not
     TopK/BatchTopK transcoders), and the run's ``metrics.json`` / ``config.json`` when known.
     """
-    from .. import __version__
+    from .._version import __version__
     from ..dictionaries.io import FORMATS
     from ..dictionaries.io.common import write_json
 

@@ -1,7 +1,8 @@
 """The pretrained registry: release name -> Hub repo, model, hooks, format, per-dictionary paths and metrics.
 
-featcircuits' own entries live in ``pretrained/registry.yaml``. A release that names ``saelens_release``,
-and any release id that only sae-lens knows, is resolved through sae-lens's own registry
+featcircuits' own entries live in ``featcircuits/pretrained/registry.yaml`` (package data, found with
+``importlib.resources``; a ``local_dir`` there is relative to that folder). A release that names
+``saelens_release``, and any release id that only sae-lens knows, is resolved through sae-lens's own registry
 (``sae_lens/pretrained_saes.yaml``) at run time, so its ids, paths and metrics are never copied here.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .._resources import pretrained_path
+
 __all__ = [
     "REGISTRY_PATH",
     "FORMATS",
@@ -26,7 +29,7 @@ __all__ = [
     "UnknownReleaseError",
 ]
 
-REGISTRY_PATH = Path(__file__).resolve().parents[2] / "pretrained" / "registry.yaml"
+REGISTRY_PATH = pretrained_path("registry.yaml")
 FORMATS = ("native", "saelens", "circuit-tracer", "transcoder-circuits-pt")
 
 
@@ -59,7 +62,7 @@ class Release:
     revision: str | None = None
     activation: str | None = None
     saelens_release: str | None = None
-    local_dir: Path | None = None  # files shipped inside the project (pretrained/...), no Hub involved
+    local_dir: Path | None = None  # files shipped with the registry (relative to its folder), no Hub involved
     description: str = ""
     dictionaries: dict[str, DictionaryEntry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -175,7 +178,7 @@ def _release_from_yaml(name: str, spec: dict[str, Any], registry: Path) -> Relea
         if lookup.repo_id != spec["repo_id"]:
             raise ValueError(
                 f"Registry release {name!r} names repo {spec['repo_id']!r} but sae-lens's {saelens_release!r} "
-                f"now points at {lookup.repo_id!r}; update pretrained/registry.yaml."
+                f"now points at {lookup.repo_id!r}; update {registry}."
             )
     hooks = spec.get("hooks") or {}
     extra = _saelens_extra(saelens_release) if saelens_release else {}
@@ -238,6 +241,6 @@ def get_release(name: str, registry: str | Path = REGISTRY_PATH) -> Release:
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise UnknownReleaseError(
         f"Unknown pretrained release {name!r}.{hint} featcircuits' releases: {', '.join(ours)} "
-        "(see pretrained/registry.yaml); any SAELens release id also works. To load a local folder, pass "
+        f"(see {registry}); any SAELens release id also works. To load a local folder, pass "
         "its path instead."
     )

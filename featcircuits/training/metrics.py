@@ -9,12 +9,12 @@ on them.
 from __future__ import annotations
 
 import os
-from functools import partial
 from typing import Any
 
 import torch
 
 from ..dictionaries import Dictionary
+from ..patching.splice import spliced_forward, zero_ablated_forward
 
 __all__ = ["evaluate_spliced", "reconstruction_metrics", "MetricLogger"]
 
@@ -51,8 +51,8 @@ def evaluate_spliced(
     results = []
     for dictionary in dictionaries:
         cfg = dictionary.cfg
-        spliced_logits, captured = _spliced_forward(model, dictionary, tokens, keep)
-        zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(cfg.hook_out, partial(_zero_ablate, keep=keep))])
+        spliced_logits, captured = spliced_forward(model, dictionary, tokens, keep)
+        zero_logits = zero_ablated_forward(model, cfg.hook_out, tokens, keep)
         ce_spliced = _next_token_loss(spliced_logits, tokens).item()
         ce_zero = _next_token_loss(zero_logits, tokens).item()
         spliced_log_probs = spliced_logits.float().log_softmax(-1)
@@ -65,35 +65,6 @@ def evaluate_spliced(
         )
         results.append(metrics)
     return results
-
-
-def _zero_ablate(acts: torch.Tensor, hook: Any, keep: torch.Tensor) -> torch.Tensor:
-    acts = acts.clone()
-    acts[keep] = 0
-    return acts
-
-
-def _spliced_forward(model: Any, dictionary: Dictionary, tokens: torch.Tensor, keep: torch.Tensor):
-    """Logits with ``dictionary``'s output in place of ``hook_out`` at kept positions, and the rows it saw."""
-    cfg = dictionary.cfg
-    captured: dict[str, torch.Tensor] = {}
-
-    def read_input(acts: torch.Tensor, hook: Any) -> None:
-        captured["in"] = acts
-
-    def splice(acts: torch.Tensor, hook: Any) -> torch.Tensor:
-        x_in = acts if cfg.hook_in == cfg.hook_out else captured["in"]
-        captured["out"] = acts.clone()
-        captured["in_rows"] = x_in[keep]
-        reconstruction = dictionary(x_in[keep])[0].to(acts.dtype)
-        acts = acts.clone()
-        acts[keep] = reconstruction
-        return acts
-
-    hooks = [(cfg.hook_out, splice)]
-    if cfg.hook_in != cfg.hook_out:
-        hooks.insert(0, (cfg.hook_in, read_input))
-    return model.run_with_hooks(tokens, fwd_hooks=hooks), captured
 
 
 class MetricLogger:

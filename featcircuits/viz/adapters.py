@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
+
+from ..nodes import parse_node_id
 
 __all__ = ["is_circuit_dict", "circuit_to_graph_json", "is_attribution_graph", "attribution_graph_to_graph_json"]
 
-_COMPONENT_RE = re.compile(r"^L(?P<layer>\d+)\.(?:H(?P<head>\d+)|MLP)$")
-_SITE_RE = re.compile(r"^(?P<kind>[a-z_]+?)(?P<layer>\d+)$")
 
 
 def is_circuit_dict(data: Any) -> bool:
@@ -42,49 +41,46 @@ def attribution_graph_to_graph_json(graph: Any, **export_options: Any) -> dict[s
 
 
 def _graph_node(node_id: str, influence: float | None, n_layers: int, positional: bool = False) -> dict[str, Any]:
-    """One circuit-tracer style node for a featcircuits node id (see featcircuits.graph.nodes). ``positional``:
+    """One circuit-tracer style node for a featcircuits node id (:mod:`featcircuits.nodes`). ``positional``:
     the circuit's other nodes sit at positions, so ``logits`` (feature edges' receiver) goes to the last one."""
     base: dict[str, Any] = {"node_id": node_id, "jsNodeId": node_id, "influence": influence}
-    component = _COMPONENT_RE.match(node_id)
-    if component:
-        what = f"head {component.group('head')}" if component.group("head") is not None else "MLP"
-        return {**base, "feature": -1, "layer": component.group("layer"), "ctx_idx": 0,
-                "feature_type": "component", "clerp": f"L{component.group('layer')} {what}"}
-    if node_id == "embed":
-        return {**base, "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding", "clerp": "embeddings"}
-    if node_id == "logits":
+    try:
+        node = parse_node_id(node_id)
+    except ValueError as err:
+        raise ValueError(f"Circuit node {node_id!r} cannot be drawn: {err}") from None
+    pos = 0 if node.pos is None else node.pos  # nodes summed over positions are drawn in the first column
+    where = " (all positions)" if node.pos is None else f" @{node.pos}"
+    if node.kind in ("head", "mlp"):
+        what = f"head {node.head}" if node.kind == "head" else "MLP"
+        return {**base, "feature": -1, "layer": str(node.layer), "ctx_idx": 0,
+                "feature_type": "component", "clerp": f"L{node.layer} {what}"}
+    if node.kind == "embedding":
+        if node.pos is None:
+            return {**base, "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding",
+                    "clerp": "embeddings"}
+        return {**base, "feature": pos, "layer": "E", "ctx_idx": pos, "feature_type": "embedding"}
+    if node.kind == "logits":
         return {**base, "feature": -1, "layer": str(n_layers + 1), "ctx_idx": -1 if positional else 0,
                 "feature_type": "logit", "clerp": "logits", "is_target_logit": True}
-    if "@" not in node_id and ":" not in node_id:
-        raise ValueError(f"Circuit node {node_id!r} is neither a component id (L3.H2, L3.MLP, embed, logits) nor a "
-                         "feature-level id (site:feature@pos, site:error@pos, embed@pos, logit:token@pos; "
-                         "site:feature and site:error when summed over positions).")
-    if "@" in node_id:
-        head, _, pos_text = node_id.rpartition("@")
-        try:
-            pos = int(pos_text)
-        except ValueError:
-            raise ValueError(f"Circuit node {node_id!r} has a non-integer position {pos_text!r}.") from None
-        where = f" @{pos}"
-    else:  # a node summed over positions (FeatureGraph(positions="sum")): drawn in the first column
-        head, pos, where = node_id, 0, " (all positions)"
-    if head == "embed":
-        return {**base, "feature": pos, "layer": "E", "ctx_idx": pos, "feature_type": "embedding"}
-    kind, _, what = head.partition(":")
-    if kind in ("logit", "target"):
-        return {**base, "feature": int(what) if what.isdigit() else -1, "layer": str(n_layers + 1), "ctx_idx": pos,
-                "feature_type": "logit", "is_target_logit": True, "clerp": f"{kind} {what}"}
-    site = _SITE_RE.match(kind)
-    if not site or not what:
-        raise ValueError(f"Circuit node {node_id!r}: cannot read its site {kind!r} (expected e.g. mlp3, attn1).")
-    layer = site.group("layer")
-    if what == "error":
+    if node.kind == "target":
+        kind = "logit" if node.is_logit else "target"
+        name = str(node.name)
+        return {**base, "feature": int(name) if name.isdigit() else -1, "layer": str(n_layers + 1), "ctx_idx": pos,
+                "feature_type": "logit", "is_target_logit": True, "clerp": f"{kind} {name}"}
+    layer = str(node.block)
+    site_kind = str(node.site).rstrip("0123456789")
+    if node.kind == "error":
         return {**base, "feature": -1, "layer": layer, "ctx_idx": pos, "feature_type": "mlp reconstruction error",
-                "clerp": f"{kind} error{where}"}
-    if not what.isdigit():
-        raise ValueError(f"Circuit node {node_id!r}: {what!r} is not a feature index or 'error'.")
-    return {**base, "feature": int(what), "layer": layer, "ctx_idx": pos, "feature_type": f"{site.group('kind')} feature",
-            "clerp": f"{kind} #{what}" + ("" if "@" in node_id else where)}
+                "clerp": f"{node.site} error{where}"}
+    return {**base, "feature": node.feature, "layer": layer, "ctx_idx": pos, "feature_type": f"{site_kind} feature",
+            "clerp": f"{node.site} #{node.feature}" + ("" if node.pos is not None else where)}
+
+
+def _block_of(node_id: str) -> int | None:
+    try:
+        return parse_node_id(node_id).block
+    except ValueError:
+        return None  # reported when the node is drawn
 
 
 def _finite(value: Any) -> float | None:
@@ -105,8 +101,7 @@ def circuit_to_graph_json(circuit: Any, prompt_tokens: list[str] | None = None) 
     edge_score = dict(zip(edge_ids_all, data.get("edge_scores") or [None] * len(edge_ids_all), strict=True))
     selected_edges = [tuple(edge) for edge in data.get("edges") or []]
     node_ids = list(dict.fromkeys([*data["nodes"], *(end for edge in selected_edges for end in edge)]))
-    layers = [int(match.group("layer")) for node_id in node_ids
-              if (match := re.match(r"^(?:L|[a-z_]+?)(?P<layer>\d+)[.:]", node_id))]
+    layers = [block for node_id in node_ids if (block := _block_of(node_id)) is not None]
     n_layers = max(layers, default=-1) + 1
     positional = any("@" in node_id for node_id in node_ids)
     nodes = [_graph_node(node_id, _finite(node_score.get(node_id)), n_layers, positional) for node_id in node_ids]

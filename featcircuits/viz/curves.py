@@ -1,6 +1,6 @@
 """Faithfulness and completeness curves of circuits as plots (matplotlib).
 
-The input is what :func:`featcircuits.circuits.evaluate.evaluate_circuit` returns (also stored as
+The input is what :func:`featcircuits.circuits.evaluation.evaluate_circuit` returns (also stored as
 ``circuit.evaluation``): a ``curve`` with ``sizes`` (or ``fractions``), ``faithfulness`` and
 ``completeness`` lists. Several circuits (methods) can share one plot::
 

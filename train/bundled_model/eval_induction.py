@@ -1,6 +1,6 @@
 """Induction in more detail than ``eval_tasks``: sequence lengths, frequent tokens, and repeated real code.
 
-    python -m train.bundled_model.eval_induction --model pretrained/bundled --corpus runs/bundled_corpus
+    python -m train.bundled_model.eval_induction --model featcircuits/pretrained/bundled --corpus runs/bundled_corpus
 
 Prints one JSON line of second-copy / first-copy top-1 accuracies (``BOS, s, s``; see
 ``eval_tasks.induction_accuracy``) for: random token sequences of several lengths; 20-token sequences
@@ -38,7 +38,7 @@ def text_repeats(tokens: torch.Tensor, n: int, length: int, seed: int, bos: int)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("pretrained/bundled"))
+    parser.add_argument("--model", type=Path, default=Path("featcircuits/pretrained/bundled"))
     parser.add_argument("--corpus", type=Path, default=Path("runs/bundled_corpus"))
     parser.add_argument("--n", type=int, default=64, help="sequences per measurement")
     parser.add_argument("--seed", type=int, default=1)

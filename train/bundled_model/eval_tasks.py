@@ -24,8 +24,8 @@ every token after the first by copying.
 Every function takes ``logits_fn(tokens [batch, pos]) -> logits [batch, pos, d_vocab]`` so it evaluates a
 Hugging Face model and a TransformerLens model alike. Usage::
 
-    python -m train.bundled_model.eval_tasks --model pretrained/bundled \\
-        --write-task pretrained/bundled/docstring_task.json
+    python -m train.bundled_model.eval_tasks --model featcircuits/pretrained/bundled \\
+        --write-task featcircuits/pretrained/bundled/docstring_task.json
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def induction_accuracy(logits_fn: LogitsFn, tokens: torch.Tensor) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("pretrained/bundled"))
+    parser.add_argument("--model", type=Path, default=Path("featcircuits/pretrained/bundled"))
     parser.add_argument("--n", type=int, default=300, help="prompts to score per task")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--write-task", type=Path, default=None,

@@ -7,7 +7,7 @@ state) are written atomically every ``--ckpt-every`` steps so an interrupted or 
 
 Usage (CPU, one thread, in the background)::
 
-    nohup python -m train.bundled_model.train_model --out pretrained/bundled --steps 4000 --warmup 150 \
+    nohup python -m train.bundled_model.train_model --out featcircuits/pretrained/bundled --steps 4000 --warmup 150 \
         --docstrings-from 3000 --induction-from 3000 > runs/bundled_train.log 2>&1 &
 
 ``--out`` must already hold the tokenizer (see train_tokenizer.py); the model is saved beside it.
@@ -274,7 +274,7 @@ def train(out_dir: Path, corpus: Path, work: Path, cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("pretrained/bundled"))
+    parser.add_argument("--out", type=Path, default=Path("featcircuits/pretrained/bundled"))
     parser.add_argument("--corpus", type=Path, default=Path("runs/bundled_corpus"))
     parser.add_argument("--work", type=Path, default=Path("runs/bundled_run"), help="token cache, checkpoints")
     for name, field in TrainConfig.__dataclass_fields__.items():

@@ -6,7 +6,7 @@ prepends it, so ``tokenizer(text)`` and TransformerLens' ``to_tokens`` start eve
 
 Usage::
 
-    python -m train.bundled_model.train_tokenizer --corpus runs/bundled_corpus --out pretrained/bundled
+    python -m train.bundled_model.train_tokenizer --corpus runs/bundled_corpus --out featcircuits/pretrained/bundled
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("runs/bundled_corpus"))
-    parser.add_argument("--out", type=Path, default=Path("pretrained/bundled"))
+    parser.add_argument("--out", type=Path, default=Path("featcircuits/pretrained/bundled"))
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args(argv)
     tok = train_tokenizer(args.corpus / "train.txt", args.vocab_size)

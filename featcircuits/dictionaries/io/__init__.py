@@ -43,41 +43,41 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def load_dictionaries(path: str | Path, device: str | torch.device = "cpu", format: str | None = None,
-                      revision: str | None = None) -> list[Dictionary]:
-    """All dictionaries under ``path``: one format directory, or a directory of such sub-directories.
+def load_dictionaries(path: str | Path, device: str | torch.device = "cpu", format: str | None = None) -> list[Dictionary]:
+    """All dictionaries in the local files under ``path``.
 
-    ``path`` may also name a pretrained release (e.g. ``"gpt2-small-res-jb"``), fetched through the
-    Hugging Face Hub cache at ``revision``.
+    ``path`` is one format directory (or file), a directory of such directories (one dictionary per
+    sub-directory, as ``featcircuits train --out`` writes), or a directory of training runs (per-layer runs
+    trained separately: ``tc/layer0/<hook>/...``), searched up to three levels down. Releases on the Hub are
+    loaded by :func:`featcircuits.load_dictionaries`, which also takes a release name.
     """
-    if isinstance(path, str) and "/" not in path and not path.startswith((".", "~")) and not Path(path).exists():
-        from ...hub.loading import load_release
-        from ...hub.registry import UnknownReleaseError
-
-        try:
-            return load_release(path, revision=revision, device=device)
-        except UnknownReleaseError as err:
-            raise FileNotFoundError(f"No dictionary at {path}: the path does not exist, nor is it a release. {err}") from None
     path = Path(path)
-    if format is None:
-        try:
-            format = detect_format(path)
-        except ValueError:
-            subdirs = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-            found = [d for sub in subdirs for d in _try_load(sub, device)]
-            if not found:
-                raise
-            return found
-    return FORMATS[format].load(path, device=device)
+    if not path.exists():
+        raise FileNotFoundError(f"No dictionary at {path}: the path does not exist.")
+    if format is not None:
+        return FORMATS[format].load(path, device=device)
+    found = _search(path, device, depth=3)
+    if found is None:
+        detect_format(path)  # raises, naming what is there and what each format expects
+    return found or []
 
 
-def _try_load(path: Path, device: str | torch.device) -> list[Dictionary]:
+def _search(path: Path, device: str | torch.device, depth: int) -> list[Dictionary] | None:
+    """Dictionaries at ``path`` or, if it holds none in a known format, in its sub-directories (sorted;
+    checkpoint directories skipped); None when there are none within ``depth`` levels."""
     try:
         return FORMATS[detect_format(path)].load(path, device=device)
     except ValueError as err:
-        if "no dictionary in a known format" in str(err):
-            return []
-        raise
+        if "no dictionary in a known format" not in str(err):
+            raise
+        if depth == 0 or not path.is_dir():
+            return None
+    found: list[Dictionary] | None = None
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "checkpoint"):
+        inside = _search(sub, device, depth - 1)
+        if inside is not None:
+            found = (found or []) + inside
+    return found
 
 
 def load_dictionary(path: str | Path, device: str | torch.device = "cpu", format: str | None = None) -> Dictionary:

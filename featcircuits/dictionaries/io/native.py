@@ -62,7 +62,7 @@ def save(dictionaries: list[Dictionary], path: Path) -> None:
     if len(dictionaries) != 1:
         raise ValueError("The native format holds one dictionary per directory; save each to its own directory.")
     (dictionary,) = dictionaries
-    from ... import __version__
+    from ..._version import __version__
 
     path.mkdir(parents=True, exist_ok=True)
     write_tensors(path / WEIGHTS_FILE, state_for_saving(dictionary))

@@ -12,7 +12,7 @@ The same forward, with zero corrections that gradients flow into, gives plain At
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -22,9 +22,6 @@ from .head_inputs import head_qkv_head_major, shared_qkv_head_major
 from .sender_diffs import SenderDiffs
 from .windows import PromptWindows
 from .workspace import Workspace
-
-if TYPE_CHECKING:
-    from .components import ComponentGraph
 
 __all__ = ["Correction", "OwnBlocks"]
 
@@ -36,11 +33,13 @@ Correction = Callable[[int, SenderDiffs], "torch.Tensor | None"]
 class OwnBlocks:
     """The blocks of ``graph``'s model run for edge patching, over each prompt's window of positions.
 
+    ``graph`` is a :class:`featcircuits.circuits.ComponentGraph` (its task, senders and receiver groups).
+
     Holds what the forwards reuse: the windows, the senders' outputs at them, the clean prefix's rotated keys
     and values per layer, and scratch buffers (:class:`.Workspace`).
     """
 
-    def __init__(self, graph: ComponentGraph) -> None:
+    def __init__(self, graph: Any) -> None:
         self.graph = graph
         task = graph.task
         self.windows = PromptWindows.of(task.clean_tokens, task.corrupt_tokens, task.clean_last,

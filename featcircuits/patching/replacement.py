@@ -1,6 +1,6 @@
 """ReplacementModel: a HookedTransformer with dictionaries spliced in and explicit error terms.
 
-Each dictionary becomes a *site* (named by :func:`featcircuits.graph.nodes.site_name`): a transcoder
+Each dictionary becomes a *site* (named by :func:`featcircuits.nodes.site_name`): a transcoder
 reads ``hook_in`` (usually ``blocks.L.ln2.hook_normalized``) and replaces ``blocks.L.hook_mlp_out``; an
 SAE replaces the activation at its own hook (attention output or residual stream). At every site
 
@@ -24,7 +24,6 @@ Two ways to run (both batched over a leading batch of patch patterns, tokens sha
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from transformer_lens import HookedTransformer
@@ -32,76 +31,11 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from ..dictionaries import Dictionary
 from ..models import check_hook_name, mlp_out
-from .nodes import hook_order_key, site_name
+from ..nodes import hook_order_key, site_name
+from .logits import final_norm, unembed
+from .records import CleanRun, Patch, ReplacementOutput, Site, apply_patch
 
 __all__ = ["Site", "CleanRun", "ReplacementOutput", "ReplacementModel", "Patch"]
-
-# A patch is a replacement tensor ([pos, d] or [batch, pos, d]) or a function of the current value.
-Patch = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Site:
-    """One spliced place: ``dictionary`` reads ``hook_in`` and replaces ``hook_out`` (None: bare MLP)."""
-
-    name: str
-    hook_in: str
-    hook_out: str
-    layer: int
-    dictionary: Dictionary | None
-
-    @property
-    def d_sae(self) -> int:
-        return self.dictionary.cfg.d_sae if self.dictionary is not None else 0
-
-
-@dataclass
-class CleanRun:
-    """Everything the frozen replacement model needs from one clean forward pass of one prompt.
-
-    Tensors carry no batch axis: ``tokens [pos]``, ``logits [pos, d_vocab]``, ``embeddings [pos, d_model]``
-    (resid_pre of block 0), ``final [pos, d_model]`` (the unembedding's input), per site ``inputs [pos, d_in]``, ``pre_acts``/``feature_acts [pos, d_sae]``,
-    ``recon_features [pos, d_out]`` (decoder part without the skip path), ``errors [pos, d_out]``;
-    ``patterns`` per layer ``[1, n_heads, pos, pos]`` and ``scales`` per hook ``[1, pos, 1]``.
-    """
-
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    embeddings: torch.Tensor
-    final: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    pre_acts: dict[str, torch.Tensor] = field(default_factory=dict)
-    feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)
-    recon_features: dict[str, torch.Tensor] = field(default_factory=dict)
-    errors: dict[str, torch.Tensor] = field(default_factory=dict)
-    patterns: dict[str, torch.Tensor] = field(default_factory=dict)
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def n_pos(self) -> int:
-        return int(self.tokens.shape[0])
-
-
-@dataclass
-class ReplacementOutput:
-    """``logits [batch, pos, d_vocab]``; per site ``inputs [batch, pos, d_in]`` (frozen runs), ``pre_acts``
-    and ``feature_acts [batch, pos, d_sae]`` (when asked for); ``final [batch, pos, d_model]`` is the
-    unembedding's input."""
-
-    logits: torch.Tensor
-    final: torch.Tensor
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    pre_acts: dict[str, torch.Tensor] = field(default_factory=dict)
-    feature_acts: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _apply_patch(value: torch.Tensor, patch: Patch | None) -> torch.Tensor:
-    if patch is None:
-        return value
-    if callable(patch):
-        return patch(value)
-    return patch.to(value.dtype).expand_as(value) if patch.dim() < value.dim() else patch.to(value.dtype)
-
 
 class ReplacementModel:
     """A HookedTransformer plus dictionaries, each spliced in at its own site with an error term.
@@ -245,7 +179,7 @@ class ReplacementModel:
         run.logits = logits[0]
         run.embeddings = raw["embed"][0]
         resid = raw["resid_final"][0]
-        run.final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
+        run.final = final_norm(self.model, resid)
         for site in self.sites:
             original = raw["out:" + site.hook_out][0]
             if site.dictionary is None:
@@ -309,6 +243,9 @@ class ReplacementModel:
         out = ReplacementOutput(logits=torch.empty(0), final=torch.empty(0))
         if clean is None and features_from_inputs is not None:
             raise ValueError("features_from_inputs applies to frozen runs; pass clean=replacement.clean_run(...).")
+        if clean is None and output_deltas:
+            raise ValueError("output_deltas apply to frozen runs (the linear model build_graph differentiates); "
+                             "pass clean=replacement.clean_run(...), or patch the live run with feature_acts/errors.")
         if clean is not None and past_kv_cache is not None:
             raise ValueError("past_kv_cache applies to live runs; a frozen run (clean=...) holds its clean prefix "
                              "already. Drop one of them.")
@@ -325,22 +262,22 @@ class ReplacementModel:
             mask = None if past_kv_cache is None else torch.ones_like(batch_tokens)
             resid = self.model(batch_tokens, stop_at_layer=self.cfg.n_layers, past_kv_cache=past_kv_cache,
                                attention_mask=mask)
-            final = self.model.ln_final(resid) if self.cfg.normalization_type is not None else resid
+            final = final_norm(self.model, resid)
         out.final = final
         if compute_logits:
-            out.logits = self.model.unembed(final)
+            out.logits = unembed(self.model, final)  # the model's own head: soft caps included
         return out
 
     def _live_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):
         """Hooks of the live replacement model: features from the live input, error recomputed live."""
         hooks: list[tuple[str, Callable]] = []
         if embed_patch is not None:
-            hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: _apply_patch(x, embed_patch)))
+            hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: apply_patch(x, embed_patch)))
         for site in self.sites:
             name, d = site.name, site.dictionary
             if d is None:
                 if name in error_patch:
-                    hooks.append((site.hook_out, lambda x, hook, p=error_patch[name]: _apply_patch(x, p)))
+                    hooks.append((site.hook_out, lambda x, hook, p=error_patch[name]: apply_patch(x, p)))
                 continue
             patched = name in feature_patch or name in error_patch
             if not (patched or return_acts):
@@ -352,7 +289,7 @@ class ReplacementModel:
                 state["acts:" + name] = d.activation(pre)
                 if return_acts:
                     out.pre_acts[name] = pre
-                    out.feature_acts[name] = _apply_patch(state["acts:" + name], feature_patch.get(name))
+                    out.feature_acts[name] = apply_patch(state["acts:" + name], feature_patch.get(name))
                 return x
 
             def write(value, hook, name=name, d=d, patched=patched):
@@ -360,8 +297,8 @@ class ReplacementModel:
                 if not patched:
                     return value
                 skip = self._skip_part(d, x)
-                error = _apply_patch(value - (self._feature_part(d, acts) + skip), error_patch.get(name))
-                new_acts = _apply_patch(acts, feature_patch.get(name))
+                error = apply_patch(value - (self._feature_part(d, acts) + skip), error_patch.get(name))
+                new_acts = apply_patch(acts, feature_patch.get(name))
                 return self._feature_part(d, new_acts) + skip + error
 
             hooks.append((site.hook_in, read))
@@ -375,13 +312,18 @@ class ReplacementModel:
             raise ValueError("The CleanRun is incomplete; build it with ReplacementModel.clean_run.")
 
         def constant(value: torch.Tensor) -> Callable:
-            return lambda x, hook: value.expand(batch, *value.shape[1:])
+            # most frozen values are [1, ...]; a q/k norm's scale is [pos * heads, 1] (transformer_lens
+            # normalises rows flattened batch-major), so its batch is the rows repeated
+            if value.shape[0] == 1:
+                return lambda x, hook: value.expand(batch, *value.shape[1:])
+            repeated = value.repeat(batch, *([1] * (value.dim() - 1)))
+            return lambda x, hook: repeated
 
         hooks: list[tuple[str, Callable]] = [(n, constant(v)) for n, v in clean.patterns.items()]
         hooks += [(n, constant(v)) for n, v in clean.scales.items()]
 
         def embed(x, hook):
-            x = _apply_patch(clean.embeddings.expand(batch, -1, -1), embed_patch)
+            x = apply_patch(clean.embeddings.expand(batch, -1, -1), embed_patch)
             return x + deltas["embed"] if "embed" in deltas else x
 
         hooks.append(("blocks.0.hook_resid_pre", embed))
@@ -389,7 +331,7 @@ class ReplacementModel:
             name, d = site.name, site.dictionary
 
             def error_of(name=name):
-                return _apply_patch(clean.errors[name].expand(batch, -1, -1), error_patch.get(name))
+                return apply_patch(clean.errors[name].expand(batch, -1, -1), error_patch.get(name))
 
             if d is None:
                 def write_bare(value, hook, name=name, error_of=error_of):
@@ -407,10 +349,10 @@ class ReplacementModel:
 
             def write(value, hook, name=name, d=d, error_of=error_of):
                 if features_from_inputs is not None:
-                    acts = _apply_patch(features_from_inputs(name, out.inputs[name]), feature_patch.get(name))
+                    acts = apply_patch(features_from_inputs(name, out.inputs[name]), feature_patch.get(name))
                     recon = self._feature_part(d, acts)
                 elif name in feature_patch:
-                    acts = _apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
+                    acts = apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
                     recon = self._feature_part(d, acts)
                 else:
                     acts, recon = clean.feature_acts[name], clean.recon_features[name].expand(batch, -1, -1)

@@ -9,9 +9,10 @@ command-line face of this function.
 
 Built-in tasks (``task=`` a name; a JSON file or a list of pairs works too, see ``circuits.tasks``):
 
-* ``docstring``: the bundled model's docstring task (``pretrained/bundled/docstring_task.json``).
-* ``forwarding``: the bundled model's argument-forwarding task (``pretrained/bundled/forwarding_task.json``):
-  a method passes its arguments on in order and the model names the next one.
+* ``docstring``: the bundled model's docstring task (``featcircuits/pretrained/bundled/docstring_task.json``).
+* ``forwarding``: the bundled model's argument-forwarding task
+  (``featcircuits/pretrained/bundled/forwarding_task.json``): a method passes its arguments on in order and
+  the model names the next one.
 * ``names``: repeat a story character's name seen earlier (TinyStories-style prompts; the names that are
   one token in the model's vocabulary), corrupted by swapping the name.
 * ``induction``: a random token sequence repeated; the corrupt run changes the token to be copied.
@@ -19,7 +20,6 @@ Built-in tasks (``task=`` a name; a JSON file or a list of pairs works too, see 
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import random
@@ -30,10 +30,16 @@ from typing import Any
 
 import torch
 
+from .._resources import pretrained_path
+from .report import FeatureSummary, feature_summaries, token_strings, write_report
+
 __all__ = ["run_demo", "DemoResult", "FeatureSummary", "BundledMissingError", "builtin_task_pairs",
            "BUNDLED_DIR", "BUILTIN_TASKS"]
 
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / "pretrained" / "bundled"
+# The bundled model, its dictionaries and tasks: package data (featcircuits/pretrained/bundled in a checkout).
+BUNDLED_DIR = pretrained_path("bundled")
+# Where the recipes in train/ (run from the repository root) write the bundled files.
+BUNDLED_RECIPE_DIR = "featcircuits/pretrained/bundled"
 BUILTIN_TASKS = ("docstring", "forwarding", "names", "induction")
 # Bundled dictionaries: the first of these (relative to BUNDLED_DIR) that exists.
 _BUNDLED_DICTIONARY_DIRS = ("transcoders", "dictionaries")
@@ -44,6 +50,7 @@ _BUNDLED_TASKS = {"docstring": "docstring_task.json", "forwarding": "forwarding_
 
 def _bundled_default_task() -> str | None:
     return next((name for name, file in _BUNDLED_TASKS.items() if (BUNDLED_DIR / file).is_file()), None)
+
 
 # The demo's circuit: AtP's selection, or, when that explains less than this fraction of the metric, the
 # smallest swept top-k that explains at least this much.
@@ -56,19 +63,6 @@ _STORY_NAMES = ("Tim", "Lily", "Timmy", "Tom", "Sue", "Ben", "Sam", "Max", "Mia"
 
 class BundledMissingError(FileNotFoundError):
     """``featcircuits demo`` without arguments found no bundled model or dictionaries."""
-
-
-@dataclass
-class FeatureSummary:
-    """One circuit feature: its node id, AtP score, and what it does in token terms."""
-
-    node_id: str
-    site: str
-    feature: int
-    pos: int
-    score: float
-    promoted_tokens: list[str]   # largest direct effects of its decoder row on the logits
-    activating_tokens: list[str]  # the tokens at its top activations in the demo text
 
 
 @dataclass
@@ -108,7 +102,7 @@ def _shown(path: Path) -> str:
 
 def _bundled_release() -> str | None:
     """A registry release of transcoders shipped inside BUNDLED_DIR (``local_dir``), if the registry has one."""
-    from .hub.registry import get_release, list_releases
+    from ..hub.registry import get_release, list_releases
 
     for name in list_releases(include_saelens=False):
         release = get_release(name)
@@ -127,23 +121,25 @@ def _bundled_inputs() -> tuple[Path, Path | str, Path]:
     dictionaries = dictionaries or _bundled_release()
     if dictionaries is None:
         missing.append(f"its dictionaries ({' or '.join(_shown(BUNDLED_DIR / d) for d in _BUNDLED_DICTIONARY_DIRS)}, "
-                       "or a transcoder release in pretrained/registry.yaml with its local_dir there)")
+                       "or a transcoder release in featcircuits/pretrained/registry.yaml with its local_dir there)")
     default_task = _bundled_default_task()
     if default_task is None:
         missing.append("its task (" + " or ".join(_shown(BUNDLED_DIR / f) for f in _BUNDLED_TASKS.values()) + ")")
     if missing:
+        recipe_dir = BUNDLED_RECIPE_DIR
         raise BundledMissingError(
-            "featcircuits demo without --model/--dictionaries runs on the bundled model, but this checkout lacks "
-            + "; ".join(missing) + ". Produce them with the recipes in train/ (see train/README.md):\n"
+            "featcircuits demo without --model/--dictionaries runs on the bundled model, but this installation lacks "
+            + "; ".join(missing) + ". Produce them from a checkout, at its root, with the recipes in train/ "
+            "(see train/README.md):\n"
             "  python -m train.bundled_model.build_corpus --out runs/bundled_corpus\n"
-            "  python -m train.bundled_model.train_tokenizer --corpus runs/bundled_corpus --out pretrained/bundled\n"
-            "  python -m train.bundled_model.eval_tasks --write-names --corpus runs/bundled_corpus --model pretrained/bundled\n"
-            "  python -m train.bundled_model.train_model --out pretrained/bundled --corpus runs/bundled_corpus "
+            f"  python -m train.bundled_model.train_tokenizer --corpus runs/bundled_corpus --out {recipe_dir}\n"
+            f"  python -m train.bundled_model.eval_tasks --write-names --corpus runs/bundled_corpus --model {recipe_dir}\n"
+            f"  python -m train.bundled_model.train_model --out {recipe_dir} --corpus runs/bundled_corpus "
             "--work runs/bundled_run --steps 4000 --warmup 150\n"
-            "  python -m train.bundled_model.eval_tasks --model pretrained/bundled --task forwarding --write-task "
-            "pretrained/bundled/forwarding_task.json\n"
+            f"  python -m train.bundled_model.eval_tasks --model {recipe_dir} --task forwarding --write-task "
+            f"{recipe_dir}/forwarding_task.json\n"
             "  featcircuits train train/bundled_transcoders.yaml, then copy runs/bundled_transcoders/{blocks.*,metrics.json} "
-            "into pretrained/bundled/transcoders\n"
+            f"into {recipe_dir}/transcoders\n"
             "or run on any model: featcircuits demo --model MODEL_DIR --dictionaries DICT_DIR [--prompt TEXT]."
         )
     return BUNDLED_DIR, dictionaries, BUNDLED_DIR / _BUNDLED_TASKS[default_task]  # type: ignore[return-value]
@@ -197,7 +193,7 @@ def builtin_task_pairs(name: str, model: Any) -> list[dict[str, Any]]:
         task_file = BUNDLED_DIR / _BUNDLED_TASKS[name]
         if not task_file.is_file():
             raise FileNotFoundError(f"No {name} task at {task_file}; write it with `python -m train.bundled_model."
-                                    f"eval_tasks --model pretrained/bundled --task {name} --write-task {task_file}`.")
+                                    f"eval_tasks --model {BUNDLED_RECIPE_DIR} --task {name} --write-task {task_file}`.")
         data = json.loads(task_file.read_text())
         return data["pairs"] if isinstance(data, dict) else data
     if name == "names":
@@ -213,7 +209,7 @@ def builtin_task_pairs(name: str, model: Any) -> list[dict[str, Any]]:
 
 def _resolve_task(task: Any, model: Any, bundled: bool, max_pairs: int) -> tuple[str, Any]:
     """(name, ContrastiveTask) with at most ``max_pairs`` pairs (the first ones: every pair costs forwards)."""
-    from .circuits import ContrastiveTask, load_task
+    from ..circuits import ContrastiveTask, load_task
 
     if isinstance(task, ContrastiveTask):
         return "custom", task
@@ -257,9 +253,10 @@ class _Stages:
 
 
 def _load_inputs(model: Any, dictionaries: Any, device: str) -> tuple[Any, list]:
-    from .dictionaries import Dictionary, load_dictionaries
-    from .hub.checks import check_dictionaries_match_model
-    from .models import load_model
+    from ..dictionaries import Dictionary
+    from ..hub.checks import check_dictionaries_match_model
+    from ..hub.loading import load_dictionaries
+    from ..models import load_model
 
     model = load_model(model, device=device) if isinstance(model, (str, Path)) else model
     if isinstance(dictionaries, (str, Path)):
@@ -270,13 +267,6 @@ def _load_inputs(model: Any, dictionaries: Any, device: str) -> tuple[Any, list]
                          "or a registry release.")
     check_dictionaries_match_model(model, dictionaries)
     return model, dictionaries
-
-
-def _token_strings(model: Any, ids: list[int]) -> list[str]:
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        return [str(i) for i in ids]
-    return [tokenizer.decode([i]) for i in ids]
 
 
 def _demo_text(model: Any, rm: Any, prompt: Any, task: Any, text: str | None) -> torch.Tensor:
@@ -292,33 +282,6 @@ def _demo_text(model: Any, rm: Any, prompt: Any, task: Any, text: str | None) ->
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     pad = bos if bos is not None else 0
     return torch.nn.utils.rnn.pad_sequence([s.cpu() for s in sequences], batch_first=True, padding_value=pad)
-
-
-def _readable(model: Any, pieces: list[str]) -> list[str]:
-    """Vocabulary pieces (``'Ġfoo'``, ``'▁Tim'``, ``'<0x0A>'``) as the text they decode to."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        return pieces
-    return _token_strings(model, tokenizer.convert_tokens_to_ids(pieces))
-
-
-def _summaries(model: Any, rm: Any, circuit: Any, dashboards: Any, n_top: int, n_tokens: int) -> list[FeatureSummary]:
-    from .graph import parse_node_id
-
-    scores = dict(zip(circuit.node_ids, circuit.node_scores, strict=True))
-    features = [n for n in circuit.nodes if parse_node_id(n).kind == "feature"]
-    features.sort(key=lambda n: -abs(scores[n]))
-    out = []
-    for node_id in features[:n_top]:
-        node = parse_node_id(node_id)
-        layer = rm.site(node.site).dictionary.cfg.layer
-        entry = dashboards.features.get(f"{layer}_{node.feature}", {})
-        promoted = _readable(model, [token for token, _ in entry.get("top_logits", [])[:n_tokens]])
-        firing = _readable(model, [c["tokens"][c["focus"]] for c in entry.get("top_contexts", [])])
-        activating = list(dict.fromkeys(firing))[:n_tokens]
-        out.append(FeatureSummary(node_id, node.site, int(node.feature), node.pos, float(scores[node_id]),
-                                  promoted, activating))
-    return out
 
 
 def run_demo(
@@ -364,9 +327,9 @@ def run_demo(
         model, dictionaries, _ = _bundled_inputs()
     # the bundled model's default task is its own, however the model was named
     bundled = isinstance(model, (str, Path)) and Path(model).resolve() == BUNDLED_DIR.resolve()
-    from .circuits import evaluate, find_circuit, make_graph
-    from .graph import ReplacementModel, build_graph, graph_scores, parse_node_id
-    from .viz.dashboards import compute_dashboards
+    from ..circuits import evaluate, find_circuit, make_graph
+    from ..graph import ReplacementModel, build_graph, graph_scores, parse_node_id
+    from ..viz.dashboards import compute_dashboards
 
     stages = _Stages(["load", "graph", "task", "circuit", "evaluate", "cards", "report"], progress)
     try:
@@ -411,16 +374,16 @@ def run_demo(
         dashboards = stages.run("cards", compute_dashboards, model, by_layer, tokens.to(model.cfg.device),
                                 batch_size=64,
                                 features={k: sorted(v) for k, v in wanted.items() if k in by_layer})
-        top = _summaries(model, rm, circuit, dashboards, n_top, n_tokens=5)
+        top = feature_summaries(model, rm, circuit, dashboards, n_top, n_tokens=5)
 
         probs = graph.clean.logits[-1].float().softmax(-1)
         top_p, top_i = probs.topk(5)
-        predictions = list(zip(_token_strings(model, top_i.tolist()), top_p.tolist(), strict=True))
+        predictions = list(zip(token_strings(model, top_i.tolist()), top_p.tolist(), strict=True))
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a directory for the report.")
         out.mkdir(parents=True, exist_ok=True)
-        files = stages.run("report", _write_report, out, graph, circuit, dashboards, model, rm, prompt, task_name,
+        files = stages.run("report", write_report, out, graph, circuit, dashboards, model, rm, prompt, task_name,
                            evaluation, scores, top, predictions)
     finally:
         stages.close()
@@ -429,57 +392,3 @@ def run_demo(
                       evaluation=evaluation, replacement_score=scores.replacement_score,
                       graph_completeness=scores.completeness_score, top_features=top, top_predictions=predictions,
                       files=files, timings=stages.timings)
-
-
-# ---- the report --------------------------------------------------------------------------------
-
-
-def _write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: Any, rm: Any, prompt: Any,
-                  task_name: str, evaluation: dict, scores: Any, top: list[FeatureSummary],
-                  predictions: list[tuple[str, float]]) -> dict[str, Path]:
-    from .graph import write_circuit_tracer_json
-    from .viz.viewer import write_viewer
-
-    tokens = _token_strings(model, rm.to_tokens(prompt).tolist())
-    files = {"graph_json": out / "graph.json", "circuit_json": out / "circuit.json",
-             "dashboards": out / "dashboards.json"}
-    write_circuit_tracer_json(graph, files["graph_json"], slug="featcircuits-demo")
-    circuit.save(files["circuit_json"])
-    dashboards.save(files["dashboards"])
-    task_tokens = None
-    if circuit.graph is not None:
-        task = circuit.graph.task
-        task_tokens = _token_strings(model, task.clean_tokens[0, : int(task.clean_last[0]) + 1].tolist())
-    files["graph"] = write_viewer(files["graph_json"], out / "graph.html", dashboards=dashboards,
-                                  title=f"Attribution graph: {''.join(tokens)[-80:]}")
-    files["circuit"] = write_viewer(circuit, out / "circuit.html", dashboards=dashboards,
-                                    title=f"{circuit.method} circuit for the {task_name} task",
-                                    prompt_tokens=task_tokens)
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td><code>{esc(f.node_id)}</code></td><td>{f.score:+.3g}</td>"
-        f"<td>{esc(', '.join(map(repr, f.promoted_tokens)))}</td><td>{esc(', '.join(map(repr, f.activating_tokens)))}</td></tr>"
-        for f in top
-    )
-    preds = ", ".join(f"{esc(repr(t))} {p:.2f}" for t, p in predictions)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>featcircuits demo</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .6em;text-align:left}}
-code{{background:#f3f3f3}}</style></head><body>
-<h1>featcircuits demo</h1>
-<p>Model <b>{esc(str(model.cfg.model_name))}</b> with {len(rm.dictionaries)} dictionaries.</p>
-<h2>Attribution graph</h2>
-<p>Prompt: <code>{esc(''.join(tokens))}</code><br>Top predictions: {preds}<br>
-{graph.n_features} feature nodes (of {graph.n_active_features} active), {graph.n_edges} edges;
-replacement score {scores.replacement_score:.3f}, completeness score {scores.completeness_score:.3f}.
-<a href="graph.html">Open the graph viewer</a>.</p>
-<h2>Circuit ({esc(circuit.method)}, task <i>{esc(task_name)}</i>)</h2>
-<p>{len(circuit.nodes)} of {len(circuit.node_ids)} nodes. Faithfulness {evaluation['faithfulness']:.3f}
-(1 = the circuit alone recovers the task metric), completeness {evaluation['completeness']:.3f}
-(the rest alone; 0 = nothing outside the circuit matters). Metric: full model {evaluation['m_full']:.3f},
-all ablated {evaluation['m_empty']:.3f}. <a href="circuit.html">Open the circuit viewer</a>.</p>
-<h2>Top features</h2><table><tr><th>node</th><th>score</th><th>promotes (decoder &rarr; unembedding)</th>
-<th>fires on</th></tr>{rows}</table></body></html>
-"""
-    files["report"] = out / "report.html"
-    files["report"].write_text(page, encoding="utf-8")
-    return files

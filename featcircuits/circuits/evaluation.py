@@ -11,6 +11,7 @@ better; Miller et al. 2024).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,38 @@ def _default_sizes(n_units: int) -> list[int]:
     return sorted({0, n_units, *steps.tolist()})
 
 
+def _on_graph_units(graph: Any, circuit: Circuit, units: list) -> tuple[list[float], list]:
+    """The circuit's scores and selection laid on ``graph``'s units.
+
+    A circuit found on this graph has its units. Another circuit of the same level is mapped by id: a
+    pruned attribution graph, say, whose nodes include embeddings and targets (never ablated) and
+    features whose ablation changes nothing on the task (equal to their ablated value, so always kept).
+    Graph units the circuit does not name score 0 and lie outside it.
+    """
+    if list(circuit.units) == units:
+        return list(circuit.scores), list(circuit.selected)
+    if circuit.level == "edges":
+        raise ValueError(
+            f"The circuit's edges ({len(circuit.units)}) are not this graph's ({len(units)}): evaluate an edge "
+            "circuit on a graph built with the same model, dictionaries, task, ablation and max_edges."
+        )
+    index = {unit: i for i, unit in enumerate(units)}
+    circuit_scores = circuit.node_scores or [0.0] * len(circuit.node_ids)
+    scores = [0.0] * len(units)
+    for node, score in zip(circuit.node_ids, circuit_scores, strict=True):
+        if node in index:
+            scores[index[node]] = score
+    selected = [node for node in circuit.selected if node in index]
+    known = sum(node in index for node in circuit.node_ids)
+    if known == 0:
+        raise ValueError(
+            f"None of the circuit's {len(circuit.node_ids)} nodes is a node of this graph ({len(units)}, e.g. "
+            f"{units[:3]}): evaluate a circuit on a graph built with the same model, dictionaries and "
+            "positions ('each' for per-position ids such as 'mlp3:12@5')."
+        )
+    return scores, selected
+
+
 def evaluate_circuit(graph: Any, circuit: Circuit, sizes: Sequence[int] | None = None) -> dict[str, Any]:
     """Measure ``circuit`` (its selection) and the top-k curve of its scores on ``graph``.
 
@@ -63,25 +96,20 @@ def evaluate_circuit(graph: Any, circuit: Circuit, sizes: Sequence[int] | None =
     (``sizes``, ``fractions``, ``faithfulness``, ``completeness``), ``cpr``, ``cmd``, ``m_full``,
     ``m_empty``. The dict is also stored in ``circuit.evaluation``.
     """
-    units = circuit.units
-    if circuit.level == "nodes":
-        graph_units, run = graph.node_ids, graph.node_metric
-    else:
-        graph_units, run = graph.edge_ids, graph.edge_metric
-    if list(graph_units) != list(units):
-        raise ValueError(
-            f"The circuit's {circuit.level} ({len(units)}) are not this graph's ({len(graph_units)}): evaluate a "
-            "circuit on a graph built with the same model, dictionaries, task, ablation and positions."
-        )
+    graph_units = graph.node_ids if circuit.level == "nodes" else graph.edge_ids
+    run = graph.node_metric if circuit.level == "nodes" else graph.edge_metric
+    scores, selected = _on_graph_units(graph, circuit, list(graph_units))
+    units = list(graph_units)
     n_units = len(units)
     sizes = sorted({int(s) for s in (sizes if sizes is not None else _default_sizes(n_units))})
     bad = [s for s in sizes if not 0 <= s <= n_units]
     if bad:
         raise ValueError(f"Circuit sizes {bad} are outside [0, {n_units}] (the number of {circuit.level}).")
-    order = torch.tensor(circuit.ranking(), dtype=torch.long)
+    order = torch.tensor(sorted(range(n_units), key=lambda i: -abs(scores[i]) if not math.isnan(scores[i]) else 0.0),
+                         dtype=torch.long)
     index = {unit: i for i, unit in enumerate(units)}
     chosen = torch.zeros(n_units)
-    chosen[[index[u] for u in circuit.selected]] = 1.0
+    chosen[[index[u] for u in selected]] = 1.0
     masks = [torch.ones(n_units), torch.zeros(n_units), chosen, 1.0 - chosen]
     for size in sizes:
         mask = torch.zeros(n_units)
@@ -100,7 +128,8 @@ def evaluate_circuit(graph: Any, circuit: Circuit, sizes: Sequence[int] | None =
     curve_f, curve_c = faith[4::2], faith[5::2]
     fractions = [s / max(n_units, 1) for s in sizes]
     result = {
-        "faithfulness": faith[2], "completeness": faith[3], "size": len(circuit.selected),
+        "faithfulness": faith[2], "completeness": faith[3], "size": len(selected),
+        "measured_in": graph.measured_in,
         "n_units": n_units, "m_full": m_full, "m_empty": m_empty,
         "curve": {"sizes": sizes, "fractions": fractions, "faithfulness": curve_f, "completeness": curve_c},
         "cpr": area_under(fractions, curve_f),

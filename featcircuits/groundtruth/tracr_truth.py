@@ -1,9 +1,9 @@
 """Recovering tracr ground truth: tasks, the true feature circuit, and ROC AUC of found circuits.
 
 Components: a head or MLP is in the true circuit when the compiler gave it weights; an edge when the
-sender writes a residual label the receiver reads (:class:`featcircuits.circuits.tracr.TracrModel`).
+sender writes a residual label the receiver reads (:class:`featcircuits.groundtruth.tracr_model.TracrModel`).
 
-Features: SAEs on the residual stream (:mod:`featcircuits.circuits.tracr_saes`) are scored against the
+Features: SAEs on the residual stream (:mod:`featcircuits.groundtruth.tracr_saes`) are scored against the
 program's dataflow at two grains.
 
 * Variables (:func:`variable_truth_units`): the unit is (site, program variable), the SOp a label belongs
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .tasks import ContrastiveTask
-from .tracr import TracrModel
+from ..circuits.tasks import ContrastiveTask
+from .tracr_model import TracrModel
 
 __all__ = ["tracr_task", "label_recovery", "feature_truth_units", "variable_truth_units", "variable_of"]
 

@@ -85,3 +85,19 @@ def causal_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     scores.view(heads, rows // n, n, queries, keys).add_(mask)
     pattern = scores.softmax(dim=-1)
     return torch.bmm(pattern, v.reshape(heads * rows, keys, d_head)).view(heads, rows, queries, d_head)
+
+
+def keys_values_as_cached(attn, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hook_k`` / ``hook_v`` ``[batch, pos, head, d_head]`` -> the keys and values transformer_lens keeps in
+    its key-value cache (before rotary): per-head q/k norms applied (Qwen3, Gemma-3). Architectures whose
+    cached keys :func:`prefix_keys_reproducible` rejects (full-vector q/k norms, clipped q/k/v) are not
+    handled here."""
+    if getattr(attn.cfg, "use_qk_norm", False):
+        keys = attn._apply_qk_norm(keys, attn.k_norm)
+    return keys, values
+
+
+def prefix_keys_reproducible(model) -> bool:
+    """Whether :func:`keys_values_as_cached` reproduces the model's cached keys and values from its hooks."""
+    cfg = model.cfg
+    return cfg.original_architecture not in _QK_NORM_ARCHITECTURES and getattr(cfg, "clip_qkv", None) is None

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .tracr import TracrModel
+from .tracr_model import TracrModel
 
 __all__ = ["TracrSource", "residual_sites", "train_residual_saes"]
 
