@@ -55,6 +55,22 @@ def prefix_sharing_task(model, shapes=((9, 4), (7, 3), (9, 6), (8, 5))):
     return ContrastiveTask.from_pairs(model, pairs)
 
 
+def relu_transcoders(model, d_sae: int = 48, bias: float = -0.2, seed: int = 0) -> list:
+    """Random-init ReLU transcoders at every layer of ``model`` (encoder bias ``bias``: some features fire)."""
+    from featcircuits import Dictionary, DictionaryConfig
+
+    torch.manual_seed(seed)
+    out = []
+    for layer in range(model.cfg.n_layers):
+        cfg = DictionaryConfig(d_in=model.cfg.d_model, d_sae=d_sae, kind="transcoder", activation="relu",
+                               hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
+        dictionary = Dictionary.from_config(cfg)
+        with torch.no_grad():
+            dictionary.b_enc.fill_(bias)
+        out.append(dictionary)
+    return out
+
+
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES260K / "config.json").exists():

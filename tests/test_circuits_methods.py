@@ -229,6 +229,7 @@ def test_shared_head_inputs_match_transformer_lens_per_head_inputs(model_name, r
     transformer_lens with each head's q/k/v set from one normalised input per head; transformer_lens's own
     per-head residual copies (use_attn_in / use_split_qkv_input) must give the same metrics."""
     import featcircuits.circuits.components as components
+    import featcircuits.patching.hooked_edges as hooked_edges
 
     model = request.getfixturevalue(model_name)  # LayerNorm + MHA, RMSNorm + grouped-query attention
     graph = ComponentGraph(model, random_token_task(model, 4, 6, 1), ablation="zero")
@@ -237,7 +238,7 @@ def test_shared_head_inputs_match_transformer_lens_per_head_inputs(model_name, r
     own_blocks = graph.edge_metric(keep)
     monkeypatch.setattr(components, "own_blocks_supported", lambda model: False)
     shared = graph.edge_metric(keep)
-    monkeypatch.setattr(components, "shared_head_inputs_supported", lambda model: False)
+    monkeypatch.setattr(hooked_edges, "shared_head_inputs_supported", lambda model: False)
     per_head_copies = graph.edge_metric(keep)
     assert torch.allclose(shared, per_head_copies, atol=1e-5)
     assert torch.allclose(own_blocks, per_head_copies, atol=1e-5)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_GPT2_CONFIG
+from conftest import TINY_GPT2_CONFIG, relu_transcoders
 
-from featcircuits import Dictionary, DictionaryConfig, load_model
+from featcircuits import load_model
 from featcircuits.circuits import ContrastiveTask, FeatureEdgeGraph, FeatureGraph, evaluate, make_graph
 from featcircuits.graph import build_graph, prune_graph
 from featcircuits.nodes import NODE_KINDS, Node, parse_node_id
@@ -41,23 +41,10 @@ def test_malformed_node_ids_are_named_in_the_error(bad):
         parse_node_id(bad)
 
 
-def _transcoders(model, d_sae=40, seed=0):
-    torch.manual_seed(seed)
-    out = []
-    for layer in range(model.cfg.n_layers):
-        cfg = DictionaryConfig(d_in=model.cfg.d_model, d_sae=d_sae, kind="transcoder", activation="relu",
-                               hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
-        dictionary = Dictionary.from_config(cfg)
-        with torch.no_grad():
-            dictionary.b_enc.fill_(-0.25)
-        out.append(dictionary)
-    return out
-
-
 @pytest.fixture(scope="module")
 def gpt2_rm():
     model = load_model(TINY_GPT2_CONFIG, seed=0)
-    return ReplacementModel(model, _transcoders(model))
+    return ReplacementModel(model, relu_transcoders(model, d_sae=40, bias=-0.25))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +101,25 @@ def test_training_splice_is_the_replacement_model_without_its_error(gpt2_rm):
     spliced, _ = spliced_forward(gpt2_rm.model, site.dictionary, tokens, torch.ones_like(tokens, dtype=torch.bool))
     replaced = gpt2_rm.run(CLEAN, errors={site.name: torch.zeros(len(CLEAN), gpt2_rm.cfg.d_model)}).logits
     torch.testing.assert_close(spliced, replaced, atol=1e-5, rtol=0)
+
+
+def test_load_dictionaries_reads_a_directory_of_training_runs(tmp_path, gpt2_rm):
+    """Per-layer runs trained separately (``featcircuits train --out tc/layerL`` each) load as one set."""
+    import json
+
+    import featcircuits as fc
+
+    originals = [site.dictionary for site in gpt2_rm.sites if site.dictionary is not None]
+    for layer, dictionary in enumerate(originals):
+        run = tmp_path / "tc" / f"layer{layer}"
+        dictionary.save(str(run / dictionary.cfg.hook_in))
+        (run / "metrics.json").write_text(json.dumps({"steps": 1}))
+        (run / "checkpoint").mkdir()  # a run's checkpoint folder holds no dictionary to load
+    loaded = fc.load_dictionaries(tmp_path / "tc")
+    assert [d.cfg.hook_out for d in loaded] == [d.cfg.hook_out for d in originals]
+    for mine, theirs in zip(loaded, originals, strict=True):
+        torch.testing.assert_close(mine.W_dec, theirs.W_dec, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="selects dictionaries of a release"):
+        fc.load_dictionaries(tmp_path / "tc", ids=["layer_0"])
+    with pytest.raises(FileNotFoundError, match="nor is it a release"):
+        fc.load_dictionaries("no-such-release-or-folder")

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_LLAMA_CONFIG, prefix_sharing_task
+from conftest import TINY_LLAMA_CONFIG, prefix_sharing_task, relu_transcoders
 
-from featcircuits import Dictionary, DictionaryConfig, load_model
+from featcircuits import load_model
 from featcircuits.circuits import ComponentGraph, FeatureEdgeGraph, FeatureGraph, evaluate, find_circuit
 from featcircuits.circuits.circuit import Circuit
 from featcircuits.graph import build_graph, verify
 from featcircuits.patching.replacement import ReplacementModel
 
 PROMPT = [1, 17, 33, 5, 60, 2, 41, 9, 88, 12]
-
-
-def transcoders(model, d_sae: int = 48, seed: int = 0) -> list[Dictionary]:
-    torch.manual_seed(seed)
-    out = []
-    for layer in range(model.cfg.n_layers):
-        cfg = DictionaryConfig(d_in=model.cfg.d_model, d_sae=d_sae, kind="transcoder", activation="relu",
-                               hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
-        dictionary = Dictionary.from_config(cfg)
-        with torch.no_grad():
-            dictionary.b_enc.fill_(-0.2)
-        out.append(dictionary)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def qk_norm_model():
 
 @torch.no_grad()
 def test_replacement_logits_apply_the_output_soft_cap(capped_model):
-    rm = ReplacementModel(capped_model, transcoders(capped_model))
+    rm = ReplacementModel(capped_model, relu_transcoders(capped_model))
     reference = capped_model(torch.tensor([PROMPT]))[0]
     assert reference.abs().max() <= 2.0
     identity = {site.name: (lambda acts: acts) for site in rm.sites if site.dictionary is not None}
@@ -61,7 +48,7 @@ def test_replacement_logits_apply_the_output_soft_cap(capped_model):
 @torch.no_grad()
 def test_component_and_feature_engines_agree_on_a_soft_capped_model(capped_model):
     task = prefix_sharing_task(capped_model)
-    rm = ReplacementModel(capped_model, transcoders(capped_model))
+    rm = ReplacementModel(capped_model, relu_transcoders(capped_model))
     components = ComponentGraph(capped_model, task)
     features = FeatureGraph(rm, task)
     edges = FeatureEdgeGraph(features)
@@ -80,7 +67,7 @@ def test_component_and_feature_engines_agree_on_a_soft_capped_model(capped_model
 
 
 def test_qk_norm_model_builds_verifies_and_runs_batched(qk_norm_model):
-    rm = ReplacementModel(qk_norm_model, transcoders(qk_norm_model))
+    rm = ReplacementModel(qk_norm_model, relu_transcoders(qk_norm_model))
     graph = build_graph(rm, prompt=PROMPT, progress=False, batch_size=16)
     assert verify(graph, n_sources=24).max_rel_error <= 1e-5
     with torch.no_grad():
@@ -130,7 +117,7 @@ def test_mean_ablation_is_one_definition_on_prompts_of_unequal_length(tiny_llama
 
 def test_a_circuit_records_the_model_it_was_measured_in(tiny_llama, tmp_path):
     task = prefix_sharing_task(tiny_llama)
-    rm = ReplacementModel(tiny_llama, transcoders(tiny_llama))
+    rm = ReplacementModel(tiny_llama, relu_transcoders(tiny_llama))
     found = {
         "model": find_circuit(tiny_llama, task, "atp"),
         "live replacement": find_circuit(rm, task, "atp", top_k=5),
@@ -148,6 +135,6 @@ def test_a_circuit_records_the_model_it_was_measured_in(tiny_llama, tmp_path):
 
 
 def test_output_deltas_on_a_live_run_are_refused(tiny_llama):
-    rm = ReplacementModel(tiny_llama, transcoders(tiny_llama))
+    rm = ReplacementModel(tiny_llama, relu_transcoders(tiny_llama))
     with pytest.raises(ValueError, match="output_deltas apply to frozen runs"):
         rm.run(PROMPT, output_deltas={"mlp0": torch.zeros(1, len(PROMPT), tiny_llama.cfg.d_model)})

@@ -26,7 +26,7 @@ from ..nodes import Node
 from ..patching.ablation import ablation_value, check_ablation, mix, repeat_copies
 from ..patching.attention import keys_values_as_cached, own_blocks_supported, prefix_keys_reproducible
 from ..patching.edge_hooks import edge_hooks_enabled, head_input_hooks
-from ..patching.head_inputs import HeadInputHooks, shared_head_inputs_supported
+from ..patching.hooked_edges import hooked_edge_forward
 from ..patching.logits import logits_from_resid
 from ..patching.own_blocks import OwnBlocks
 from ..patching.sender_diffs import SenderDiffs
@@ -324,72 +324,13 @@ class ComponentGraph:
             self.forwards += 1  # the final norm and unembedding: counted as a (short) forward
             final = repeat_copies(self._clean_final[:, skip:], copies, n) - correction
             return self._metric_from_final(final, skip)
-        return self._hooked_edge_forward(removed, copies, start_layer, skip, clean, ablated)
+        return hooked_edge_forward(self, removed, copies, start_layer, skip, clean, ablated)
 
     def _own_blocks(self) -> OwnBlocks:
         """The edge-patching forward that runs the blocks itself (:mod:`.own_blocks`), built on first use."""
         if self._own is None:
             self._own = OwnBlocks(self)
         return self._own
-
-    def _hooked_edge_forward(self, removed: torch.Tensor, copies: int, start_layer: int, skip: int,
-                             clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-        """The edge-patching forward through transformer_lens's hooks, for blocks :class:`.OwnBlocks` does not
-        cover (and for the straightforward evaluator): the metric ``[copies]``."""
-        n = len(self.task)
-        prefix = 1 + start_layer * self.per_layer if start_layer > 0 or skip else 0  # senders before the first block
-        senders = SenderDiffs(clean, ablated, copies, prefix)
-        corrections: dict[int, torch.Tensor] = {}  # per receiver group: grouped-query q/k/v inputs share one
-
-        def record(start: int):
-            def hook(x, hook):
-                senders.store(start, x)
-                return x
-            return hook
-
-        def record_heads(start: int, ablated_z: torch.Tensor, W_O: torch.Tensor):
-            def hook(z, hook):  # z [batch, pos, head, d_head]
-                senders.store_heads(start, z.permute(2, 0, 1, 3), ablated_z.permute(2, 0, 1, 3), W_O)
-                return z
-            return hook
-
-        def receive(first: int, n_receivers: int, n_senders: int):
-            def hook(x, hook):
-                if first not in corrections:
-                    off = removed[:, first:first + n_receivers * n_senders].view(-1, n_receivers, n_senders)
-                    correction = senders.removed_sum(off)  # [batch, receivers, pos, d_model]
-                    corrections[first] = correction.transpose(1, 2) if x.dim() == 4 else correction[:, 0]
-                return x - corrections[first]
-            return hook
-
-        def head_correction(first: int, n_senders: int) -> Callable[[], torch.Tensor | None]:
-            def correction() -> torch.Tensor | None:  # [copies * n, head, pos, d_model], None if nothing removed
-                off = removed[:, first:first + self.n_heads * n_senders]
-                return senders.removed_sum(off.view(-1, self.n_heads, n_senders)) if bool(off.any()) else None
-            return correction
-
-        hooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
-        for layer in range(start_layer, self.n_layers):
-            start = 1 + layer * self.per_layer
-            hooks.append((f"blocks.{layer}.attn.hook_z",
-                          record_heads(start, self._ablated_z[layer][:, skip:], self.model.blocks[layer].attn.W_O)))
-            if self.has_mlp:
-                hooks.append((f"blocks.{layer}.hook_mlp_out", record(start + self.n_heads)))
-        shared_inputs = shared_head_inputs_supported(self.model)
-        for names, first, n_r, n_s in self._receiver_groups:
-            layer = int(names[0].split(".")[1])
-            if layer < start_layer:
-                continue
-            if shared_inputs and names == head_input_hooks(self.model, layer):  # this layer's heads
-                hooks += HeadInputHooks(self.model, layer, head_correction(first, n_s)).hooks()
-            else:
-                hooks += [(hook, receive(first, n_r, n_s)) for hook in names]
-        with edge_hooks_enabled(self.model, attn_result=False, per_head_inputs=not shared_inputs):
-            if prefix == 0:
-                return self._run_to_metric(self._tokens(copies), hooks)
-            resid = repeat_copies(self._clean_resid[start_layer][:, skip:], copies, n)
-            cache = self._clean_kv_cache(copies, skip) if skip else None
-            return self._run_to_metric(resid, hooks, start_at_layer=start_layer, past_kv_cache=cache)
 
     def edge_attribution(self, steps: int = 1, receivers: str = "linear") -> torch.Tensor:
         """AtP / AtP-IG edge scores ``[n_edges]``: ``(sender_ablated - sender_clean) . grad(receiver input)``.
