@@ -66,13 +66,27 @@ def _convert_weights(hf_model: torch.nn.Module, cfg: HookedTransformerConfig) ->
     return getattr(weight_conversions, family.converter)(hf_model, cfg)
 
 
+def _quietly_from_pretrained(auto_class, path: Path, dtype: torch.dtype):
+    """``auto_class.from_pretrained`` without transformers' per-load progress bar (a local read of a few
+    files; featcircuits' own bars say what is slow)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(str(path), dtype=dtype)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_local_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_path = path / "config.json"
     hf_config = json.loads(config_path.read_text())
     cfg = hf_config_to_hooked_config(hf_config, device=device, dtype=dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    hf_model = _quietly_from_pretrained(AutoModelForCausalLM, path, dtype)
     state_dict = _convert_weights(hf_model, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     cfg.init_weights = False  # every parameter is overwritten from the checkpoint

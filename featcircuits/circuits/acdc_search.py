@@ -162,6 +162,7 @@ def acdc(
             if free[j]:
                 keep[unit] = False
                 scores[unit] = 0.0
+                assert downstream is not None  # a unit is free only under the downstream rule
                 downstream.remove(unit, downstream.kept_out)
                 continue
             change = guessed_change[copy]

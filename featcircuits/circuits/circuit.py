@@ -6,9 +6,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..dictionaries.io.common import atomic_path
+
+if TYPE_CHECKING:  # the graph modules import this one
+    from .components import ComponentGraph
+    from .feature_edges import FeatureEdgeGraph
+    from .features import FeatureGraph
 
 __all__ = ["Circuit"]
 
@@ -36,6 +41,7 @@ class Circuit:
     ``"live replacement"`` (feature nodes: features downstream of an ablation recomputed from their
     changed inputs), ``"frozen local replacement"`` (feature edges: the clean run's attention patterns and
     norm scales, the linear graph's edges), or ``"attribution graph"`` (a pruned graph, not yet measured).
+    ``graph`` is the graph :func:`featcircuits.find_circuit` measured it on (not saved).
     """
 
     method: str
@@ -49,6 +55,10 @@ class Circuit:
     params: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     measured_in: str = "model"
+    # The graph find_circuit ran on, so that evaluate() can reuse it; live objects only: never saved
+    # (to_dict), compared or shown, and None for loaded or re-selected circuits.
+    graph: ComponentGraph | FeatureGraph | FeatureEdgeGraph | None = field(
+        default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.measured_in not in MEASURED_IN:

@@ -17,6 +17,7 @@ window of changed positions); other architectures, and the straightforward evalu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -384,7 +385,8 @@ class ComponentGraph:
         delta = delta.repeat(steps, 1, 1, 1)
         scores = []
         for hook_names, _, _, n_senders in self._receiver_groups:
-            grad = sum(grads[name] for name in hook_names)  # q, k and v inputs each carry the residual
+            # q, k and v inputs each carry the residual; reduce, not sum(), so the type stays a Tensor
+            grad = functools.reduce(torch.add, (grads[name] for name in hook_names))
             grad = grad if grad.dim() == 4 else grad.unsqueeze(2)  # [batch, pos, receivers, d_model]
             scores.append(torch.einsum("bspd,bprd->rs", delta[:, :n_senders], grad).flatten())
         return torch.cat(scores)

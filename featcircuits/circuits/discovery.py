@@ -148,14 +148,16 @@ def find_circuit(
     if max_edges is not None and isinstance(graph, FeatureEdgeGraph):
         raise ValueError("max_edges is applied when the feature edges are built, and this FeatureEdgeGraph is "
                          "built already; build it with FeatureEdgeGraph(nodes, max_edges=...) instead.")
-    if level == "edges" and isinstance(graph, FeatureGraph):
-        graph = FeatureEdgeGraph(graph, max_edges=max_edges)
-    if level == "nodes" and isinstance(graph, FeatureEdgeGraph):
-        graph = graph.nodes
-    units = graph.node_ids if level == "nodes" else graph.edge_ids
-    run = graph.node_metric if level == "nodes" else graph.edge_metric
-    attribute = (graph.node_attribution if level == "nodes"
-                 else functools.partial(graph.edge_attribution, receivers=receivers))
+    # each level narrows the graph to the kinds that have its metric and attribution
+    if level == "nodes":
+        if isinstance(graph, FeatureEdgeGraph):
+            graph = graph.nodes
+        units, run, attribute = graph.node_ids, graph.node_metric, graph.node_attribution
+    else:
+        if isinstance(graph, FeatureGraph):
+            graph = FeatureEdgeGraph(graph, max_edges=max_edges)
+        units, run = graph.edge_ids, graph.edge_metric
+        attribute = functools.partial(graph.edge_attribution, receivers=receivers)
     n_units = len(units)
     forwards_before = graph.forwards
     with torch.no_grad():
@@ -208,7 +210,7 @@ def evaluate(circuit: Circuit, graph: ComponentGraph | FeatureGraph | FeatureEdg
     """Faithfulness, completeness, the size sweep curve, CPR and CMD of ``circuit`` (see
     :func:`featcircuits.circuits.evaluation.evaluate_circuit`). ``graph`` defaults to the one the circuit
     was found on."""
-    graph = graph if graph is not None else getattr(circuit, "graph", None)
+    graph = graph if graph is not None else circuit.graph
     if graph is None:
         raise ValueError("This circuit carries no graph (it was loaded from a file); pass graph=make_graph(...).")
     return evaluate_circuit(graph, circuit, sizes)

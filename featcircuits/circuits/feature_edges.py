@@ -136,7 +136,11 @@ class FeatureEdgeGraph:
         stream at dimensions ``final_dims``) of every node: ``[rows, n_nodes]``, per unit of a feature's
         activation, and for an error node its whole ablation (ablated minus clean error term)."""
         clean = self._clean_runs[index]
-        rows = len(final_dims) if receivers is None else len(receivers)
+        if receivers is None:
+            assert final_dims is not None, "rows of the final residual need final_dims"
+            rows = len(final_dims)
+        else:
+            rows = len(receivers)
         weights = torch.zeros(rows, len(self.node_ids))
         if receivers is not None and not (self._pos[receivers] < clean.n_pos).any():
             return weights  # every receiver lies past this prompt's end
@@ -213,12 +217,16 @@ class FeatureEdgeGraph:
         gradients = [self._metric_gradients(i, self._ranking_steps) for i in range(n_prompts)]
         # a feature's weight is per unit of activation, an error's is its whole ablation
         per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()
-        sender, receiver, score, weight = [], [], [], []  # edges into features; weight [edges, prompts]
+        # per receiver chunk, edges into features; weight [edges, prompts]
+        senders_in: list[torch.Tensor] = []
+        receivers_in: list[torch.Tensor] = []
+        scores_in: list[torch.Tensor] = []
+        weights_in: list[torch.Tensor] = []
         self.complete = True
 
         def keep_best(k: int) -> None:
-            best = torch.cat(score).abs().topk(min(k, sum(len(x) for x in score))).indices
-            for pool in (sender, receiver, score, weight):
+            best = torch.cat(scores_in).abs().topk(min(k, sum(len(x) for x in scores_in))).indices
+            for pool in (senders_in, receivers_in, scores_in, weights_in):
                 pool[:] = [torch.cat(pool)[best]]
             self.complete = False
 
@@ -226,11 +234,11 @@ class FeatureEdgeGraph:
             w = torch.stack([self._jacobian_rows(i, chunk) for i in range(n_prompts)])  # [prompts, rows, nodes]
             grads = torch.stack([g[0][chunk] for g in gradients])[:, :, None]
             rows, senders = (w != 0).any(0).nonzero(as_tuple=True)
-            sender.append(senders)
-            receiver.append(chunk[rows])
-            score.append((w * per_unit[:, None, :] * grads).sum(0)[rows, senders])
-            weight.append(w[:, rows, senders].T)
-            if max_edges is not None and sum(len(x) for x in score) > 2 * max_edges:
+            senders_in.append(senders)
+            receivers_in.append(chunk[rows])
+            scores_in.append((w * per_unit[:, None, :] * grads).sum(0)[rows, senders])
+            weights_in.append(w[:, rows, senders].T)
+            if max_edges is not None and sum(len(x) for x in scores_in) > 2 * max_edges:
                 keep_best(max_edges)
         # edges into the logits: rows are the last position's final residual dimensions
         dims = torch.arange(self._clean_runs[0].final.shape[-1]).split(self._chunk)
@@ -240,8 +248,8 @@ class FeatureEdgeGraph:
         logit_senders = (w != 0).any(0).any(0).nonzero()[:, 0]
         logit_scores = (w * per_unit[:, None, :] * grads).sum((0, 1))[logit_senders]
         logit_weights = w[:, :, logit_senders].permute(2, 0, 1)  # [edges, prompts, d_model]
-        sender, receiver = torch.cat(sender), torch.cat(receiver)
-        score, weight = torch.cat(score), torch.cat(weight)
+        sender, receiver = torch.cat(senders_in), torch.cat(receivers_in)
+        score, weight = torch.cat(scores_in), torch.cat(weights_in)
         if max_edges is not None and len(score) + len(logit_scores) > max_edges:
             # exactly max_edges, ties broken by topk
             best = torch.cat([score, logit_scores]).abs().topk(max_edges).indices.sort().values

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..patching.ablation import repeat_copies
-from ..patching.edge_hooks import edge_hooks_enabled, head_input_hooks
+from ..patching.edge_hooks import FwdHooks, edge_hooks_enabled, head_input_hooks
 from ..patching.logits import logits_from_resid
 
 __all__ = ["RECEIVER_RULES", "check_receivers", "receiver_changes", "exact_edge_scores"]
@@ -83,13 +83,14 @@ def receiver_changes(graph: Any, layer: int, delta: torch.Tensor,
             return x + s[:, :, None, :] * k
 
         def set_mlp_in(x, hook, s=shift, c=copies):
+            assert clean_mlp_in is not None  # hooked only on models with MLPs, whose inputs the graph keeps
             return repeat_copies(clean_mlp_in, c, n) + s  # the clean input, not the one the heads above changed
 
         def capture(x, hook, store=captured):
             store[hook.name] = x
             return x
 
-        hooks = [(name, shift_heads) for name in head_input_hooks(model, layer)]
+        hooks: FwdHooks = [(name, shift_heads) for name in head_input_hooks(model, layer)]
         hooks.append((f"blocks.{layer}.attn.hook_result", capture))
         if graph.has_mlp:
             hooks += [(f"blocks.{layer}.hook_mlp_in", set_mlp_in), (f"blocks.{layer}.hook_mlp_out", capture)]

@@ -10,6 +10,7 @@ the file formats and the trainer by name.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,11 +19,14 @@ __all__ = ["ACTIVATIONS", "register_activation", "make_activation", "ReLU", "Top
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {}
 
+_ActivationClass = TypeVar("_ActivationClass", bound=type[nn.Module])
 
-def register_activation(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+
+def register_activation(name: str) -> Callable[[_ActivationClass], _ActivationClass]:
+    # the class comes back as itself (type[TopK], not type[nn.Module]), so its own attributes stay typed
+    def add(cls: _ActivationClass) -> _ActivationClass:
         ACTIVATIONS[name] = cls
-        cls.name = name
+        setattr(cls, "name", name)  # noqa: B010 -- any nn.Module subclass registers; none declares `name`
         return cls
 
     return add
@@ -73,6 +77,7 @@ class BatchTopK(nn.Module):
     """
 
     elementwise = True  # at inference (the graphs and circuits run in eval mode)
+    threshold: torch.Tensor  # a registered buffer (nn.Module's __getattr__ would type it Tensor | Module)
 
     def __init__(self, d_sae: int, k: int | None = None) -> None:
         super().__init__()

@@ -38,19 +38,21 @@ class Dictionary(nn.Module):
         super().__init__()
         self.cfg = cfg
         dtype = _DTYPES[cfg.dtype]
-        factory = dict(device=device, dtype=dtype)
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        assert d_out is not None  # DictionaryConfig.__post_init__ sets it (to d_in by default)
         # Encoder initialised as the decoder's transpose, decoder rows at unit norm: the usual start
         # for every architecture (Conerly et al. 2024; Gao et al. 2024).
-        W_dec = torch.randn(d_sae, d_out, **factory)
+        W_dec = torch.randn(d_sae, d_out, device=device, dtype=dtype)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        W_enc = torch.randn(d_in, d_sae, **factory) / d_in**0.5 if d_in != d_out else W_dec.T.clone()
+        W_enc = (torch.randn(d_in, d_sae, device=device, dtype=dtype) / d_in**0.5 if d_in != d_out
+                 else W_dec.T.clone())
         self.W_enc = nn.Parameter(W_enc.contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_out, **factory))
-        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out, **factory)) if cfg.kind == "skip_transcoder" else None
-        self.activation = make_activation(cfg.activation, d_sae, cfg.k).to(**factory)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
+        self.W_skip = (nn.Parameter(torch.zeros(d_in, d_out, device=device, dtype=dtype))
+                       if cfg.kind == "skip_transcoder" else None)
+        self.activation = make_activation(cfg.activation, d_sae, cfg.k).to(device=device, dtype=dtype)
         # Inference mode by default: BatchTopK only selects across the batch while training.
         self.eval()
 
@@ -104,6 +106,7 @@ class Dictionary(nn.Module):
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The dense skip path ``[..., d_in] -> [..., d_out]`` (in normalised units); zero for others."""
         if self.W_skip is None:
+            assert self.cfg.d_out is not None  # set by DictionaryConfig.__post_init__
             return torch.zeros(*x.shape[:-1], self.cfg.d_out, device=x.device, dtype=self.dtype)
         return (x.to(self.dtype) * self.cfg.norm_scale) @ self.W_skip
 

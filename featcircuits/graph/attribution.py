@@ -45,7 +45,8 @@ def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_fea
     cfg = rm.cfg
     itemsize = torch.finfo(cfg.dtype).bits // 8
     if engine == "autograd":
-        per_token = cfg.n_layers * (16 * cfg.d_model + 4 * cfg.d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
+        d_mlp = cfg.d_mlp or 0  # None: an attention-only model, no MLP activations
+        per_token = cfg.n_layers * (16 * cfg.d_model + 4 * d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
         per_token += len(rm.sites) * 2 * cfg.d_model  # deltas and their gradients
         forward = 2 * batch_size * n_pos * per_token * itemsize
     else:  # a few [batch, pos, d_model] gradients per site, and the seeds
@@ -105,6 +106,7 @@ class _RowComputer:
                 continue
             start, end = int(members[0]), int(members[-1]) + 1
             d = site.dictionary
+            assert d is not None  # active features lie only at sites with a dictionary
             self.decoder_vectors[start:end] = (
                 feature_act[start:end, None] * d.W_dec.detach()[feature_id[start:end]] / d.cfg.norm_scale
             )
@@ -322,7 +324,7 @@ def build_graph(
     visited = torch.zeros(n_active, dtype=torch.bool, device=device)
     filled = n_targets
     while filled < n_targets + n_keep:
-        if full:
+        if row_buffer is None:  # full
             order = torch.arange(n_active, device=device)[filled - n_targets:]
         else:  # most influential unvisited features first, re-ranked every few batches
             influence = _partial_influence(row_buffer[:filled], row_col[:filled], weights, n_cols)[:n_active]
@@ -343,7 +345,7 @@ def build_graph(
 
     selected = visited.nonzero().squeeze(1)  # ascending: keeps (site, pos, feature) order
     n_final = selected.numel() + (n_sites + 1) * n_pos + n_targets
-    if not full:
+    if row_buffer is not None:  # not full
         keep_cols = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
         adjacency = torch.zeros(n_final, n_final, device=device)
         feature_rows = torch.full((n_active,), -1, dtype=torch.long, device=device)

@@ -245,15 +245,16 @@ class AttributionGraph:
                 f"{tensors_path} does not match the checksum recorded in {json_path.name}: it is truncated or "
                 "corrupt, or the two files come from different saves. Save the graph again."
             )
-        if device is None:
-            device = model.cfg.device if model is not None else "cpu"
+        # (the model is untyped, so the declared type says the value is no longer None)
+        where: str | torch.device = device if device is not None else (
+            model.cfg.device if model is not None else "cpu")
         n_nodes, n_targets = int(meta["n_nodes"]), len(meta["targets"])
         expected: dict[str, tuple[int, ...] | None] = {
             "node_keys": (n_nodes, 4), "adjacency": (n_nodes, n_nodes), "activations": (n_nodes,),
             **{f"targets.{i}.vector": None for i in range(n_targets)}}
         if meta["has_tokens"]:
             expected["tokens"] = None
-        tensors = read_tensors(tensors_path, expected, device=device)
+        tensors = read_tensors(tensors_path, expected, device=where)
         targets = [Target(vector=tensors[f"targets.{i}.vector"], **fields) for i, fields in enumerate(meta["targets"])]
         graph = cls(node_keys=tensors["node_keys"], adjacency=tensors["adjacency"], activations=tensors["activations"],
                     sites=list(meta["sites"]), targets=targets, tokens=tensors.get("tokens"), prompt=meta["prompt"],

@@ -196,6 +196,7 @@ def _load_with_saelens(release: Release, entry: DictionaryEntry, revision: str |
 
     from .readers import dictionary_from_saelens_components
 
+    assert release.saelens_release is not None  # _load_entry sends only sae-lens releases here
     overrides = dict(get_config_overrides(release.saelens_release, entry.id))
     if revision:
         overrides["revision"] = revision  # honoured by the sae-lens loaders that take a revision

@@ -49,10 +49,10 @@ class DirectEffects:
                 None: one row per dimension in ``final_dims`` of the unembedding input at the last position.
         """
         if self._linear is not None:
-            return self._linear_grads(receivers, final_dims)
+            return self._linear_grads(self._linear, receivers, final_dims)
         return self._autograd_grads(receivers, final_dims)
 
-    def _linear_grads(self, receivers, final_dims) -> dict[str, torch.Tensor]:
+    def _linear_grads(self, linear: LinearBackward, receivers, final_dims) -> dict[str, torch.Tensor]:
         rm, clean = self.rm, self.clean
         n_pos, d_model = clean.n_pos, rm.cfg.d_model
         device, dtype = clean.final.device, clean.final.dtype
@@ -74,7 +74,7 @@ class DirectEffects:
                 # d pre_acts / d input: the encoder column, scaled as the dictionary scales its input
                 seed[row[here], pos[here]] = (d.cfg.norm_scale * d.W_enc.detach()[:, feature[here]].T).to(dtype)
                 seeds[site_index] = seed
-        site_grads, _ = self._linear.grads(seeds, final_seed, n_pos)
+        site_grads, _ = linear.grads(seeds, final_seed, n_pos)
         out: dict[str, torch.Tensor] = {}
         for site, grad in zip(rm.sites, site_grads, strict=True):
             if grad is None:

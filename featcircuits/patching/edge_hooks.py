@@ -2,13 +2,20 @@
 
 Edge patching sets each receiver's own input: a head's (``hook_attn_in``, or under grouped-query attention
 its ``hook_q/k/v_input`` with key/value heads ungrouped), an MLP's (``hook_mlp_in``) or the final residual.
+:data:`FwdHooks` is the type of the hook lists handed to transformer_lens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeAlias
 
-__all__ = ["grouped_query", "head_input_hooks", "edge_hooks_enabled"]
+__all__ = ["FwdHooks", "grouped_query", "head_input_hooks", "edge_hooks_enabled"]
+
+# ``fwd_hooks`` exactly as transformer_lens's run_with_hooks and hooks() declare it: (hook name or name
+# filter, hook). A list is invariant, so a list inferred as list[tuple[str, ...]] would not be accepted.
+FwdHooks: TypeAlias = list[tuple[str | Callable, Callable]]
 
 
 def grouped_query(model) -> bool:

@@ -13,8 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+# from their defining modules: transformer_lens.components re-exports them without declaring them public
+from transformer_lens.components.layer_norm import LayerNorm
+from transformer_lens.components.layer_norm_pre import LayerNormPre
+from transformer_lens.components.rms_norm import RMSNorm
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+from .edge_hooks import FwdHooks
 
 __all__ = ["HeadInputHooks", "head_qkv", "head_qkv_head_major", "shared_head_inputs_supported",
            "shared_qkv_head_major"]
@@ -38,7 +45,8 @@ def head_qkv(block, resid: torch.Tensor, correction: torch.Tensor) -> tuple[torc
     rotary and query/key norms, which the attention applies after those hooks). Key and value heads are one
     per query head (grouped-query attention ungrouped)."""
     qkv = head_qkv_head_major(block, resid, correction)
-    return tuple(part.permute(1, 2, 0, 3) for part in qkv.split(block.attn.W_Q.shape[-1], dim=-1))
+    q, k, v = (part.permute(1, 2, 0, 3) for part in qkv.split(block.attn.W_Q.shape[-1], dim=-1))
+    return q, k, v
 
 
 def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +103,7 @@ class HeadInputHooks:
         self.resid: torch.Tensor | None = None
         self.qkv: tuple[torch.Tensor, ...] | None = None
 
-    def hooks(self) -> list[tuple[str, Callable]]:
+    def hooks(self) -> FwdHooks:
         attn = f"blocks.{self.layer}.attn"
         return [(f"blocks.{self.layer}.hook_resid_pre", self._take_resid), (f"{attn}.hook_q", self._queries),
                 (f"{attn}.hook_k", self._give(1)), (f"{attn}.hook_v", self._give(2))]
@@ -108,6 +116,7 @@ class HeadInputHooks:
         correction = self.correction()
         if correction is None:
             return q  # every head reads the residual stream itself: transformer_lens's own q, k, v stand
+        assert self.resid is not None  # hook_resid_pre runs before hook_q
         self.qkv = head_qkv(self.block, self.resid, correction)
         return self.qkv[0]
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .ablation import repeat_copies
-from .edge_hooks import edge_hooks_enabled, head_input_hooks
+from .edge_hooks import FwdHooks, edge_hooks_enabled, head_input_hooks
 from .head_inputs import HeadInputHooks, shared_head_inputs_supported
 from .sender_diffs import SenderDiffs
 
@@ -57,7 +57,7 @@ def hooked_edge_forward(graph: Any, removed: torch.Tensor, copies: int, start_la
             return senders.removed_sum(off.view(-1, graph.n_heads, n_senders)) if bool(off.any()) else None
         return correction
 
-    hooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
+    hooks: FwdHooks = [("blocks.0.hook_resid_pre", record(0))] if prefix == 0 else []
     for layer in range(start_layer, graph.n_layers):
         start = 1 + layer * graph.per_layer
         hooks.append((f"blocks.{layer}.attn.hook_z",

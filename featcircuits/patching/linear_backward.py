@@ -23,7 +23,12 @@ inputs are read at ``hook_resid_*``, ``ln1/ln2.hook_normalized``, ``hook_mlp_in`
 from __future__ import annotations
 
 import torch
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+# from their defining modules: transformer_lens.components re-exports them without declaring them public
+from transformer_lens.components.layer_norm import LayerNorm
+from transformer_lens.components.layer_norm_pre import LayerNormPre
+from transformer_lens.components.rms_norm import RMSNorm
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 
 from .replacement import CleanRun, ReplacementModel
 

@@ -23,7 +23,7 @@ Two ways to run (both batched over a leading batch of patch patterns, tokens sha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from transformer_lens import HookedTransformer
@@ -32,6 +32,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from ..dictionaries import Dictionary
 from ..models import check_hook_name, mlp_out
 from ..nodes import hook_order_key, site_name
+from .edge_hooks import FwdHooks
 from .logits import final_norm, unembed
 from .records import CleanRun, Patch, ReplacementOutput, Site, apply_patch
 
@@ -168,7 +169,7 @@ class ReplacementModel:
             return hook
 
         raw: dict[str, torch.Tensor] = {}
-        hooks = [(name, keep(run.patterns, name)) for name in self._pattern_hooks()]
+        hooks: FwdHooks = [(name, keep(run.patterns, name)) for name in self._pattern_hooks()]
         hooks += [(name, keep(run.scales, name)) for name in self._scale_hooks()]
         hooks.append(("blocks.0.hook_resid_pre", keep(raw, "embed")))
         hooks.append((f"blocks.{self.cfg.n_layers - 1}.hook_resid_post", keep(raw, "resid_final")))
@@ -200,8 +201,8 @@ class ReplacementModel:
         self,
         tokens: str | torch.Tensor | Sequence[int],
         *,
-        feature_acts: dict[str, Patch] | None = None,
-        errors: dict[str, Patch] | None = None,
+        feature_acts: Mapping[str, Patch] | None = None,
+        errors: Mapping[str, Patch] | None = None,
         embeddings: Patch | None = None,
         clean: CleanRun | None = None,
         batch_size: int | None = None,
@@ -270,7 +271,7 @@ class ReplacementModel:
 
     def _live_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state):
         """Hooks of the live replacement model: features from the live input, error recomputed live."""
-        hooks: list[tuple[str, Callable]] = []
+        hooks: FwdHooks = []
         if embed_patch is not None:
             hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: apply_patch(x, embed_patch)))
         for site in self.sites:
@@ -319,7 +320,7 @@ class ReplacementModel:
             repeated = value.repeat(batch, *([1] * (value.dim() - 1)))
             return lambda x, hook: repeated
 
-        hooks: list[tuple[str, Callable]] = [(n, constant(v)) for n, v in clean.patterns.items()]
+        hooks: FwdHooks = [(n, constant(v)) for n, v in clean.patterns.items()]
         hooks += [(n, constant(v)) for n, v in clean.scales.items()]
 
         def embed(x, hook):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..dictionaries import Dictionary
+from .edge_hooks import FwdHooks
 
 __all__ = ["spliced_forward", "zero_ablated_forward"]
 
@@ -37,7 +38,7 @@ def spliced_forward(model: Any, dictionary: Dictionary, tokens: torch.Tensor,
         acts[keep] = reconstruction
         return acts
 
-    hooks = [(cfg.hook_out, splice)]
+    hooks: FwdHooks = [(cfg.hook_out, splice)]
     if cfg.hook_in != cfg.hook_out:
         hooks.insert(0, (cfg.hook_in, read_input))
     return model.run_with_hooks(tokens, fwd_hooks=hooks), captured
