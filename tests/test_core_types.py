@@ -10,7 +10,7 @@ from conftest import TINY_GPT2_CONFIG, relu_transcoders
 
 from featcircuits import load_model
 from featcircuits.circuits import ContrastiveTask, FeatureEdgeGraph, FeatureGraph, evaluate, make_graph
-from featcircuits.graph import build_graph, prune_graph
+from featcircuits.graph import build_graph, prune_graph, verify
 from featcircuits.nodes import NODE_KINDS, Node, parse_node_id
 from featcircuits.patching.replacement import ReplacementModel
 from featcircuits.patching.splice import spliced_forward
@@ -123,3 +123,15 @@ def test_load_dictionaries_reads_a_directory_of_training_runs(tmp_path, gpt2_rm)
         fc.load_dictionaries(tmp_path / "tc", ids=["layer_0"])
     with pytest.raises(FileNotFoundError, match="nor is it a release"):
         fc.load_dictionaries("no-such-release-or-folder")
+
+
+def test_a_graph_records_its_engine_and_why_not_the_linear_one(gpt2_rm):
+    graph = build_graph(gpt2_rm, prompt=CLEAN, progress=False)
+    assert graph.provenance["engine"] == {"name": "linear", "linear_unsupported": None}
+    parallel = load_model({**TINY_GPT2_CONFIG, "parallel_attn_mlp": True}, seed=0)
+    rm = ReplacementModel(parallel, relu_transcoders(parallel, d_sae=40, bias=-0.25))
+    fallback = build_graph(rm, prompt=CLEAN, progress=False)
+    assert fallback.provenance["engine"] == {"name": "autograd", "linear_unsupported": "cfg.parallel_attn_mlp is set"}
+    with pytest.raises(ValueError, match=r"engine='linear' cannot run this model \(cfg.parallel_attn_mlp is set\)"):
+        build_graph(rm, prompt=CLEAN, progress=False, engine="linear")
+    assert verify(fallback, n_sources=16).max_rel_error <= 1e-5

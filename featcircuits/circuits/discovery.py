@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
@@ -18,7 +18,16 @@ from .features import FeatureGraph
 from .receivers import check_receivers
 from .tasks import ContrastiveTask, get_metric, is_distance, load_task
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from ..dictionaries import Dictionary
+    from ..patching.replacement import ReplacementModel
+
 __all__ = ["find_circuit", "evaluate", "make_graph", "METHODS"]
+
+# what a task may be given as: a task, a task JSON file, or its list of pair dicts
+TaskSource: TypeAlias = "ContrastiveTask | str | Path | Sequence[dict]"
 
 METHODS = ("atp", "ig", "acdc")
 
@@ -31,7 +40,8 @@ def _as_task(model: Any, task: ContrastiveTask | str | Path | Sequence[dict]) ->
     return ContrastiveTask.from_pairs(model, list(task))
 
 
-def make_graph(model: Any, task: Any, dictionaries: Any = None, ablation: str = "patch",
+def make_graph(model: HookedTransformer | ReplacementModel, task: TaskSource,
+               dictionaries: Sequence[Dictionary] | None = None, ablation: str = "patch",
                metric: str | Callable = "logit_diff", positions: str = "each",
                sites: Sequence[str] | None = None, max_copies: int = 64) -> ComponentGraph | FeatureGraph:
     """The patchable graph a method runs on: feature/error nodes when dictionaries are given (a list of
@@ -66,11 +76,11 @@ def default_batch_size(source: Any) -> int:
 
 
 def find_circuit(
-    model: Any,
-    task: Any,
+    model: HookedTransformer | ReplacementModel,
+    task: TaskSource,
     method: str = "atp",
     *,
-    dictionaries: Any = None,
+    dictionaries: Sequence[Dictionary] | None = None,
     level: str = "nodes",
     ablation: str = "patch",
     metric: str | Callable = "logit_diff",

@@ -77,6 +77,9 @@ def build_dataset_graph(
             f"Give one answer and one distractor per prompt: {len(prompts)} prompts, {len(answers)} answers, "
             f"{len(distractors)} distractors."
         )
+    if isinstance(dictionaries, ContrastiveTask):
+        raise ValueError("Give the task once: build_dataset_graph(rm, task) or build_dataset_graph(model, "
+                         "dictionaries, task).")
     rm = _as_replacement(model, dictionaries)
     graphs: list[AttributionGraph] = []
     for index, (prompt, answer, distractor) in enumerate(zip(prompts, answers, distractors, strict=True)):
