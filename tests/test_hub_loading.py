@@ -132,8 +132,10 @@ def test_saelens_release_id_passes_through_to_saelens_registry(hub_cache, tmp_pa
     FORMATS["saelens"].save([sae], tmp_path / "jb")
     write_cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted", "c" * 40,
                           folder_files(tmp_path / "jb", "blocks.0.hook_resid_pre"))
-    loaded = fc.Dictionary.from_pretrained("gpt2-small-res-jb", "blocks.0.hook_resid_pre")
+    (loaded,) = fc.load_dictionaries("gpt2-small-res-jb", ids=["blocks.0.hook_resid_pre"])
     assert_same_function(loaded, sae)
+    with pytest.warns(DeprecationWarning, match="fc.load_dictionaries"):  # the old spelling still works
+        assert_same_function(fc.Dictionary.from_pretrained("gpt2-small-res-jb", "blocks.0.hook_resid_pre"), sae)
     assert loaded.cfg.hook_in == "blocks.0.hook_resid_pre"
     assert loaded.cfg.extra["published_metrics"]["l0"] == 10.0  # sae-lens's figure for this SAE
     assert loaded.cfg.extra["config_overrides"]["model_from_pretrained_kwargs"]["center_writing_weights"] is True
@@ -156,7 +158,7 @@ def test_saelens_files_from_before_saelens_6_are_upgraded_by_saelens(hub_cache, 
         "dataset_path": "Skylion007/openwebtext", "context_size": 128}))
     write_cached_snapshot(hub_cache, "jbloom/GPT2-Small-SAEs-Reformatted", "9" * 40,
                           folder_files(folder, "blocks.2.hook_resid_pre"))
-    sae = fc.Dictionary.from_pretrained("gpt2-small-res-jb", "blocks.2.hook_resid_pre")
+    (sae,) = fc.load_dictionaries("gpt2-small-res-jb", ids=["blocks.2.hook_resid_pre"])
     assert (sae.cfg.hook_in, sae.cfg.layer, sae.cfg.dataset) == ("blocks.2.hook_resid_pre", 2, "Skylion007/openwebtext")
     x = torch.randn(5, 8)
     expected = torch.relu((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) @ weights["W_dec"] + weights["b_dec"]
@@ -171,7 +173,7 @@ def test_gemma_transcoder_set_reads_gemma_scope_npz(hub_cache, tmp_path):
     np.savez(tmp_path / "params.npz", **params)
     write_cached_snapshot(hub_cache, "google/gemma-scope-2b-pt-transcoders", "d" * 40,
                           {"layer_3/width_16k/average_l0_54/params.npz": tmp_path / "params.npz"})
-    transcoder = fc.Dictionary.from_pretrained("gemma-2-2b-transcoders", "layer_3")
+    (transcoder,) = fc.load_dictionaries("gemma-2-2b-transcoders", ids=["layer_3"])
     assert (transcoder.cfg.kind, transcoder.cfg.activation) == ("transcoder", "jumprelu")
     assert (transcoder.cfg.hook_in, transcoder.cfg.hook_out) == ("blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out")
     x = torch.randn(6, 8)
@@ -204,8 +206,8 @@ def test_saelens_conversion_functions_are_used_with_the_pinned_revision(hub_cach
         versions.append(params)
     x = torch.randn(6, 8)
     for revision, params in ((None, versions[1]), ("v0", versions[0])):
-        transcoder = fc.Dictionary.from_pretrained("gemma-scope-2b-pt-transcoders", "layer_0/width_16k/average_l0_76",
-                                                   revision=revision)
+        (transcoder,) = fc.load_dictionaries("gemma-scope-2b-pt-transcoders", ids=["layer_0/width_16k/average_l0_76"],
+                                             revision=revision)
         assert (transcoder.cfg.hook_in, transcoder.cfg.hook_out) == ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
         p = {key: torch.from_numpy(value) for key, value in params.items()}
         pre = x @ p["W_enc"] + p["b_enc"]

@@ -24,8 +24,15 @@ import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from ..nodes import Node
-from ..patching.ablation import ablation_value, check_ablation, mix, repeat_copies
+from ..patching.ablation import ablation_value, check_ablation, interpolation_alphas, repeat_copies
 from ..patching.attention import keys_values_as_cached, own_blocks_supported, prefix_keys_reproducible
+from ..patching.component_hooks import (
+    node_ablation_hooks,
+    node_interpolation_hooks,
+    node_names,
+    receiver_probe_hooks,
+    sender_interpolation_hooks,
+)
 from ..patching.edge_hooks import edge_hooks_enabled, head_input_hooks
 from ..patching.hooked_edges import hooked_edge_forward
 from ..patching.logits import logits_from_resid
@@ -137,9 +144,7 @@ class ComponentGraph:
     def node_values(self) -> dict[str, torch.Tensor]:
         """Clean and ablated ``hook_z`` ``[n, pos, head, d_head]`` and ``hook_mlp_out`` per layer."""
         if self._node_values is None:
-            names = [f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)]
-            if self.has_mlp:
-                names += [f"blocks.{layer}.hook_mlp_out" for layer in range(self.n_layers)]
+            names = node_names(self.n_layers, self.has_mlp)
             with torch.no_grad():
                 _, clean = self.model.run_with_cache(self.task.clean_tokens, names_filter=names)
                 corrupt = None
@@ -210,21 +215,9 @@ class ComponentGraph:
 
     @torch.no_grad()
     def _node_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
-        copies, n = keep.shape[0], len(self.task)
-        values = self.node_values()
-        per_prompt = keep.repeat_interleave(n, dim=0).view(copies * n, self.n_layers, self.per_layer)
-        hooks = []
-        for layer in range(self.n_layers):
-            name = f"blocks.{layer}.attn.hook_z"
-            ablated = repeat_copies(values[name + ".ablated"], copies, n)
-            head_keep = per_prompt[:, layer, : self.n_heads].view(-1, 1, self.n_heads, 1)
-            hooks.append((name, lambda z, hook, a=ablated, k=head_keep: mix(z, a, k)))
-            if self.has_mlp:
-                name = f"blocks.{layer}.hook_mlp_out"
-                ablated = repeat_copies(values[name + ".ablated"], copies, n)
-                mlp_keep = per_prompt[:, layer, self.n_heads].view(-1, 1, 1)
-                hooks.append((name, lambda out, hook, a=ablated, k=mlp_keep: mix(out, a, k)))
-        return self._run_to_metric(self._tokens(copies), hooks)
+        hooks = node_ablation_hooks(self.node_values(), keep.view(keep.shape[0], self.n_layers, self.per_layer),
+                                    len(self.task), self.n_heads, self.has_mlp)
+        return self._run_to_metric(self._tokens(keep.shape[0]), hooks)
 
     def node_attribution(self, steps: int = 1) -> torch.Tensor:
         """AtP (``steps=1``) or AtP-IG (``steps`` midpoints) node scores ``[n_nodes]``.
@@ -235,18 +228,7 @@ class ComponentGraph:
         for IG all nodes move together in one batched pass, a cheaper stand-in for one IG path per node
         (exact, complete IG when no node feeds another).
         """
-        values, n = self.node_values(), len(self.task)
-        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
-        alphas = alphas.to(self.task.clean_tokens.device)
-        leaves, hooks = {}, []
-        for name in [k for k in values if not k.endswith(".ablated")]:
-            clean = values[name]
-            delta = repeat_copies(values[name + ".ablated"], 1, n) - clean
-            shape = (-1,) + (1,) * (clean.dim() - 1)
-            target = (clean.repeat(steps, *[1] * (clean.dim() - 1))
-                      + alphas.repeat_interleave(n).view(shape) * delta.repeat(steps, *[1] * (clean.dim() - 1)))
-            leaves[name] = (target.requires_grad_(), delta)
-            hooks.append((name, lambda x, hook, t=target: x - x.detach() + t))
+        hooks, leaves = node_interpolation_hooks(self.node_values(), len(self.task), steps)
         with torch.enable_grad():
             logits = self._run(self._tokens(steps), hooks)
             total = self._score(logits).sum() / steps
@@ -350,31 +332,10 @@ class ComponentGraph:
         clean, ablated = self._sender_outputs()
         n = len(self.task)
         delta = repeat_copies(ablated, 1, n) - clean  # [n, senders, pos, d_model]
-        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
-        alphas = alphas.to(delta.device).repeat_interleave(n).view(-1, 1, 1, 1)
+        alphas = interpolation_alphas(steps, delta.device).repeat_interleave(n).view(-1, 1, 1, 1)
         targets = (clean.repeat(steps, 1, 1, 1) + alphas * delta.repeat(steps, 1, 1, 1)).requires_grad_()
-
-        def move(start: int, width: int):
-            def hook(x, hook):
-                target = targets[:, start:start + width]
-                target = target.permute(0, 2, 1, 3) if x.dim() == 4 else target[:, 0]
-                return x - x.detach() + target
-            return hook
-
-        receiver_inputs: dict[str, torch.Tensor] = {}
-
-        def watch(x, hook):
-            probe = torch.zeros_like(x, requires_grad=True)
-            receiver_inputs[hook.name] = probe
-            return x + probe
-
-        hooks = [("blocks.0.hook_resid_pre", move(0, 1))]
-        for layer in range(self.n_layers):
-            start = 1 + layer * self.per_layer
-            hooks.append((f"blocks.{layer}.attn.hook_result", move(start, self.n_heads)))
-            if self.has_mlp:
-                hooks.append((f"blocks.{layer}.hook_mlp_out", move(start + self.n_heads, 1)))
-        hooks += [(hook, watch) for names, *_ in self._receiver_groups for hook in names]
+        probes, receiver_inputs = receiver_probe_hooks([hook for names, *_ in self._receiver_groups for hook in names])
+        hooks = sender_interpolation_hooks(targets, self.n_layers, self.n_heads, self.has_mlp) + probes
         with torch.enable_grad(), edge_hooks_enabled(self.model):
             total = self._score(self._run(self._tokens(steps), hooks)).sum() / steps
             names = list(receiver_inputs)

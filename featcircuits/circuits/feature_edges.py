@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..nodes import Node
+from ..patching.ablation import interpolation_alphas
 from ..patching.direct_effects import DirectEffects
 from ..patching.logits import unembed
 from .features import FeatureGraph
@@ -169,11 +170,10 @@ class FeatureEdgeGraph:
     def _metric_gradients(self, index: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over the IG points ``clean + alpha (ablated - clean)`` of the metric's gradient with respect
         to every feature node's pre-activation ``[n_nodes]`` and the last final residual ``[d_model]``."""
-        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
         clean = self._clean_runs[index]
         values = self.nodes.values[index]
         device = clean.final.device
-        alphas = alphas.to(device).view(-1, 1, 1)
+        alphas = interpolation_alphas(steps, device).view(-1, 1, 1)
         shifts = {name: torch.zeros(steps, *acts.shape, device=device, requires_grad=True)
                   for name, acts in clean.feature_acts.items()}
         final_shift = torch.zeros(steps, clean.final.shape[-1], device=device, requires_grad=True)

@@ -16,7 +16,14 @@ import torch
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from ..nodes import Node
-from ..patching.ablation import ablation_value, check_ablation, mix, pad_prompts
+from ..patching.ablation import (
+    ablation_value,
+    check_ablation,
+    held_at,
+    interpolation_alphas,
+    mix,
+    pad_prompts,
+)
 from ..patching.windows import first_differences, frozen_prefix_cache
 from .tasks import ContrastiveTask, get_metric
 
@@ -217,8 +224,7 @@ class FeatureGraph:
         through as the identity, so a node's gradient includes its paths through downstream features.
         """
         device = self.clean_last.device
-        alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
-        alphas = alphas.to(device).view(-1, 1, 1)
+        alphas = interpolation_alphas(steps, device).view(-1, 1, 1)
         leaves, last = [], []
         with torch.enable_grad():
             for index, per_prompt in enumerate(self.values):
@@ -228,7 +234,7 @@ class FeatureGraph:
                         continue
                     target = (clean + alphas * (ablated - clean)).requires_grad_()
                     prompt_leaves[key] = target
-                    patches[key] = lambda cur, t=target: cur - cur.detach() + t
+                    patches[key] = lambda cur, t=target: held_at(cur, t)
                 leaves.append(prompt_leaves)
                 last.append(self._run_prompt(index, patches, steps))
             total = self.metric_fn(self.task, torch.stack(last, dim=1), self.clean_last).sum() / steps

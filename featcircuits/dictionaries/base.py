@@ -167,10 +167,13 @@ class Dictionary(nn.Module):
     def from_pretrained(
         release: str, id: str | int, revision: str | None = None, device: str | torch.device = "cpu"
     ) -> Dictionary:
-        """One dictionary of a pretrained release (featcircuits/pretrained/registry.yaml or any SAELens
-        release id), fetched through huggingface_hub's cache; ``revision`` pins a branch, tag or commit."""
+        """Deprecated: ``fc.load_dictionaries(release, ids=[id], revision=...)[0]`` (the one way to load)."""
+        import warnings
+
         from ..hub.loading import from_pretrained
 
+        warnings.warn("Dictionary.from_pretrained is deprecated; use fc.load_dictionaries(release, ids=[id]).",
+                      DeprecationWarning, stacklevel=2)
         return from_pretrained(release, id, revision=revision, device=device)
 
 

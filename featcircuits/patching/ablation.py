@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["ABLATIONS", "check_ablation", "ablation_value", "mean_over_prompts", "repeat_copies", "mix",
-           "pad_prompts"]
+           "pad_prompts", "held_at", "interpolation_alphas"]
 
 ABLATIONS = ("zero", "mean", "patch")
 
@@ -97,3 +97,16 @@ def mix(current: torch.Tensor, ablated: torch.Tensor, keep: torch.Tensor) -> tor
     """``keep * current + (1 - keep) * ablated``; ``keep`` broadcasts (1 keeps, 0 ablates, between interpolates)."""
     keep = keep.to(current.dtype)
     return ablated + keep * (current - ablated)
+
+
+def held_at(current: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``target``'s value, with gradients flowing into ``current`` as through the identity: attribution's
+    linearisation point (``target`` the clean value for AtP, an IG point between clean and ablated)."""
+    return current - current.detach() + target
+
+
+def interpolation_alphas(steps: int, device: torch.device | str) -> torch.Tensor:
+    """``[steps]`` points along clean -> ablated: 0 for AtP (``steps=1``), else the midpoints of ``steps``
+    equal intervals (integrated gradients)."""
+    alphas = torch.zeros(1) if steps == 1 else (torch.arange(steps) + 0.5) / steps
+    return alphas.to(device)
