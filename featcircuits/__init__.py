@@ -8,6 +8,7 @@ The public API, from a model to a verified circuit::
     fc.verify(graph)                                             # edges checked by intervention
     circuit = fc.find_circuit(model, task, "acdc", dictionaries=dictionaries)
     fc.evaluate(circuit)                                         # faithfulness, completeness, CPR/CMD
+    fc.intervene(model, "...", {"mlp2:113": "ablate"}, dictionaries=dictionaries)  # the model without a feature
 
 Names whose modules import TransformerLens are resolved on first use, so that ``import featcircuits`` and
 the command line start fast; the ``TYPE_CHECKING`` block below shows them to type checkers and IDEs. Older
@@ -25,6 +26,7 @@ from .dictionaries import Dictionary, DictionaryConfig
 
 if TYPE_CHECKING:
     from .circuits import Circuit, ContrastiveTask, evaluate, find_circuit
+    from .explain import generate, intervene
     from .graph import AttributionGraph, build_dataset_graph, build_graph, prune_graph, verify
     from .hub.loading import load_dictionaries
     from .hub.publish import push_to_hub
@@ -56,6 +58,8 @@ _LAZY: dict[str, str] = {
     "push_to_hub": "featcircuits.hub.publish",
     "write_viewer": "featcircuits.viz.viewer",
     "run_demo": "featcircuits.pipeline",
+    "intervene": "featcircuits.explain",
+    "generate": "featcircuits.explain",
 }
 
 # earlier top-level names -> where they live now (still importable from there without a warning)
@@ -85,7 +89,7 @@ __all__ = [
     "__version__", "Dictionary", "DictionaryConfig", "load_model", "load_dictionaries", "ReplacementModel", "Node",
     "parse_node_id", "ContrastiveTask", "build_graph", "build_dataset_graph", "AttributionGraph", "verify",
     "prune_graph", "find_circuit", "evaluate", "Circuit", "train", "TrainConfig", "push_to_hub", "write_viewer",
-    "run_demo",
+    "run_demo", "intervene", "generate",
 ]
 
 

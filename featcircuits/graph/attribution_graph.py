@@ -87,6 +87,8 @@ class AttributionGraph:
         provenance: the model's and dictionaries' identities (:func:`graph_provenance`), filled from
             ``replacement`` when it is given and kept when the graph is saved, loaded or has no model
             attached; any other JSON-serialisable entries (a build's parameters) are saved with it.
+        node_effects: per node id, the measured change of each target when that node alone is ablated in the
+            live replacement model (:func:`featcircuits.explain.measure_node_effects`); empty until measured.
     """
 
     node_keys: torch.Tensor
@@ -101,6 +103,7 @@ class AttributionGraph:
     clean: Any = field(default=None, repr=False)
     n_prompts: int = 1
     provenance: dict[str, Any] = field(default_factory=dict, repr=False)
+    node_effects: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.provenance and self.replacement is not None:
@@ -203,7 +206,7 @@ class AttributionGraph:
             "targets": [{name: getattr(t, name) for name in sorted(fields)} for t in self.targets],
             "has_tokens": self.tokens is not None, "prompt": self.prompt,
             "n_active_features": self.n_active_features, "n_prompts": self.n_prompts,
-            "provenance": self.provenance,
+            "provenance": self.provenance, "node_effects": self.node_effects,
         }
         try:
             json.dumps(meta)
@@ -259,7 +262,7 @@ class AttributionGraph:
         graph = cls(node_keys=tensors["node_keys"], adjacency=tensors["adjacency"], activations=tensors["activations"],
                     sites=list(meta["sites"]), targets=targets, tokens=tensors.get("tokens"), prompt=meta["prompt"],
                     n_active_features=int(meta["n_active_features"]), n_prompts=int(meta["n_prompts"]),
-                    provenance=meta["provenance"])
+                    provenance=meta["provenance"], node_effects=dict(meta.get("node_effects") or {}))
         if graph.node_ids != meta["node_ids"]:
             raise ValueError(f"The node keys in {tensors_path} do not give the node ids listed in {json_path.name}; "
                              "the files are corrupt or from different saves. Save the graph again.")

@@ -1,0 +1,7 @@
+"""From a graph to an explanation: interventions by node id, generation with features clamped, and the
+measured effect of ablating a graph's top nodes."""
+
+from .interventions import GenerationResult, InterventionResult, Scale, generate, intervene
+from .node_effects import measure_node_effects
+
+__all__ = ["intervene", "generate", "Scale", "InterventionResult", "GenerationResult", "measure_node_effects"]
