@@ -2,6 +2,8 @@
 measured effect of ablating a graph's top nodes."""
 
 from .interventions import GenerationResult, InterventionResult, Scale, generate, intervene
+from .labels import detection_score, label_dashboards, label_entry, score_labels
 from .node_effects import measure_node_effects
 
-__all__ = ["intervene", "generate", "Scale", "InterventionResult", "GenerationResult", "measure_node_effects"]
+__all__ = ["intervene", "generate", "Scale", "InterventionResult", "GenerationResult", "measure_node_effects",
+           "label_entry", "label_dashboards", "detection_score", "score_labels"]

@@ -12,6 +12,7 @@ stay unique. Every node also carries ``featcircuits_id``, its id in featcircuits
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -47,9 +48,11 @@ def _token_strings(graph: AttributionGraph) -> list[str]:
 
 def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-graph", node_threshold: float = 0.8,
                            edge_threshold: float = 0.98, pruned: PruneResult | None = None,
-                           scan: str | None = None) -> dict:
+                           scan: str | None = None, labels: Mapping[str, str] | None = None) -> dict:
     """The graph, pruned (``prune_graph`` with the thresholds unless ``pruned`` is given), as a dict in
-    circuit-tracer's graph-file format, validated against its schema."""
+    circuit-tracer's graph-file format, validated against its schema. ``labels``: per dashboard key
+    (``"<layer>_<feature>"``, :func:`featcircuits.explain.label_dashboards`) a feature's label, written as its
+    ``clerp``."""
     result = pruned if pruned is not None else prune_graph(graph, node_threshold, edge_threshold)
     layers = export_layers(graph)
     logit_layer = str(max(layers) + 2)
@@ -71,6 +74,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
             node = {"node_id": f"{layer}_{index}_{pos}", "feature": index, "layer": str(layer),
                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{index}-0",
                     "activation": activations[i], **common}
+            if labels and f"{layer}_{index}" in labels:  # the dashboards' key of this feature
+                node["clerp"] = labels[f"{layer}_{index}"]
         elif kind == ERROR:
             layer = layers[site]
             kind_name = graph.sites[site].rstrip("0123456789").split("_")[0]  # mlp, attn or resid

@@ -32,7 +32,7 @@ from featcircuits.dictionaries.io.common import atomic_path
 from .graph_data import dashboard_key
 from .page import make_readable, write_page
 
-__all__ = ["FeatureDashboards", "compute_dashboards"]
+__all__ = ["FeatureDashboards", "compute_dashboards", "dictionaries_by_layer", "token_strings"]
 
 FORMAT = "featcircuits-dashboards"
 
@@ -89,7 +89,8 @@ def _layer_key(dictionary: Any) -> str:
                      "as a dict {layer_key: dictionary}.")
 
 
-def _as_dictionary_map(dictionaries: Any) -> dict[str, Any]:
+def dictionaries_by_layer(dictionaries: Any) -> dict[str, Any]:
+    """``{layer key: dictionary}`` (the keys dashboard entries are filed under) from a dict, list or one."""
     if isinstance(dictionaries, Mapping):
         return {str(key): value for key, value in dictionaries.items()}
     if isinstance(dictionaries, Sequence):
@@ -115,7 +116,8 @@ def _token_batches(tokens: Any, batch_size: int) -> Iterable[torch.Tensor]:
             yield batch if batch.ndim == 2 else batch.unsqueeze(0)
 
 
-def _vocabulary(model: Any) -> list[str]:
+def token_strings(model: Any) -> list[str]:
+    """Every token id's string ``[d_vocab]`` as dashboards show it (the tokenizer's pieces)."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [str(index) for index in range(model.cfg.d_vocab)]
@@ -221,7 +223,7 @@ def compute_dashboards(
     is one dictionary); all features when None. ``window``: tokens kept before and after each top
     activation. Positions holding the BOS token are skipped when ``skip_bos`` (they dwarf everything).
     """
-    dictionary_map = _as_dictionary_map(dictionaries)
+    dictionary_map = dictionaries_by_layer(dictionaries)
     if not dictionary_map:
         raise ValueError("No dictionaries given; pass one Dictionary, a list or a {layer_key: Dictionary} dict.")
     if features is not None and not isinstance(features, Mapping):
@@ -267,7 +269,7 @@ def compute_dashboards(
     if n_tokens == 0:
         raise ValueError("The token dataset was empty (or held only BOS tokens); nothing to build dashboards from.")
 
-    vocabulary = _vocabulary(model)
+    vocabulary = token_strings(model)
     entries: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
     for key, running in stats.items():

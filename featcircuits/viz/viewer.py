@@ -51,6 +51,10 @@ def viewer_payload(graph: Any, dashboards: Any = None, title: str | None = None,
     # Only the entries this graph shows travel with the page, so its size follows the graph, not the dictionary.
     payload["dashboards"] = {node["dash_key"]: features[node["dash_key"]] for node in payload["nodes"]
                              if node["dash_key"] is not None and node["dash_key"] in features}
+    for node in payload["nodes"]:  # a dashboard's label (featcircuits.explain.label_dashboards) names the node
+        entry = payload["dashboards"].get(node["dash_key"]) if node["dash_key"] is not None else None
+        if entry and entry.get("label") and node["label"] == f"L{node['layer']} #{node['feature']}":
+            node["label"] = f"L{node['layer']} #{node['feature']} {entry['label']}"
     payload["dashboard_info"] = {key: dashboard_data[key] for key in ("n_tokens", "model", "histogram_edges")
                                  if key in dashboard_data}
     return payload

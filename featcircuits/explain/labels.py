@@ -1,0 +1,134 @@
+"""Offline feature labels from dashboards, and a detection score that says how well a label explains a feature.
+
+A label is read off a feature's dashboard entry (:func:`featcircuits.viz.dashboards.compute_dashboards`): the
+tokens it fires on (at the focus of its top activating contexts, weighted by activation) and the tokens its
+decoder promotes through the unembedding, e.g. ``on " column"/" tag" -> "color"``. No network is needed, so
+every node of a graph gets one.
+
+The detection score checks a label against held-out text, as EleutherAI's delphi scores explanations: a
+scorer given only the label (here: "the feature fires on these tokens") predicts, token by token, whether
+the feature is active; the score is the balanced accuracy (mean of the true-positive and true-negative
+rates, so a feature that rarely fires cannot score well by always saying no). 1 is a perfect label, 0.5 a
+label that says nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["label_entry", "trigger_tokens", "label_dashboards", "detection_score", "score_labels"]
+
+
+def trigger_tokens(entry: Mapping[str, Any], max_tokens: int = 3, min_share: float = 0.1) -> list[str]:
+    """The tokens a feature fires on: at the focus of its top contexts, ranked by summed activation; those
+    holding at least ``min_share`` of it, at most ``max_tokens``."""
+    weight: dict[str, float] = defaultdict(float)
+    for context in entry.get("top_contexts") or []:
+        tokens, focus = context.get("tokens") or [], int(context.get("focus", -1))
+        if 0 <= focus < len(tokens):
+            weight[str(tokens[focus])] += max(float(context.get("act", 0.0)), 0.0)
+    total = sum(weight.values())
+    if total <= 0:
+        return []
+    ranked = sorted(weight.items(), key=lambda item: -item[1])
+    return [token for token, value in ranked[:max_tokens] if value >= min_share * total]
+
+
+def label_entry(entry: Mapping[str, Any], max_tokens: int = 3, n_promoted: int = 2) -> str:
+    """A short label: ``on "tok"/"tok" -> "promoted"`` (either half may be missing; ``"(inactive)"`` when the
+    feature never fired on the dashboard's text)."""
+    fires = trigger_tokens(entry, max_tokens)
+    promoted = [str(pair[0]) for pair in (entry.get("top_logits") or [])[:n_promoted]]
+
+    def quoted(tokens: Sequence[str]) -> str:
+        return "/".join('"' + token.replace('"', "'") + '"' for token in tokens)
+
+    parts = []
+    if fires:
+        parts.append(f"on {quoted(fires)}")
+    if promoted:
+        parts.append(f"-> {quoted(promoted)}")
+    if not parts:
+        return "(inactive)"
+    return " ".join(parts)
+
+
+def label_dashboards(dashboards: Any, max_tokens: int = 3) -> dict[str, str]:
+    """Label every entry of a :class:`~featcircuits.viz.dashboards.FeatureDashboards` in place (``entry["label"]``,
+    saved with it) and return ``{dashboard key: label}``."""
+    labels = {}
+    for key, entry in dashboards.features.items():
+        entry["label"] = label_entry(entry, max_tokens)
+        labels[key] = entry["label"]
+    return labels
+
+
+def detection_score(triggers: Sequence[int], tokens: torch.Tensor, acts: torch.Tensor,
+                    special: Sequence[int] = ()) -> float:
+    """Balanced accuracy of predicting ``acts > 0`` from "the token is one of ``triggers``".
+
+    Args:
+        triggers: the label's token ids.
+        tokens: held-out token ids ``[n]`` (any shape; flattened).
+        acts: the feature's activations at those tokens, same shape.
+        special: token ids to leave out (BOS and the like: no dictionary was trained on them).
+
+    Returns NaN when the held-out text has no active or no inactive position to score against.
+    """
+    tokens, acts = tokens.reshape(-1), acts.reshape(-1)
+    if tokens.shape != acts.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and acts {tuple(acts.shape)} must have one shape.")
+    keep = ~torch.isin(tokens, torch.tensor(list(special), dtype=tokens.dtype, device=tokens.device))
+    tokens, active = tokens[keep], acts[keep] > 0
+    predicted = torch.isin(tokens, torch.tensor(list(triggers), dtype=tokens.dtype, device=tokens.device))
+    n_active, n_inactive = int(active.sum()), int((~active).sum())
+    if n_active == 0 or n_inactive == 0:
+        return float("nan")
+    true_positive = float((predicted & active).sum()) / n_active
+    true_negative = float((~predicted & ~active).sum()) / n_inactive
+    return 0.5 * (true_positive + true_negative)
+
+
+@torch.no_grad()
+def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards: Any,
+                 special: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, float]:
+    """Detection score of every labelled dashboard entry on held-out ``tokens [n_seq, seq_len]`` (text the
+    dashboards were not computed on); stored as ``entry["detection"]`` and returned by dashboard key.
+
+    The scorer predicts "active" where the token is one the label says the feature fires on.
+    """
+    from ..viz.dashboards import dictionaries_by_layer, token_strings
+
+    by_layer = dictionaries_by_layer(dictionaries)
+    ids_of: dict[str, list[int]] = defaultdict(list)
+    for index, piece in enumerate(token_strings(model)):
+        ids_of[piece].append(index)
+    if special is None:
+        tokenizer = getattr(model, "tokenizer", None)
+        special = list(getattr(tokenizer, "all_special_ids", []) or [])
+    wanted: dict[str, list[tuple[str, int, list[int]]]] = defaultdict(list)  # layer -> (key, feature, triggers)
+    for key, entry in dashboards.features.items():
+        layer = str(entry.get("layer"))
+        if layer in by_layer:
+            triggers = [i for token in trigger_tokens(entry) for i in ids_of.get(token, [])]
+            wanted[layer].append((key, int(entry["feature"]), triggers))
+    acts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    hooks = {layer: by_layer[layer].cfg.hook_in for layer in wanted}
+    for batch in tokens.split(batch_size):
+        _, cache = model.run_with_cache(batch, names_filter=list(set(hooks.values())))
+        for layer, hook in hooks.items():
+            features = torch.tensor([feature for _, feature, _ in wanted[layer]], device=batch.device)
+            acts[layer].append(by_layer[layer].encode(cache[hook])[..., features].cpu())
+    scores = {}
+    flat = tokens.cpu()
+    for layer, entries in wanted.items():
+        layer_acts = torch.cat(acts[layer])  # [n_seq, seq_len, n_features]
+        for column, (key, _, triggers) in enumerate(entries):
+            score = detection_score(triggers, flat, layer_acts[..., column], special)
+            dashboards.features[key]["detection"] = score
+            scores[key] = score
+    return scores

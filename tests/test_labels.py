@@ -1,0 +1,94 @@
+"""Offline feature labels and their detection scores: synthetic features with a known trigger, then a
+stories260k transcoder feature built to fire on one token."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from featcircuits import Dictionary, DictionaryConfig
+from featcircuits.explain import detection_score, label_dashboards, label_entry, score_labels
+from featcircuits.viz.dashboards import compute_dashboards
+
+
+def _entry(tokens: torch.Tensor, acts: torch.Tensor, names: list[str], k: int = 8, promoted=None) -> dict:
+    """A dashboard entry built by hand: the top-k activations with the token at each (focus 0)."""
+    top = acts.topk(k)
+    contexts = [{"act": float(a), "focus": 0, "tokens": [names[int(tokens[i])]], "acts": [float(a)]}
+                for a, i in zip(top.values, top.indices, strict=True) if a > 0]
+    return {"top_contexts": contexts, "top_logits": promoted or []}
+
+
+def test_a_feature_with_a_known_trigger_gets_its_label_and_a_perfect_score():
+    generator = torch.Generator().manual_seed(0)
+    names = [f"t{i}" for i in range(50)]
+    tokens = torch.randint(0, 50, (4000,), generator=generator)
+    trigger = (tokens == 7).float() * (1 + torch.rand(4000, generator=generator))
+    both = ((tokens == 3) | (tokens == 11)).float() * torch.rand(4000, generator=generator)
+    noise = (torch.rand(4000, generator=generator) < 0.1).float()
+    assert label_entry(_entry(tokens, trigger, names, promoted=[["color", 2.0], ["names", 1.5]])) == \
+        'on "t7" -> "color"/"names"'
+    assert set(label_entry(_entry(tokens, both, names, k=40)).split(" ", 1)[1].split("/")) == {'"t3"', '"t11"'}
+    assert detection_score([7], tokens, trigger) == 1.0
+    assert detection_score([3, 11], tokens, both) > 0.99
+    assert abs(detection_score([7], tokens, noise) - 0.5) < 0.05  # a label that says nothing
+    assert label_entry({"top_contexts": []}) == "(inactive)"
+    assert math.isnan(detection_score([7], tokens, torch.zeros(4000)))  # nothing to tell apart
+    with pytest.raises(ValueError, match="must have one shape"):
+        detection_score([7], tokens, trigger[:10])
+
+
+def _token_rows(model, path, n_rows: int, length: int = 48) -> torch.Tensor:
+    ids = torch.tensor(model.tokenizer(path.read_text()[:40000], add_special_tokens=False)["input_ids"])
+    rows = ids[: n_rows * (length - 1)].view(n_rows, length - 1)
+    return torch.cat([torch.full((n_rows, 1), model.tokenizer.bos_token_id), rows], dim=1)
+
+
+@torch.no_grad()
+def test_a_stories_feature_built_to_fire_on_one_token_is_labelled_and_detected(stories_model):
+    from conftest import TINYSTORIES
+
+    train, held_out = (_token_rows(stories_model, TINYSTORIES / name, 24) for name in ("train_head.txt", "valid_head.txt"))
+    word = stories_model.tokenizer.convert_tokens_to_ids("▁the")
+    hook = "blocks.0.ln2.hook_normalized"
+    _, cache = stories_model.run_with_cache(train, names_filter=[hook])
+    x = cache[hook].reshape(-1, 64)
+    on_word = (train.reshape(-1) == word)
+    direction = x[on_word].mean(0) - x[~on_word].mean(0)
+    projection = x @ direction
+    # just below most of the word's projections, above almost every other token's
+    cut = max(float(projection[on_word].quantile(0.05)), float(projection[~on_word].quantile(0.99)))
+    transcoder = Dictionary.from_config(DictionaryConfig(d_in=64, d_sae=4, kind="transcoder", activation="relu",
+                                                         hook_in=hook, hook_out="blocks.0.hook_mlp_out"))
+    transcoder.W_enc.zero_()
+    transcoder.b_enc.fill_(-1.0)
+    transcoder.W_enc[:, 0] = direction
+    transcoder.b_enc[0] = -float(cut)
+    dashboards = compute_dashboards(stories_model, transcoder, train, features=[0], k=10)
+    labels = label_dashboards(dashboards)
+    assert labels["0_0"].startswith('on "▁the"')
+    assert dashboards.features["0_0"]["label"] == labels["0_0"]
+    scores = score_labels(stories_model, transcoder, held_out, dashboards)
+    assert scores["0_0"] > 0.8 and dashboards.features["0_0"]["detection"] == scores["0_0"]
+
+
+def test_labels_become_clerp_and_viewer_labels(stories_model, tmp_path):
+    from conftest import relu_transcoders
+
+    from featcircuits.graph import build_graph, write_circuit_tracer_json
+    from featcircuits.patching.replacement import ReplacementModel
+    from featcircuits.viz.viewer import viewer_payload
+
+    rm = ReplacementModel(stories_model, relu_transcoders(stories_model, d_sae=64, bias=-0.3)[:1])
+    graph = build_graph(rm, prompt="Once upon a time there was a", progress=False)
+    feature_ids = [node for node in graph.node_ids if node.startswith("mlp0:")]
+    layer_feature = {f"0_{node.split(':')[1].split('@')[0]}" for node in feature_ids}
+    labels = {key: f"label of {key}" for key in layer_feature}
+    data = write_circuit_tracer_json(graph, tmp_path / "g.json", labels=labels, node_threshold=1.0, edge_threshold=1.0)
+    clerps = {node["clerp"] for node in data["nodes"] if node["feature_type"] == "cross layer transcoder"}
+    assert clerps and clerps <= set(labels.values())
+    key = next(iter(layer_feature))
+    payload = viewer_payload(tmp_path / "g.json", {"features": {key: {"label": "on \"x\"", "top_contexts": []}}})
+    assert any(n["label"] == f"label of {key}" for n in payload["nodes"])  # clerp first
