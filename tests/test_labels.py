@@ -47,7 +47,7 @@ def _token_rows(model, path, n_rows: int, length: int = 48) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_a_stories_feature_built_to_fire_on_one_token_is_labelled_and_detected(stories_model):
+def test_a_stories_feature_built_to_fire_on_one_token_is_labelled_and_detected(stories_model, tmp_path):
     from conftest import TINYSTORIES
 
     train, held_out = (_token_rows(stories_model, TINYSTORIES / name, 24) for name in ("train_head.txt", "valid_head.txt"))
@@ -68,10 +68,12 @@ def test_a_stories_feature_built_to_fire_on_one_token_is_labelled_and_detected(s
     transcoder.b_enc[0] = -float(cut)
     dashboards = compute_dashboards(stories_model, transcoder, train, features=[0], k=10)
     labels = label_dashboards(dashboards)
-    assert labels["0_0"].startswith('on "▁the"')
+    assert labels["0_0"].startswith('on " the"')
     assert dashboards.features["0_0"]["label"] == labels["0_0"]
     scores = score_labels(stories_model, transcoder, held_out, dashboards)
     assert scores["0_0"] > 0.8 and dashboards.features["0_0"]["detection"] == scores["0_0"]
+    dashboards.save(tmp_path / "dashboards.json")  # strict JSON, labels and scores included
+    assert type(dashboards).load(tmp_path / "dashboards.json").features["0_0"]["label"] == labels["0_0"]
 
 
 def test_labels_become_clerp_and_viewer_labels(stories_model, tmp_path):
@@ -92,3 +94,29 @@ def test_labels_become_clerp_and_viewer_labels(stories_model, tmp_path):
     key = next(iter(layer_feature))
     payload = viewer_payload(tmp_path / "g.json", {"features": {key: {"label": "on \"x\"", "top_contexts": []}}})
     assert any(n["label"] == f"label of {key}" for n in payload["nodes"])  # clerp first
+
+
+def test_label_command_labels_scores_and_survives_a_down_explainer(stories_model, stories_path, tmp_path, capsys):
+    import socket
+
+    from conftest import TINYSTORIES, relu_transcoders
+
+    from featcircuits.cli import main
+    from featcircuits.viz.dashboards import FeatureDashboards
+
+    transcoders = relu_transcoders(stories_model, d_sae=32, bias=-0.3)[:2]
+    for dictionary in transcoders:
+        dictionary.save(str(tmp_path / "tc" / dictionary.cfg.hook_in))
+    rows = _token_rows(stories_model, TINYSTORIES / "train_head.txt", 16)
+    compute_dashboards(stories_model, transcoders, rows, k=5).save(tmp_path / "d.json")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    code = main(["label", str(tmp_path / "d.json"), "--model", str(stories_path), "--dictionaries", str(tmp_path / "tc"),
+                 "--held-out", str(TINYSTORIES / "valid_head.txt"), "--held-out-tokens", "4000",
+                 "--explainer-url", down])
+    out = capsys.readouterr().out
+    assert code == 0 and "labelled 64 features" in out and "explainer: offline label (explainer failed:" in out
+    saved = FeatureDashboards.load(tmp_path / "d.json").features
+    assert all(entry["label"] and entry["explanation"] == entry["label"] for entry in saved.values())
+    assert any(isinstance(entry["detection"], float) for entry in saved.values())

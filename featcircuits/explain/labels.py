@@ -14,6 +14,8 @@ label that says nothing.
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,6 +23,15 @@ from typing import Any
 import torch
 
 __all__ = ["label_entry", "trigger_tokens", "label_dashboards", "detection_score", "score_labels"]
+
+
+# tokenizer pieces -> the text they stand for: SentencePiece's word start, GPT-2's byte-level space/newline/tab
+_PIECE_TEXT = str.maketrans({"▁": " ", "Ġ": " ", "Ċ": "\n", "ĉ": "\t"})
+
+
+def readable_piece(piece: str) -> str:
+    """A tokenizer piece as the text it stands for (``"▁the"`` and ``"Ġthe"`` -> ``" the"``)."""
+    return piece.translate(_PIECE_TEXT)
 
 
 def trigger_tokens(entry: Mapping[str, Any], max_tokens: int = 3, min_share: float = 0.1) -> list[str]:
@@ -39,13 +50,14 @@ def trigger_tokens(entry: Mapping[str, Any], max_tokens: int = 3, min_share: flo
 
 
 def label_entry(entry: Mapping[str, Any], max_tokens: int = 3, n_promoted: int = 2) -> str:
-    """A short label: ``on "tok"/"tok" -> "promoted"`` (either half may be missing; ``"(inactive)"`` when the
-    feature never fired on the dashboard's text)."""
+    """A short label: ``on "tok"/"tok" -> "promoted"``, tokens as the text they stand for, JSON-quoted (so a
+    newline reads ``"\\n"``); either half may be missing; ``"(inactive)"`` when the feature never fired on the
+    dashboard's text."""
     fires = trigger_tokens(entry, max_tokens)
     promoted = [str(pair[0]) for pair in (entry.get("top_logits") or [])[:n_promoted]]
 
     def quoted(tokens: Sequence[str]) -> str:
-        return "/".join('"' + token.replace('"', "'") + '"' for token in tokens)
+        return "/".join(json.dumps(readable_piece(token), ensure_ascii=False) for token in tokens)
 
     parts = []
     if fires:
@@ -77,7 +89,8 @@ def detection_score(triggers: Sequence[int], tokens: torch.Tensor, acts: torch.T
         acts: the feature's activations at those tokens, same shape.
         special: token ids to leave out (BOS and the like: no dictionary was trained on them).
 
-    Returns NaN when the held-out text has no active or no inactive position to score against.
+    Returns NaN when the held-out text has no active or no inactive position to score against (stored as
+    ``None`` in a dashboard entry by :func:`score_labels`).
     """
     tokens, acts = tokens.reshape(-1), acts.reshape(-1)
     if tokens.shape != acts.shape:
@@ -129,6 +142,7 @@ def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards
         layer_acts = torch.cat(acts[layer])  # [n_seq, seq_len, n_features]
         for column, (key, _, triggers) in enumerate(entries):
             score = detection_score(triggers, flat, layer_acts[..., column], special)
-            dashboards.features[key]["detection"] = score
+            # None where the held-out text cannot score it (the feature never, or always, fires there): JSON has no NaN
+            dashboards.features[key]["detection"] = None if math.isnan(score) else score
             scores[key] = score
     return scores
