@@ -12,8 +12,9 @@ stay unique. Every node also carries ``featcircuits_id``, its id in featcircuits
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,11 +49,14 @@ def _token_strings(graph: AttributionGraph) -> list[str]:
 
 def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-graph", node_threshold: float = 0.8,
                            edge_threshold: float = 0.98, pruned: PruneResult | None = None,
-                           scan: str | None = None, labels: Mapping[str, str] | None = None) -> dict:
+                           scan: str | None = None, labels: Mapping[str, str] | None = None,
+                           supernodes: Sequence[Any] | None = None) -> dict:
     """The graph, pruned (``prune_graph`` with the thresholds unless ``pruned`` is given), as a dict in
     circuit-tracer's graph-file format, validated against its schema. ``labels``: per dashboard key
     (``"<layer>_<feature>"``, :func:`featcircuits.explain.label_dashboards`) a feature's label, written as its
-    ``clerp``."""
+    ``clerp``. ``supernodes``: groups with ``name`` and ``members`` (featcircuits node ids;
+    :func:`featcircuits.explain.group_supernodes`), written to ``qParams.supernodes`` as Neuronpedia reads them
+    (``[name, node_id, ...]``, members the pruning kept)."""
     result = pruned if pruned is not None else prune_graph(graph, node_threshold, edge_threshold)
     layers = export_layers(graph)
     logit_layer = str(max(layers) + 2)
@@ -112,7 +116,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
             "transcoder_list": transcoders, "prompt_tokens": token_text, "prompt": graph.prompt,
             "node_threshold": node_threshold,
         },
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "qParams": {"pinnedIds": [], "supernodes": _supernode_lists(supernodes, ids, export_id), "linkType": "both",
+                    "clickedId": "", "sg_pos": ""},
         "nodes": nodes,
         "links": links,
     }
@@ -123,6 +128,20 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
 def _decode(graph: AttributionGraph, token: int) -> str:
     tokenizer = getattr(getattr(graph.replacement, "model", None), "tokenizer", None)
     return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+def _supernode_lists(supernodes: Sequence[Any] | None, ids: list[str], export_id: dict[int, str]) -> list[list[str]]:
+    """``[[name, exported node id, ...], ...]`` for the groups with at least two members kept by the pruning."""
+    if not supernodes:
+        return []
+    exported = {ids[i]: node_id for i, node_id in export_id.items()}
+    lists = []
+    for group in supernodes:
+        name, members = (group.name, group.members) if hasattr(group, "members") else (group[0], group[1])
+        kept = [exported[m] for m in members if m in exported]
+        if len(kept) >= 2:
+            lists.append([str(name), *kept])
+    return lists
 
 
 def write_circuit_tracer_json(graph: AttributionGraph, path: str | Path, **kwargs) -> dict:
