@@ -99,6 +99,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
                     "jsNodeId": f"L_{vocab}-{pos}",
                     "clerp": f'Output "{label}" (p={prob:.3f})' if target.is_logit else f'Target "{label}"', **common}
             first_target = False
+        if ids[i] in graph.node_effects:  # measured by featcircuits.explain.measure_node_effects
+            node["ablation_effect"] = graph.node_effects[ids[i]][0]  # on the first (main) target
         export_id[i] = node["node_id"]
         nodes.append(node)
     masked = graph.adjacency * result.edge_mask

@@ -158,6 +158,7 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
             "token_prob": _finite_or_none(node.get("token_prob")),
             "is_target": bool(node.get("is_target_logit", False)),
             "dash_key": dashboard_key(layer, feature) if kind == "feature" else None,
+            "ablation_effect": _finite_or_none(node.get("ablation_effect")),
         })
 
     links = []
@@ -173,6 +174,11 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
             raise ValueError(f"Link #{position} ({source} -> {target}) has non-finite weight {weight}.")
         links.append([index_of[source], index_of[target], weight])
 
+    supernodes = []
+    for group in (graph_json.get("qParams") or {}).get("supernodes") or []:
+        members = [index_of[str(m)] for m in group[1:] if str(m) in index_of]
+        if len(group) >= 3 and len(members) >= 2:
+            supernodes.append({"name": str(group[0]), "members": members})
     rows = _assign_rows(nodes)
     n_columns = _assign_columns(nodes, len(tokens))
     return {
@@ -185,6 +191,7 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
         "nodes": nodes,
         "links": links,
         "n_feature_nodes": sum(node["kind"] == "feature" for node in nodes),
+        "supernodes": supernodes,
     }
 
 

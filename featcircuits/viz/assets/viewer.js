@@ -182,7 +182,21 @@
     var counts = el("span", "fc-counts");
     counts.id = "fc-counts";
     controls.appendChild(sliderLabel); controls.appendChild(thresholdText); controls.appendChild(counts);
+    var searchLabel = el("label", null, "Find ");
+    var search = el("input");
+    search.id = "fc-search"; search.type = "search"; search.placeholder = "label or node id";
+    searchLabel.appendChild(search);
+    var searchCount = el("span", "fc-counts");
+    searchCount.id = "fc-search-count";
+    controls.appendChild(searchLabel); controls.appendChild(searchCount);
     header.appendChild(controls);
+    var supernodeBar = null;
+    if ((data.supernodes || []).length) {
+      supernodeBar = el("div", "fc-supernodes");
+      supernodeBar.id = "fc-supernodes";
+      supernodeBar.appendChild(el("span", "fc-muted", "Supernodes: "));
+      header.appendChild(supernodeBar);
+    }
     app.appendChild(header);
 
     if (nodes.length === 0) {
@@ -340,6 +354,10 @@
       if (node.kind !== "logit") fact("activation", fmt(node.activation));
       if (node.influence !== null) fact("influence", fmt(node.influence));
       if (node.kind === "logit") fact("probability", fmt(node.token_prob));
+      if (node.ablation_effect !== null && node.ablation_effect !== undefined)
+        fact("ablation effect", fmt(node.ablation_effect) + "  (on the main target, measured)");
+      var groups = (data.supernodes || []).filter(function (group) { return group.members.indexOf(index) >= 0; });
+      if (groups.length) fact("supernode", groups.map(function (group) { return group.name; }).join(", "));
       card.appendChild(facts);
       if (node.kind === "feature") {
         var entry = node.dash_key !== null ? dashboards[node.dash_key] : undefined;
@@ -388,6 +406,29 @@
     slider.addEventListener("input", applyThreshold);
     applyThreshold();
     showHint();
+
+    // ---- search and supernodes: highlight matching nodes ----------------------------------------
+    function highlight(indices) {
+      nodeEls.forEach(function (element) { element.classList.remove("fc-match"); });
+      indices.forEach(function (index) { nodeEls[index].classList.add("fc-match"); });
+      searchCount.textContent = indices.length ? indices.length + " found" : "";
+      searchCount.setAttribute("data-matches", String(indices.length));
+    }
+    search.addEventListener("input", function () {
+      var query = search.value.trim().toLowerCase();
+      if (!query) { highlight([]); return; }
+      highlight(nodes.map(function (node, index) { return index; }).filter(function (index) {
+        var node = nodes[index];
+        return String(node.label).toLowerCase().indexOf(query) >= 0 || String(node.id).toLowerCase().indexOf(query) >= 0;
+      }));
+    });
+    (data.supernodes || []).forEach(function (group, number) {
+      var button = el("button", "fc-supernode", group.name + " (" + group.members.length + ")");
+      button.type = "button";
+      button.setAttribute("data-supernode", String(number));
+      button.addEventListener("click", function () { highlight(group.members); });
+      supernodeBar.appendChild(button);
+    });
   }
 
   if (data.mode === "dashboards") renderDashboardPage(); else renderGraphPage();
