@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featcircuits"
 LAYERS: list[tuple[str, ...]] = [
     ("featcircuits._version", "featcircuits._resources", "featcircuits.nodes", "featcircuits.model_families", "featcircuits.models",
      "featcircuits.circuits.tasks"),
-    ("featcircuits.dictionaries",),
+    ("featcircuits.data", "featcircuits.dictionaries"),  # data imports no featcircuits module
     ("featcircuits.hub", "featcircuits.patching"),
     ("featcircuits.training",),
     ("featcircuits.graph", "featcircuits.circuits"),

@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, help="training tokens")
     parser.add_argument("--batch-size", type=int, help="tokens per optimiser step")
     parser.add_argument("--lr", type=float)
-    parser.add_argument("--dataset", help="text file or activation cache directory")
+    parser.add_argument("--dataset", help="text file or directory, .jsonl/.parquet/.arrow file, Hugging Face dataset id "
+                        "(streamed) or activation cache directory")
+    parser.add_argument("--dataset-split", help="Hugging Face dataset split (default train)")
+    parser.add_argument("--dataset-config", help="Hugging Face dataset configuration (subset) name")
+    parser.add_argument("--text-column", help="text column of record datasets (default text; else input_ids/tokens)")
+    parser.add_argument("--model-batch-size", type=int, help="sequences per model forward")
+    parser.add_argument("--context-size", type=int, help="tokens per sequence, BOS included")
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
@@ -34,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_FIELDS = {
     "model": "model", "kind": "kind", "architecture": "architecture", "k": "k", "d_sae": "d_sae",
     "tokens": "total_tokens", "batch_size": "batch_size", "lr": "lr", "dataset": "dataset", "out": "out",
-    "device": "device", "checkpoint_every": "checkpoint_every",
+    "device": "device", "checkpoint_every": "checkpoint_every", "dataset_split": "dataset_split",
+    "dataset_config": "dataset_config", "text_column": "text_column", "model_batch_size": "model_batch_size",
+    "context_size": "context_size",
 }
 
 

@@ -18,8 +18,9 @@ from . import distributed
 from .cache import CacheSource, is_cache_dir, read_manifest
 from .config import TrainConfig, load_train_config
 from .dictionary_trainer import DictionaryTrainer
-from .sources import ModelSource, hook_layer
+from .sources import StreamSource, hook_layer
 from .store import ActivationStore
+from .tokens import held_out_rows, special_token_ids
 from .trainer import Trainer, output_name
 
 __all__ = ["train"]
@@ -96,18 +97,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     else:
         if not config.model:
             raise ValueError("Training from a text dataset needs TrainConfig.model (a checkpoint dir or model name).")
-        from .tokens import special_token_ids, tokenize_text_file
-
         model = _load_model(config, device)
+        if model.tokenizer is None:
+            raise ValueError(f"Model {config.model} has no tokenizer; training from a dataset needs one to pack rows.")
         special_ids = special_token_ids(model.tokenizer)
-        tokens = tokenize_text_file(config.dataset, model.tokenizer, config.context_size)
-        n_eval = min(config.eval_sequences, len(tokens) // 4)
-        eval_tokens, train_tokens = tokens[len(tokens) - n_eval:], tokens[: len(tokens) - n_eval]
-        _check_enough_tokens(train_tokens, config, special_ids, world)
-        # Data-parallel ranks share each model batch's forward and gather the rows (see ModelSource).
-        source = ModelSource(model, train_tokens, hooks, config.model_batch_size, special_ids,
-                             config.drop_special_tokens, seed=config.seed, rank=rank if sync else 0,
-                             world_size=world if sync else 1)
+        source, eval_tokens = _stream_source(config, model, hooks, special_ids, rank if sync else 0,
+                                             world if sync else 1)
         widths = source.widths()
         model_name = model.cfg.model_name
     if sync:
@@ -139,35 +134,48 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 def _special_ids(model: Any) -> list[int]:
-    from .tokens import special_token_ids
-
     return special_token_ids(model.tokenizer) if model.tokenizer is not None else []
 
 
+def _stream_source(config: TrainConfig, model: Any, hooks: list[str], special_ids: list[int], rank: int,
+                   world: int) -> tuple[StreamSource, torch.Tensor]:
+    """The streamed training rows of ``config.dataset`` and the held-out rows ``[n_eval, ctx]`` before them.
+
+    Every rank reads the same stream (data-parallel ranks share each model batch's forward and gather the
+    rows, see ModelSource); the first ``n_eval`` rows of every epoch are held out for the evaluation.
+    """
+    from ..data import TokenRows, open_documents
+
+    documents = open_documents(config.dataset, config.dataset_split, config.dataset_config, config.text_column)
+    vocab = int(model.cfg.d_vocab)
+    eval_tokens = held_out_rows(documents, model.tokenizer, config.context_size, config.eval_sequences, vocab)
+    rows = TokenRows(documents, model.tokenizer, config.context_size, repeat=config.repeat_dataset,
+                     skip_rows=len(eval_tokens), vocab_size=vocab)
+    source = StreamSource(model, rows, hooks, config.model_batch_size, special_ids, config.drop_special_tokens,
+                          rank=rank, world_size=world, needed_tokens=config.total_tokens, batch_size=config.batch_size)
+    return source, eval_tokens
+
+
 def _eval_tokens_from_manifest(manifest: dict[str, Any], model: Any, config: TrainConfig) -> torch.Tensor | None:
-    """Held-out sequences for the spliced evaluation: the cache's text file, tokenized the same way."""
+    """Held-out sequences for the spliced evaluation: the rows the cache left out at its dataset's start.
+
+    Caches written before ``held_out_sequences`` was recorded give their dataset's first rows (which they
+    also cached, so the evaluation is then on training text).
+    """
+    from ..data import TokenRows, open_documents
+
     dataset = manifest.get("dataset")
-    if not dataset or not Path(dataset).is_file() or model.tokenizer is None:
+    n_eval = min(config.eval_sequences, int(manifest.get("held_out_sequences", config.eval_sequences)))
+    if not dataset or model.tokenizer is None or n_eval <= 0:
         return None
-    from .tokens import tokenize_text_file
-
-    tokens = tokenize_text_file(dataset, model.tokenizer, int(manifest.get("context_size", config.context_size)))
-    return tokens[-min(config.eval_sequences, len(tokens)):]
-
-
-def _check_enough_tokens(tokens: torch.Tensor, config: TrainConfig, special_ids: list[int], world: int) -> None:
-    usable = int((~torch.isin(tokens, torch.tensor(special_ids))).sum()) if config.drop_special_tokens else tokens.numel()
-    if usable < config.batch_size:
-        raise ValueError(
-            f"Dataset {config.dataset} gives {usable} usable tokens, fewer than one batch (batch_size="
-            f"{config.batch_size}); use more text or a smaller batch_size."
-        )
-    if len(tokens) < world:
-        raise ValueError(f"Dataset {config.dataset} has {len(tokens)} sequences, fewer than the {world} ranks.")
-    epochs = config.total_tokens / usable
-    if epochs > 1 and distributed.rank() == 0:
-        print(f"featcircuits train: {config.total_tokens} tokens from a dataset of {usable}: "
-              f"{math.ceil(epochs)} epochs over the same text.")
+    try:
+        documents = open_documents(dataset, manifest.get("dataset_split", "train"),
+                                   manifest.get("dataset_config", ""), manifest.get("text_column", "text"))
+        rows = TokenRows(documents, model.tokenizer, int(manifest.get("context_size", config.context_size)),
+                         repeat=False)
+        return rows.next_rows(n_eval)
+    except (OSError, ValueError):  # the cache's dataset moved or is gone: train without the evaluation
+        return None
 
 
 def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]) -> None:

@@ -58,12 +58,14 @@ def write_cache(
     out: str | Path,
     hooks: list[str],
     widths: dict[str, int],
-    n_sequences: int,
+    n_sequences: int | None,
     dtype: str = "float32",
     rows_per_shard: int = 65536,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write activations from ``source`` (a ``ModelSource`` reading sequences in order) into ``out``.
+    """Write activations from ``source`` (a ``ModelSource`` or ``StreamSource`` reading rows in order) into ``out``.
+
+    ``n_sequences``: rows to cache; None: until the source returns an empty chunk (its stream ended).
 
     ``metadata`` (model_name, model_path, dataset, context_size, ...) must match an existing partial cache
     in ``out``, which is then resumed from its last complete shard.
@@ -83,15 +85,20 @@ def write_cache(
             )
     else:
         manifest = {**header, "shards": [], "sequences_done": 0, "total_sequences": n_sequences, "complete": False}
+    if manifest.get("complete") and (n_sequences is None or manifest["sequences_done"] >= n_sequences):
+        return manifest
     source.position = manifest["sequences_done"]  # resume: skip sequences already in complete shards
     pending: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}
-    n_pending = 0
-    while source.position < n_sequences:
-        chunk = source.next_chunk()
-        for hook in hooks:
-            pending[hook].append(chunk[hook].to("cpu", CACHE_DTYPES[dtype]))
-        n_pending += len(chunk[hooks[0]])
-        if n_pending >= rows_per_shard or source.position >= n_sequences:
+    n_pending, done = 0, False
+    while not done:
+        more = n_sequences is None or source.position < n_sequences
+        chunk = source.next_chunk() if more else {}
+        if chunk:
+            for hook in hooks:
+                pending[hook].append(chunk[hook].to("cpu", CACHE_DTYPES[dtype]))
+            n_pending += len(chunk[hooks[0]])
+        done = not chunk or (n_sequences is not None and source.position >= n_sequences)
+        if n_pending and (n_pending >= rows_per_shard or done):
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             write_tensors(out / name, {hook: torch.cat(parts) for hook, parts in pending.items()})
             manifest["shards"].append({"file": name, "rows": n_pending})
@@ -99,6 +106,7 @@ def write_cache(
             write_json(out / MANIFEST, manifest)
             pending = {hook: [] for hook in hooks}
             n_pending = 0
+    manifest["total_sequences"] = manifest["sequences_done"] if n_sequences is None else n_sequences
     manifest["complete"] = True
     write_json(out / MANIFEST, manifest)
     return manifest

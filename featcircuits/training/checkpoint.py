@@ -2,11 +2,14 @@
 
 A checkpoint holds every dictionary's weights and optimiser state, the step, the activation stream
 (buffer, permutation, data position) and the RNG states, so a resumed run continues bit-for-bit.
+It holds only tensors, numbers, strings and plain containers, and is read with ``weights_only=True``:
+loading a checkpoint never runs code, whoever wrote the file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +54,17 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
             "checkpoint_every > 0 that wrote at least one checkpoint."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"Checkpoint {path} holds objects other than tensors, numbers, strings and containers "
+            f"({str(err).splitlines()[0][:200]}): featcircuits checkpoints never do, and unpickling them could run "
+            "code, so it was not loaded. Delete the checkpoint directory (or choose a new --out) and train afresh."
+        ) from None
     except Exception as err:  # a truncated file raises several different errors inside torch.load
         raise ValueError(f"Checkpoint {path} is unreadable ({err}); it is corrupt or truncated.") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {path} holds a {type(state).__name__}, not a featcircuits checkpoint.")
     saved = state.get("fingerprint", {})
     current = config.resume_fingerprint()
     differing = sorted(key for key in set(current) | set(saved) if saved.get(key) != current.get(key))

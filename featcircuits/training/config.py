@@ -31,7 +31,13 @@ class TrainConfig:
     hooks: list[str] = field(default_factory=list)
     hooks_out: list[str] = field(default_factory=list)
     model: str = ""  # local HF checkpoint dir or TransformerLens name; optional with a cache dataset
-    dataset: str = ""  # a text file, or an activation cache directory written by `featcircuits cache`
+    # A text file or directory of them, a .jsonl/.parquet/.arrow file (text or input_ids/tokens column), a
+    # Hugging Face dataset id or local dataset repository (streamed), or a `featcircuits cache` directory.
+    dataset: str = ""
+    dataset_split: str = "train"  # Hugging Face datasets: the split to stream
+    dataset_config: str = ""  # Hugging Face datasets: the configuration (subset) name, if it has several
+    text_column: str = "text"  # record datasets: the text column (else a pre-tokenized input_ids/tokens one)
+    repeat_dataset: bool = True  # re-read a dataset that ends before total_tokens (epochs); off: refuse
     out: str = "runs/train"
     kind: str = ""  # "" -> sae when hooks_out is empty, else transcoder
     architecture: str = "topk"
@@ -111,7 +117,8 @@ class TrainConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}; choose one of {ARCHITECTURES}.")
         if not self.dataset:
-            raise ValueError("TrainConfig.dataset is empty: give a text file or an activation cache directory.")
+            raise ValueError("TrainConfig.dataset is empty: give a text file or directory, a jsonl/parquet/arrow file, a "
+                             "Hugging Face dataset id, or an activation cache directory.")
         for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
@@ -162,6 +169,10 @@ class TrainConfig:
         fingerprint = {name: data[name] for name in _RESUME_INVARIANT}
         if self.matryoshka_prefixes:  # only when set, so checkpoints from before the option still match
             fingerprint["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
+        defaults = TrainConfig()
+        for name in ("dataset_split", "dataset_config", "text_column"):  # likewise: only when not the default
+            if data[name] != getattr(defaults, name):
+                fingerprint[name] = data[name]
         return fingerprint
 
 

@@ -7,12 +7,13 @@ continues exactly where the checkpoint stopped.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
 
-__all__ = ["ModelSource", "hook_layer"]
+__all__ = ["ModelSource", "StreamSource", "hook_layer"]
 
 
 def hook_layer(hook: str) -> int | None:
@@ -47,24 +48,31 @@ class ModelSource:
         world_size: int = 1,
         shuffle: bool = True,
     ) -> None:
+        self._setup(model, hooks, model_batch_size, special_ids, drop_special, rank, world_size)
+        self.tokens = tokens
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+        if len(self._order) == 0:
+            raise ValueError("The dataset has no token sequences; give a longer text or a smaller context_size.")
+
+    def _setup(self, model: Any, hooks: list[str], model_batch_size: int, special_ids: list[int],
+               drop_special: bool, rank: int, world_size: int) -> None:
         from ..models import check_hook_name
 
+        if model_batch_size < 1:
+            raise ValueError(f"model_batch_size={model_batch_size} must be positive (sequences per model forward).")
         for hook in hooks:
             check_hook_name(model, hook)
         self.model = model
-        self.tokens = tokens
         self.hooks = list(dict.fromkeys(hooks))
         self.model_batch_size = model_batch_size
         self.special = torch.tensor(special_ids if drop_special else [], dtype=torch.long)
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.rank, self.world_size = rank, world_size
         layers = [hook_layer(hook) for hook in self.hooks]
         # Stop the forward after the last block we read: later layers cost time and change nothing.
         self.stop_at_layer = None if None in layers else max(layers) + 1  # type: ignore[type-var]
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
         self._widths: dict[str, int] | None = None
-        if len(self._order) == 0:
-            raise ValueError("The dataset has no token sequences; give a longer text or a smaller context_size.")
 
     def _epoch_order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -73,7 +81,7 @@ class ModelSource:
         return torch.arange(len(self.tokens))  # file order: the disk cache records its progress as a count
 
     def widths(self) -> dict[str, int]:
-        return {hook: acts.shape[-1] for hook, acts in self._capture(self.tokens[:1]).items()}
+        return {hook: acts.shape[-1] for hook, acts in self._capture(torch.zeros(1, 1, dtype=torch.long)).items()}
 
     @torch.no_grad()
     def _capture(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -142,3 +150,88 @@ class ModelSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._epoch_order()
+
+
+class StreamSource(ModelSource):
+    """Runs ``model`` over rows streamed from a ``TokenRows`` in dataset order, ``model_batch_size`` at a time.
+
+    Rows are read only as the store asks for them, so a run reads (and runs the model over) about the rows
+    it trains on, whatever the dataset's size; the ``ActivationStore`` buffer shuffles their positions.
+    ``state_dict`` is the row stream's, so a resumed run continues with the next row.
+
+    Args:
+        needed_tokens: the tokens the run trains on, for the message when the dataset is smaller.
+        batch_size: rows per optimiser step; a dataset with fewer usable tokens than one batch is refused.
+        max_rows: read at most this many rows, then ``next_chunk`` returns ``{}`` (the disk cache's stop);
+            a non-repeating stream that ends also returns ``{}`` when ``stop_at_end``, else raises.
+    """
+
+    def __init__(self, model: Any, rows: Any, hooks: list[str], model_batch_size: int, special_ids: list[int],
+                 drop_special: bool = True, rank: int = 0, world_size: int = 1, needed_tokens: int = 0,
+                 batch_size: int = 1, max_rows: int | None = None, stop_at_end: bool = False) -> None:
+        self._setup(model, hooks, model_batch_size, special_ids, drop_special, rank, world_size)
+        self.rows, self.needed_tokens, self.batch_size = rows, needed_tokens, batch_size
+        self.max_rows, self.stop_at_end = max_rows, stop_at_end
+        self.tokens_per_row = rows.context_size - (1 if drop_special else 0)  # BOS opens every row
+        self._reported = False
+
+    @property
+    def position(self) -> int:
+        """Rows read so far (all epochs)."""
+        return self.rows.rows_done
+
+    @position.setter
+    def position(self, rows: int) -> None:
+        # The disk cache resumes by row count: skip (tokenize, no model) up to there.
+        while self.rows.rows_done < rows and not self.rows.ended:
+            self.rows.next_rows(min(4096, rows - self.rows.rows_done))
+
+    def _available(self) -> str:
+        rows = self.rows.first_epoch_rows
+        return f"{rows * self.tokens_per_row} usable tokens ({rows} rows of context_size={self.rows.context_size})"
+
+    def _report_epoch_size(self) -> None:
+        """Once the first epoch ended: refuse a dataset too small for the run, or say how many epochs it takes."""
+        from . import distributed
+
+        self._reported = True
+        rows = self.rows.first_epoch_rows
+        usable = rows * self.tokens_per_row
+        name = self.rows.source.name
+        if usable < self.batch_size:
+            raise ValueError(f"Dataset {name} gives {usable} usable tokens, fewer than one batch (batch_size="
+                             f"{self.batch_size}); use more text or a smaller batch_size.")
+        if self.stop_at_end or not self.needed_tokens or usable >= self.needed_tokens:
+            return
+        if not self.rows.repeat:
+            raise ValueError(
+                f"Dataset {name} ended after {self._available()}, but the run trains on {self.needed_tokens} tokens "
+                "and repeat_dataset is off: lower --tokens (total_tokens), use more data, or set repeat_dataset=true."
+            )
+        if distributed.rank() == 0:
+            print(f"featcircuits train: {self.needed_tokens} tokens from a dataset of {usable}: "
+                  f"{math.ceil(self.needed_tokens / usable)} epochs over the same text.")
+
+    def next_chunk(self) -> dict[str, torch.Tensor]:
+        """One model forward over the next rows: ``{hook: [rows, d_hook]}``; ``{}`` once a cache's stream stops."""
+        want = self.model_batch_size
+        if self.max_rows is not None:
+            want = min(want, self.max_rows - self.position)
+            if want <= 0:
+                return {}
+        batch = self.rows.next_rows(want)
+        if self.rows.first_epoch_rows is not None and not self._reported:
+            self._report_epoch_size()
+        if len(batch) == 0:
+            if self.stop_at_end:
+                return {}
+            raise ValueError(f"Dataset {self.rows.source.name} ended after {self._available()}: the run asked for "
+                             "more rows than it holds; set repeat_dataset=true or lower --tokens.")
+        return self._forward(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows.state_dict(), "reported": self._reported}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state_dict(state["rows"])
+        self._reported = bool(state["reported"])

@@ -3,7 +3,9 @@
 Rows from a source (a model forward, or cache shards) fill a preallocated buffer ``{hook: [capacity,
 d_hook]}``. Batches are gathered through a random permutation; once half the buffer has been served,
 the served slots are overwritten with fresh rows and a new permutation is drawn, so every batch mixes
-rows from many sequences (and shards) and nothing is reallocated.
+rows from many sequences (and shards) and nothing is reallocated. Given the rows the run will use
+(``max_rows``), the store reads no more than those: once they are all read, the buffer's unserved rows
+are served without refilling, so every row read is trained on once (more are read only when asked for).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class ActivationStore:
         buffer_bytes: memory budget of the buffer (float32 rows of all hooks together).
         device: where the buffer lives (the training device).
         seed: seed of the shuffling generator (its state is part of ``state_dict``).
-        max_rows: rows the run will read in all; the buffer is not made larger than that.
+        max_rows: rows the run will read in all; the buffer is not made larger than that, and no more rows
+            are read unless more batches are asked for.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class ActivationStore:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.order = torch.arange(self.capacity)
         self.cursor = self.capacity  # everything "served": the first batch triggers a full fill
+        self.unread = max_rows  # rows still to read before the run's budget is met; None: no budget
         self.pending: dict[str, torch.Tensor] = {}  # rows of the last chunk that did not fit
         self.step = 0  # for error messages only
 
@@ -103,17 +107,29 @@ class ActivationStore:
 
     def _refill(self) -> None:
         free = self.order[: self.cursor]  # slots already served
+        if self.unread is not None and self.unread < len(free):
+            # The run's last rows: fill only as many slots, and serve just the unserved and new ones.
+            free = free[: self.unread]
         rows = self._take_rows(len(free))
+        if self.unread is not None:
+            self.unread -= len(free)
         free_device = free.to(self.device)
         for hook, buffer in self.buffers.items():
             buffer.index_copy_(0, free_device, rows[hook])
-        self.order = torch.randperm(self.capacity, generator=self.generator)
+        if len(self.order) - self.cursor + len(free) == self.capacity:
+            self.order = torch.randperm(self.capacity, generator=self.generator)
+        else:  # some slots hold served rows that no refill replaced: leave them out
+            valid = torch.cat([self.order[self.cursor :], free])
+            self.order = valid[torch.randperm(len(valid), generator=self.generator)]
         self.cursor = 0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """``{hook: [batch_size, d_hook]}``, float32 on the training device."""
+        exhausted = self.cursor + self.batch_size > len(self.order)
+        if exhausted and self.unread == 0:
+            self.unread = None  # asked for more than the run's budget (e.g. calibration batches): read on
         # Half served: refill the served slots. capacity >= 2 * batch_size, so a batch always fits.
-        if self.cursor >= self.capacity // 2:
+        if exhausted or (self.cursor >= self.capacity // 2 and self.unread != 0):
             self._refill()
         index = self.order[self.cursor : self.cursor + self.batch_size].to(self.device)
         self.cursor += self.batch_size
@@ -130,6 +146,7 @@ class ActivationStore:
             "generator": self.generator.get_state(),
             "source": self.source.state_dict(),
             "step": self.step,
+            "unread": -1 if self.unread is None else self.unread,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -141,3 +158,5 @@ class ActivationStore:
         self.generator.set_state(state["generator"])
         self.source.load_state_dict(state["source"])
         self.step = int(state["step"])
+        unread = int(state.get("unread", -1))
+        self.unread = None if unread < 0 else unread

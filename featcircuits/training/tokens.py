@@ -1,4 +1,8 @@
-"""Text file -> packed token sequences ``[n_seq, context_size]``, each starting with BOS."""
+"""Token rows for training: a whole (small) dataset as one tensor, for tests, evaluation and tools.
+
+Training itself streams (``featcircuits.data.TokenRows`` through ``sources.StreamSource``); this reads
+every row, so use it only where the whole dataset fits in memory.
+"""
 
 from __future__ import annotations
 
@@ -7,53 +11,49 @@ from typing import Any
 
 import torch
 
-__all__ = ["tokenize_text_file", "special_token_ids"]
+from ..data import TokenRows, open_documents, special_token_ids
+
+__all__ = ["tokenize_text_file", "tokenize_dataset", "held_out_rows", "special_token_ids"]
 
 
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """Ids whose positions no dictionary should see: BOS, EOS, pad, unk and any other special token."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            ids.add(int(value))
-    return sorted(ids)
+def tokenize_dataset(dataset: str | Path, tokenizer: Any, context_size: int, max_rows: int | None = None,
+                     **options: Any) -> torch.Tensor:
+    """``[n_seq, context_size]`` int64 rows of ``dataset`` (any form ``open_documents`` takes), each BOS + body.
+
+    ``options``: ``split``, ``config``, ``text_column`` for record datasets. The trailing partial row is dropped.
+    """
+    rows = TokenRows(open_documents(dataset, **options), tokenizer, context_size, repeat=False)
+    parts = []
+    while not rows.ended and (max_rows is None or rows.rows_done < max_rows):
+        want = 4096 if max_rows is None else min(4096, max_rows - rows.rows_done)
+        part = rows.next_rows(want)
+        if len(part):
+            parts.append(part)
+    return torch.cat(parts) if parts else torch.empty(0, context_size, dtype=torch.long)
 
 
 def tokenize_text_file(path: str | Path, tokenizer: Any, context_size: int) -> torch.Tensor:
-    """Tokenize a text file into ``[n_seq, context_size]`` int64 sequences.
-
-    Documents (blank-line separated paragraphs are kept together; the file is read in ~64 kB pieces
-    cut at blank lines) are concatenated and packed; every sequence starts with BOS so that the model
-    sees the context it was trained with. The trailing partial sequence is dropped.
-    """
+    """Tokenize a text file into ``[n_seq, context_size]`` int64 sequences (documents packed, BOS first)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Dataset {path} does not exist; give a text file or an activation cache dir.")
-    text = path.read_text(errors="replace")
-    if not text.strip():
+    if path.stat().st_size < 1 << 20 and not path.read_bytes().strip():
         raise ValueError(f"Dataset {path} is empty: it holds no text to tokenize.")
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        bos = tokenizer.eos_token_id
-    pieces, current, size = [], [], 0
-    for paragraph in text.split("\n\n"):
-        current.append(paragraph)
-        size += len(paragraph)
-        if size > 65536:
-            pieces.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        pieces.append("\n\n".join(current))
-    stream: list[int] = []
-    for piece in pieces:
-        stream.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-    body = context_size - 1
-    n_seq = len(stream) // body
-    if n_seq == 0:
-        raise ValueError(
-            f"Dataset {path} gives {len(stream)} tokens, fewer than one sequence of context_size={context_size}; "
-            "use more text or a smaller context_size."
-        )
-    tokens = torch.tensor(stream[: n_seq * body], dtype=torch.long).reshape(n_seq, body)
-    return torch.cat([torch.full((n_seq, 1), int(bos), dtype=torch.long), tokens], dim=1)
+    return tokenize_dataset(path, tokenizer, context_size)
+
+
+def held_out_rows(documents: Any, tokenizer: Any, context_size: int, eval_sequences: int,
+                  vocab_size: int | None = None) -> torch.Tensor:
+    """``[n_eval, context_size]``: the first rows of ``documents``, held out of training for evaluation.
+
+    At most ``eval_sequences`` and at most a quarter of a small dataset (read up to ``4 * eval_sequences``
+    rows to know), so a small dataset keeps most of its rows for training.
+    """
+    if eval_sequences <= 0:
+        return torch.empty(0, context_size, dtype=torch.long)
+    rows = TokenRows(documents, tokenizer, context_size, repeat=False, vocab_size=vocab_size)
+    try:
+        first = rows.next_rows(4 * eval_sequences)
+    except ValueError:  # too small even for one row: training reports it with the run's numbers
+        return torch.empty(0, context_size, dtype=torch.long)
+    return first[: min(eval_sequences, len(first) // 4)]

@@ -84,7 +84,7 @@ def llama_config(vocab_size: int, bos_id: int, cfg: TrainConfig):
 def tokenize_split(tokenizer, text_file: Path, cache: Path) -> torch.Tensor:
     """Token ids of a whole split, ``[n_tokens]`` int16-safe ``int32``; cached beside the text."""
     if cache.exists():
-        return torch.load(cache)
+        return torch.load(cache, weights_only=True)
     text = text_file.read_text(encoding="utf-8")
     ids: list[int] = []
     # Encode file by file (the separator is the BOS token) so no token crosses a file boundary.
@@ -169,12 +169,12 @@ def _resumable_checkpoint(ckpt_path: Path, stable_path: Path, cfg: TrainConfig) 
     last constant-LR one when that lies before ``cfg``'s decay, else an error naming the fix."""
     if not ckpt_path.exists():
         return None
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     if ckpt["steps"] == cfg.steps or ckpt["step"] <= min(_decay_start(ckpt["steps"], cfg),
                                                          _decay_start(cfg.steps, cfg)):
         return ckpt
     if stable_path.exists():
-        stable = torch.load(stable_path, weights_only=False)
+        stable = torch.load(stable_path, weights_only=True)
         if stable["step"] <= _decay_start(cfg.steps, cfg):
             print(f"{ckpt_path} is in the decay phase of a {ckpt['steps']}-step run; branching from the "
                   f"constant-LR checkpoint at step {stable['step']}", flush=True)
