@@ -38,12 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..circuits import evaluate, find_circuit, load_task
+    from ..hub.checks import check_dictionaries_match_model
     from ..hub.loading import load_dictionaries
     from ..models import load_model
 
     model = load_model(args.model, device=args.device)
     task = load_task(args.task, model)
     dictionaries = load_dictionaries(args.dictionaries, device=args.device) if args.dictionaries else None
+    if dictionaries:
+        check_dictionaries_match_model(model, dictionaries)  # raises on wrong widths, warns on another model's name
     circuit = find_circuit(
         model, task, args.method, dictionaries=dictionaries, level=args.level, ablation=args.ablation,
         metric=args.metric, tau=args.tau, steps=args.steps, top_k=args.top_k, prefilter=args.prefilter,

@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..dictionaries.io import FORMATS, detect_format, load_dictionaries, save_dictionary
+    from ..dictionaries.io.common import atomic_directory
 
     target = args.to.replace("-", "_")
     if target not in FORMATS or not hasattr(FORMATS[target], "save"):
@@ -31,13 +32,15 @@ def run(args: argparse.Namespace) -> int:
     if target == "circuit_tracer" or len(dictionaries) == 1:
         save_dictionary(dictionaries if len(dictionaries) > 1 else dictionaries[0], dst, format=target)
     else:
-        used: set[str] = set()
+        names: list[str] = []
         for index, dictionary in enumerate(dictionaries):
             name = (dictionary.cfg.hook_in or f"dictionary_{index}").replace("/", "_")
-            if name in used:  # e.g. an SAE and a transcoder reading the same hook
-                name = f"{name}_{index}"
-            used.add(name)
-            save_dictionary(dictionary, dst / name, format=target)
+            names.append(f"{name}_{index}" if name in names else name)  # e.g. an SAE and a transcoder on one hook
+        # The whole set goes into a fresh directory that replaces dst at once: a convert killed half-way
+        # leaves dst as it was (and a .tmp-* sibling the loaders name), never three of five dictionaries.
+        with atomic_directory(dst, owned=lambda entry: entry in names) as tmp:
+            for name, dictionary in zip(names, dictionaries, strict=True):
+                save_dictionary(dictionary, tmp / name, format=target)
     print(f"converted {len(dictionaries)} dictionar{'y' if len(dictionaries) == 1 else 'ies'} "
           f"from {source_format} to {target}: {dst}")
     return 0

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         verify,
         write_circuit_tracer_json,
     )
+    from ..hub.checks import check_dictionaries_match_model
     from ..models import load_model
 
     started = time.perf_counter()
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     if isinstance(dictionaries, dict):
         dictionaries = list(dictionaries.values())
-    replacement = ReplacementModel(model, dictionaries)
+    replacement = ReplacementModel(model, dictionaries)  # raises on widths that do not fit
+    check_dictionaries_match_model(model, dictionaries)  # warns when they record another model's name
     graph = build_graph(replacement, prompt=args.prompt, targets=args.target, max_feature_nodes=args.max_feature_nodes,
                         batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb)
     built = time.perf_counter()

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from ..dictionaries.base import Dictionary
 
-__all__ = ["check_dictionaries_match_model", "hook_width"]
+__all__ = ["check_dictionaries_match_model", "hook_width", "same_model_name"]
+
+
+def _canonical_model_name(name: str) -> str:
+    """``name`` as TransformerLens' official name when it is an alias (``gpt2-small`` -> ``gpt2``), reduced to
+    its last path part (``google/gemma-2-2b`` and a local ``.../gemma-2-2b`` directory agree), lower-cased."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        name = get_official_model_name(name)
+    except (ValueError, ImportError):
+        pass
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def same_model_name(a: str, b: str) -> bool:
+    """Whether two model names (Hub ids, TransformerLens aliases, local directories) name one model."""
+    return _canonical_model_name(a) == _canonical_model_name(b)
 
 
 def hook_width(model: Any, hook_name: str) -> int:
@@ -27,10 +45,13 @@ def check_dictionaries_match_model(model: Any, dictionaries: Iterable[Dictionary
     """Raise ``ValueError`` naming the dictionaries' model and the given one when they do not fit.
 
     Checks that every ``hook_in``/``hook_out`` is a hook point of ``model`` and that ``d_in``/``d_out``
-    equal the widths of the activations there.
+    equal the widths of the activations there. Widths that fit but a recorded ``cfg.model_name`` naming
+    another model give a ``UserWarning`` naming both: the dictionary runs, but its features were learned
+    on another model's activations (a random-init twin, another checkpoint of the same size).
     """
     model_name = getattr(model.cfg, "model_name", "") or "the given model"
     hooks = model.hook_dict
+    others: dict[str, list[str]] = {}
     for dictionary in dictionaries:
         cfg = dictionary.cfg
         trained_on = cfg.model_name or "an unnamed model"
@@ -49,3 +70,13 @@ def check_dictionaries_match_model(model: Any, dictionaries: Iterable[Dictionary
                     f"{what} {role} width {width} at {hook!r}, but {model_name} has width {expected} there "
                     f"(d_model={model.cfg.d_model}): these dictionaries are for a different model. {fix}"
                 )
+        if cfg.model_name and getattr(model.cfg, "model_name", "") and not same_model_name(cfg.model_name, model_name):
+            others.setdefault(cfg.model_name, []).append(cfg.hook_in)
+    for trained_on, hooks_in in others.items():
+        warnings.warn(
+            f"{len(hooks_in)} dictionar{'y' if len(hooks_in) == 1 else 'ies'} ({', '.join(map(repr, hooks_in[:3]))}"
+            f"{' ...' if len(hooks_in) > 3 else ''}) record model {trained_on!r} but are used with {model_name!r}. "
+            "The widths match, so they run, but their features were learned on another model's activations and "
+            f"may mean nothing here. Load the dictionaries made for {model_name}, or the model {trained_on}.",
+            UserWarning, stacklevel=2,
+        )

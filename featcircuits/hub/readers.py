@@ -19,6 +19,7 @@ import torch
 
 from ..dictionaries.base import Dictionary
 from ..dictionaries.config import DictionaryConfig
+from ..dictionaries.io.common import DICTIONARY_NONFINITE_FIX, check_finite
 
 __all__ = [
     "dictionary_from_saelens_components",
@@ -40,7 +41,7 @@ _SAELENS_ARCHITECTURES = {
 
 
 def _build(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], source: str, device: str | torch.device) -> Dictionary:
-    """A Dictionary of ``cfg`` filled from ``tensors`` (our names and layouts), shapes checked."""
+    """A Dictionary of ``cfg`` filled from ``tensors`` (our names and layouts), shapes and finiteness checked."""
     dictionary = Dictionary.from_config(cfg, device=device)
     targets = {"W_enc": dictionary.W_enc, "b_enc": dictionary.b_enc, "W_dec": dictionary.W_dec, "b_dec": dictionary.b_dec}
     if dictionary.W_skip is not None:
@@ -57,6 +58,7 @@ def _build(cfg: DictionaryConfig, tensors: dict[str, torch.Tensor], source: str,
                     f"Tensor {name!r} in {source} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)} "
                     "from its config; the weights and config do not belong together."
                 )
+            check_finite({name: tensor}, source, DICTIONARY_NONFINITE_FIX)
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     return dictionary
 

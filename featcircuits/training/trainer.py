@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,22 @@ from .dictionary_trainer import DictionaryTrainer
 from .metrics import MetricLogger
 from .store import ActivationStore
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainingDivergedError", "MAX_FINAL_FVU"]
 
 EvalFn = Callable[[list[Dictionary]], list[dict[str, float]]]
+
+# A final FVU above this is no reconstruction at all (predicting the mean scores 1): the optimiser diverged
+# (e.g. a TopK run at lr=1e12 ends at FVU 4e23 with finite weights). Such a run fails instead of being saved.
+MAX_FINAL_FVU = 1e3
+# Metrics that are finite for any usable dictionary (CE recovered may be NaN when zero ablation costs nothing).
+_MUST_BE_FINITE = ("fvu", "mse", "l0", "ce_spliced", "kl")
+
+
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """Training produced non-finite weights or metrics, or an absurd FVU; nothing was saved.
+
+    A ``ValueError`` too, so that the command line reports it as a one-line error.
+    """
 
 
 class Trainer:
@@ -106,7 +120,6 @@ class Trainer:
                 for trainer in self.trainers:
                     dict_cfg = trainer.dict_cfg
                     trainer.train_step(batch[dict_cfg.hook_in], batch[dict_cfg.hook_out], self.step)
-                self._check_finite()
                 if self.store.device.type == "cuda":
                     torch.cuda.synchronize(self.store.device)
                 train_seconds += time.perf_counter() - started
@@ -114,14 +127,19 @@ class Trainer:
                 session_tokens += config.batch_size
                 tokens_seen += config.batch_size
                 logger.advance()
-                if self.step % config.log_every == 0 or self.step == config.n_steps:
+                logging = self.step % config.log_every == 0 or self.step == config.n_steps
+                checkpointing = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
+                if logging or checkpointing:
+                    # One host sync per interval; a NaN weight must be neither logged as a metric nor checkpointed.
+                    self._check_finite()
+                if logging:
                     record = self._log_record(tokens_seen, session_tokens / max(train_seconds, 1e-9))
                     self.history.append(record)
                     logger.log(self.step, record)
                 if config.eval_every and self.step % config.eval_every == 0 and self.step < config.n_steps:
                     evaluation = self._evaluate()
                     logger.log(self.step, {f"{name}/eval/{k}": v for name, m in evaluation.items() for k, v in m.items()})
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                if checkpointing:
                     save_checkpoint(checkpoint_path(config.out, self.rank), self._state(tokens_seen))
         finally:
             logger.close()
@@ -134,6 +152,7 @@ class Trainer:
                    **evaluation.get(name, {})}
             for name in self.names
         }
+        self._check_final(dictionaries, per_dictionary)
         return {
             "dictionaries": dictionaries,
             "per_dictionary": per_dictionary,
@@ -164,16 +183,47 @@ class Trainer:
         for trainer, summed in zip(trainers, sums, strict=True):
             trainer.set_threshold(summed)
 
+    def _diverged(self, name: str, what: str) -> TrainingDivergedError:
+        trainer = self.trainers[self.names.index(name)] if name in self.names else None
+        hooks = f" ({trainer.dict_cfg.hook_in} -> {trainer.dict_cfg.hook_out})" if trainer is not None else ""
+        return TrainingDivergedError(
+            f"Training diverged: dictionary {name!r}{hooks} {what} (lr={self.config.lr:g}). Nothing was saved for "
+            f"this run in {self.config.out} (an earlier checkpoint there is unchanged); train again with a lower "
+            f"learning rate, e.g. --lr {self.config.lr / 10:g}, or check the activations."
+        )
+
     def _check_finite(self) -> None:
-        # One host sync per log interval would be cheaper, but a NaN weight must not be checkpointed.
-        if self.step % max(1, min(self.config.log_every, self.config.checkpoint_every or self.config.log_every)):
-            return
         for trainer, name in zip(self.trainers, self.names, strict=False):
             if not torch.isfinite(trainer.module.W_dec).all() or not torch.isfinite(trainer.module.W_enc_t).all():
-                raise FloatingPointError(
-                    f"Dictionary {name!r} has non-finite weights at step {self.step}: lower lr or check the "
-                    "activations; the last checkpoint is intact."
-                )
+                raise self._diverged(name, f"has non-finite weights at step {self.step}")
+
+    def _check_final(self, dictionaries: list[Dictionary], per_dictionary: dict[str, dict[str, Any]]) -> None:
+        """Refuse to return (and so to save) a dictionary with non-finite weights or metrics or an absurd FVU.
+
+        Logging steps are checked during training; this checks what is actually saved, whatever the intervals.
+        """
+        problem: tuple[str, str] | None = None
+        for dictionary, name in zip(dictionaries, self.names, strict=False):
+            tensors = dict(dictionary.named_parameters()) | dict(dictionary.named_buffers())
+            bad = [key for key, tensor in tensors.items() if tensor.numel() and not bool(torch.isfinite(tensor).all())]
+            metrics = per_dictionary.get(name, {})
+            nan_metrics = [key for key in _MUST_BE_FINITE
+                           if isinstance(metrics.get(key), float) and not math.isfinite(metrics[key])]
+            fvu = metrics.get("fvu")
+            if bad:
+                problem = (name, f"ended with non-finite weights ({', '.join(bad)})")
+            elif nan_metrics:
+                problem = (name, f"ended with non-finite metrics ({', '.join(nan_metrics)})")
+            elif isinstance(fvu, float) and fvu > MAX_FINAL_FVU:
+                problem = (name, f"ended at FVU {fvu:.3g}, above {MAX_FINAL_FVU:g} (predicting the mean scores 1)")
+            if problem:
+                break
+        if distributed.world_size() > 1:  # every rank stops together, or the others wait for it forever
+            flag = torch.tensor(float(problem is not None), device=self.trainers[0].device if self.trainers else "cpu")
+            if float(distributed.sum_(flag)) > 0 and problem is None:
+                problem = ("on another rank", "diverged")
+        if problem is not None:
+            raise self._diverged(*problem)
 
     def _log_record(self, tokens_seen: int, tokens_per_second: float) -> dict[str, Any]:
         record: dict[str, Any] = {"step": self.step, "tokens": tokens_seen, "tokens_per_second": tokens_per_second}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import re
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,18 @@ from safetensors.torch import save_file
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
-from .common import atomic_path, read_tensors
+from .common import DICTIONARY_NONFINITE_FIX, atomic_directory, check_finite, read_tensors
 
 CONFIG_FILE = "config.yaml"
 THRESHOLD = "activation_function.threshold"
 _LAYER_PREFIX = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _LAYER_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
+
+
+def owns(name: str) -> bool:
+    """Whether a file name in a transcoder-set directory is one a save replaces (stale layers too: circuit-
+    tracer's cache loader would pick up the layers of a previous, larger set)."""
+    return name == CONFIG_FILE or bool(_LAYER_FILE.match(name))
 
 
 def detect(path: Path) -> bool:
@@ -131,7 +136,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
         unknown = sorted(names - set(required) - set(optional) - {THRESHOLD})
         if unknown:
             raise ValueError(f"{file} holds tensor(s) {unknown} that featcircuits does not know how to use.")
-        tensors = read_tensors(file, required, optional, device=device)
+        tensors = read_tensors(file, required, optional, device=device, nonfinite_fix=DICTIONARY_NONFINITE_FIX)
         if activation == "jumprelu" and bool((tensors[THRESHOLD] < 0).any()):
             raise ValueError(f"{file} has negative JumpReLU thresholds: circuit-tracer's x*(x>t) then lets negative "
                              "activations through, which featcircuits' JumpReLU (zero below 0) does not represent.")
@@ -240,12 +245,11 @@ def save(dictionaries: list[Dictionary], path: Path) -> None:
     if activation == "topk":
         config["k"] = first.k
     contents = {files[layer]: layer_tensors(d) for layer, d in enumerate(ordered)}
-    path.mkdir(parents=True, exist_ok=True)
-    stale = [p for p in path.glob("layer_*.safetensors") if p.name not in contents]
-    # Every file is written to a temporary first; they replace the old ones only once all are written.
-    with ExitStack() as stack:
+    for name, tensors in contents.items():
+        check_finite(tensors, f"{name} of the set for {path}",
+                     "refusing to write the set (anything there is unchanged); retrain with a lower learning rate.")
+    # Every file goes into a fresh directory that replaces ``path`` whole, dropping stale layer files.
+    with atomic_directory(path, owns) as tmp:
         for name, tensors in contents.items():
-            save_file(tensors, str(stack.enter_context(atomic_path(path / name))))
-        stack.enter_context(atomic_path(path / CONFIG_FILE)).write_text(yaml.safe_dump(config, sort_keys=False))
-    for old in stale:  # layers of a previous, larger set would be picked up by circuit-tracer's cache loader
-        old.unlink()
+            save_file(tensors, str(tmp / name))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))

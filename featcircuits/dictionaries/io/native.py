@@ -8,11 +8,27 @@ import torch
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
-from .common import read_json, read_tensors, write_json, write_tensors
+from .common import (
+    DICTIONARY_NONFINITE_FIX,
+    atomic_directory,
+    check_finite,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "dictionary.safetensors"
 FORMAT_TAG = "featcircuits"
+# Fields that decide what the dictionary computes and where it is spliced: every native save writes them,
+# so a file without one is incomplete, never something to fill with a default (a ReLU for a TopK...).
+REQUIRED_FIELDS = ("d_in", "d_sae", "d_out", "kind", "activation", "hook_in", "hook_out")
+
+
+def owns(name: str) -> bool:
+    """Whether a file name in a dictionary directory is one this format writes (and so replaces)."""
+    return name in (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def detect(path: Path) -> bool:
@@ -64,16 +80,29 @@ def save(dictionaries: list[Dictionary], path: Path) -> None:
     (dictionary,) = dictionaries
     from ..._version import __version__
 
-    path.mkdir(parents=True, exist_ok=True)
-    write_tensors(path / WEIGHTS_FILE, state_for_saving(dictionary))
-    write_json(path / CONFIG_FILE, {"format": FORMAT_TAG, "featcircuits_version": __version__, **dictionary.cfg.to_dict()})
+    tensors = state_for_saving(dictionary)
+    check_finite(tensors, f"the {dictionary.cfg.kind} for {dictionary.cfg.hook_in!r}",
+                 f"refusing to write it to {path} (anything there is unchanged); retrain with a lower learning rate.")
+    # Weights and config are written into a fresh directory that then replaces ``path`` whole: a crash
+    # between the two writes cannot pair new weights with an old config.
+    with atomic_directory(path, owns) as tmp:
+        write_tensors(tmp / WEIGHTS_FILE, tensors)
+        write_json(tmp / CONFIG_FILE, {"format": FORMAT_TAG, "featcircuits_version": __version__,
+                                       **dictionary.cfg.to_dict()})
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
-    data = read_json(path / CONFIG_FILE)
+    source = path / CONFIG_FILE
+    data = read_json(source)
     data.pop("format", None)
     data.pop("featcircuits_version", None)
-    cfg = DictionaryConfig.from_dict(data, source=str(path / CONFIG_FILE))
+    missing = [name for name in REQUIRED_FIELDS if name not in data]
+    if data.get("activation") in ("topk", "batchtopk") and data.get("k") is None:
+        missing.append("k")
+    if missing:
+        raise ValueError(f"{source} lacks field(s) {missing}, which every featcircuits save writes: the config is "
+                         "incomplete (hand-edited or truncated). Save the dictionary again, or add the fields.")
+    cfg = DictionaryConfig.from_dict(data, source=str(source))
     required, optional = expected_shapes(cfg)
-    tensors = read_tensors(path / WEIGHTS_FILE, required, optional)
+    tensors = read_tensors(path / WEIGHTS_FILE, required, optional, nonfinite_fix=DICTIONARY_NONFINITE_FIX)
     return [dictionary_from_tensors(cfg, tensors, device)]

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
-from contextlib import ExitStack
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
-from .common import atomic_path, read_json, read_tensors
+from .common import DICTIONARY_NONFINITE_FIX, atomic_directory, check_finite, read_json, read_tensors
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -54,6 +52,11 @@ _WRITE_ARCHITECTURE |= {(kind, "batchtopk"): arch for (kind, act), arch in _WRIT
 # metadata keys we map onto DictionaryConfig fields; every other metadata key is kept verbatim.
 _MAPPED_METADATA = {"model_name", "hook_name", "hook_name_out", "dataset_path", "featcircuits"}
 _LAYER = re.compile(r"blocks\.(\d+)\.")
+
+
+def owns(name: str) -> bool:
+    """Whether a file name in a sae-lens directory is one a save replaces (a stale scaler file too)."""
+    return name in (CONFIG_FILE, WEIGHTS_FILE, SCALER_FILE)
 
 
 def detect(path: Path) -> bool:
@@ -106,7 +109,11 @@ def config_from_saelens(path: Path, data: dict[str, Any]) -> DictionaryConfig:
     if not major or int(major.group()) < 6:
         raise ValueError(f"{source} was written by sae-lens {version or '< 6'}; load it with sae-lens >= 6 and "
                          "save it again (sae.save_model) to get the current layout.")
-    architecture = data.get("architecture", "standard")
+    # sae-lens >= 6 writes these; without them the file could be read as another architecture or hook.
+    if "architecture" not in data:
+        raise ValueError(f"{source} lacks 'architecture', which sae-lens >= 6 always writes; the config is "
+                         "incomplete. Save the SAE again with sae-lens (sae.save_model).")
+    architecture = data["architecture"]
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"{source} has unknown or unsupported architecture {architecture!r}; featcircuits reads "
@@ -120,8 +127,14 @@ def config_from_saelens(path: Path, data: dict[str, Any]) -> DictionaryConfig:
         if meta.get(key) is not None:
             raise ValueError(f"{source} sets metadata.{key}={meta[key]}: single-head dictionaries are not supported.")
     kind, activation = ARCHITECTURES[architecture]
+    absent = [name for name, present in (("metadata.hook_name", meta.get("hook_name")),
+                                         ("k", activation != "topk" or data.get("k") is not None),
+                                         ("d_out", kind == "sae" or data.get("d_out") is not None)) if not present]
+    if absent:
+        raise ValueError(f"{source} lacks {absent} for its {architecture!r} architecture; sae-lens writes them "
+                         "and featcircuits will not guess a hook or width. Save the SAE again with sae-lens.")
     own = dict(meta.get("featcircuits") or {})
-    k = data.get("k", 100) if activation == "topk" else None  # 100 is sae-lens' TopKSAEConfig default
+    k = data["k"] if activation == "topk" else None
     details = meta.get("training_architecture_details") or {}
     batch_k = details.get("k") if meta.get("training_architecture") == "batchtopk" else None
     if activation == "jumprelu" and batch_k is not None and float(batch_k).is_integer():
@@ -139,7 +152,7 @@ def config_from_saelens(path: Path, data: dict[str, Any]) -> DictionaryConfig:
     return DictionaryConfig(
         d_in=d_in,
         d_sae=d_sae,
-        d_out=int(data.get("d_out", d_in)) if kind != "sae" else d_in,
+        d_out=int(data["d_out"]) if kind != "sae" else d_in,
         kind=kind,
         activation=activation,
         k=int(k) if k is not None else None,
@@ -172,7 +185,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
         required["W_skip"] = (cfg.d_out, cfg.d_in)
     if cfg.activation in ("jumprelu", "batchtopk"):
         optional |= {"threshold": (cfg.d_sae,), "log_threshold": (cfg.d_sae,)}
-    tensors = read_tensors(weights, required, optional, device=device)
+    tensors = read_tensors(weights, required, optional, device=device, nonfinite_fix=DICTIONARY_NONFINITE_FIX)
     _reject_unknown_tensors(weights, set(required) | set(optional))
     if "scaling_factor" in tensors:
         # A legacy fine-tuning scale; sae-lens itself drops it when it is all ones.
@@ -302,13 +315,11 @@ def save(dictionaries: list[Dictionary], path: Path) -> None:
         dictionary = copy.deepcopy(dictionary).fold_norm_scale()
     data = config_to_saelens(dictionary.cfg)
     tensors = tensors_to_saelens(dictionary)
-    if not all(math.isfinite(float(t.abs().max())) for t in tensors.values() if t.numel()):
-        raise ValueError(f"Refusing to write {path / WEIGHTS_FILE}: the dictionary holds NaN or infinite weights.")
-    path.mkdir(parents=True, exist_ok=True)
-    # Both files go to temporaries first and are renamed only once both are written, so a failure
-    # leaves whatever was in ``path`` before untouched.
-    with ExitStack() as stack:
-        weights_tmp = stack.enter_context(atomic_path(path / WEIGHTS_FILE))
-        config_tmp = stack.enter_context(atomic_path(path / CONFIG_FILE))
-        save_file(tensors, str(weights_tmp))
-        config_tmp.write_text(json.dumps(data, indent=2, default=str))
+    check_finite(tensors, f"the {dictionary.cfg.kind} for {dictionary.cfg.hook_in!r}",
+                 f"refusing to write {path / WEIGHTS_FILE} (anything there is unchanged); retrain with a lower "
+                 "learning rate.")
+    # Both files go into a fresh directory that replaces ``path`` whole, so a failure or crash never pairs
+    # the new weights with the old config.
+    with atomic_directory(path, owns) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(data, indent=2, default=str, allow_nan=False))

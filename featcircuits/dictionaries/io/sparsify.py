@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
-from .common import read_json, read_tensors
+from .common import DICTIONARY_NONFINITE_FIX, read_json, read_tensors
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -67,8 +67,13 @@ def _run_config(path: Path) -> dict[str, Any]:
 def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
     source = path / CONFIG_FILE
     data = read_json(source)
-    if "d_in" not in data:
-        raise ValueError(f"{source} lacks 'd_in'; it is not a sparsify sparse-coder config.")
+    # sparsify writes d_in, k and the width; their absence means an incomplete file, not a default.
+    # (activation and transcode are absent from files of sparsify versions that only had TopK SAEs.)
+    missing = [key for key in ("d_in", "k") if key not in data]
+    if not data.get("num_latents") and "expansion_factor" not in data:
+        missing.append("num_latents (or expansion_factor)")
+    if missing:
+        raise ValueError(f"{source} lacks {missing}; it is not a complete sparsify sparse-coder config.")
     activation = data.get("activation", "topk")
     if activation != "topk":
         raise ValueError(f"{source} has activation {activation!r}; featcircuits reads sparsify's 'topk' coders "
@@ -83,7 +88,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
     required = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if skip:
         required["W_skip"] = (d_in, d_in)
-    tensors = read_tensors(weights, required, device=device)
+    tensors = read_tensors(weights, required, device=device, nonfinite_fix=DICTIONARY_NONFINITE_FIX)
     with safe_open(str(weights), framework="pt") as handle:
         unknown = sorted(set(handle.keys()) - set(required))
     if unknown:
@@ -96,7 +101,7 @@ def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
         d_out=d_in,
         kind=("skip_transcoder" if skip else "transcoder") if transcode else "sae",
         activation="topk",
-        k=int(data.get("k", 32)),
+        k=int(data["k"]),
         hook_in=hook_in,
         hook_out=hook_out,
         layer=layer,
