@@ -10,6 +10,7 @@ what they miss), built in a second instead of a training run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,26 @@ def test_no_arguments_runs_on_the_bundled_model_and_its_transcoders(tmp_path, ca
     expected = float(torch.cat([_logit_diffs(model, [pair], "clean") for pair in pairs]).mean())  # lengths differ
     assert saved["evaluation"]["m_full"] == pytest.approx(expected, abs=1e-3)
     assert expected > 2.0  # the model is right on these pairs, by a margin
+    # the report leads with the explanation, whose steering figures an independent intervention reproduces
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>Explanation</h2>") < page.index("<h2>Attribution graph</h2>")
+    assert "explanation (pruned graph" in printed and "steering:" in printed
+    from featcircuits.explain import intervene
+    from featcircuits.hub.loading import load_dictionaries
+    from featcircuits.patching.replacement import ReplacementModel
+
+    graph_json = json.loads((out / "graph.json").read_text())
+    prompt = graph_json["metadata"]["prompt"]
+    line = next(row for row in printed.splitlines() if row.startswith("steering:"))
+    before, after = (float(x) for x in re.search(r"\) (\d\.\d+) -> (\d\.\d+);", line).groups())
+    units = re.findall(r"^  ([+-]\d\.\d+)  (mlp\d+:\d+@\d+)", printed, re.M)
+    effects = [abs(float(effect)) for effect, _ in units]
+    assert effects == sorted(effects, reverse=True) and units
+    rm = ReplacementModel(model, load_dictionaries(BUNDLED_DIR / "transcoders"))
+    check = intervene(rm, prompt, {units[0][1]: "ablate"})
+    target = int(next(n for n in graph_json["nodes"] if n.get("is_target_logit"))["feature"])
+    assert float(check.logits_before.softmax(-1)[target]) == pytest.approx(before, abs=0.006)
+    assert float(check.logits_after.softmax(-1)[target]) == pytest.approx(after, abs=0.006)
 
 
 def test_dictionaries_for_another_model(stories_path, tmp_path, capsys):

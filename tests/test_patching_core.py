@@ -138,3 +138,11 @@ def test_output_deltas_on_a_live_run_are_refused(tiny_llama):
     rm = ReplacementModel(tiny_llama, relu_transcoders(tiny_llama))
     with pytest.raises(ValueError, match="output_deltas apply to frozen runs"):
         rm.run(PROMPT, output_deltas={"mlp0": torch.zeros(1, len(PROMPT), tiny_llama.cfg.d_model)})
+
+
+def test_a_dictionary_with_nan_weights_is_refused_by_the_replacement_model(tiny_llama):
+    dictionaries = relu_transcoders(tiny_llama)
+    with torch.no_grad():
+        dictionaries[1].W_dec[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values in \['W_dec'\]"):
+        ReplacementModel(tiny_llama, dictionaries)

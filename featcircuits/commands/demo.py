@@ -67,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
               f"| fires on {_tokens(feature.activating_tokens)}")
     if not result.top_features:
         print("  (the circuit holds no feature nodes, only error terms)")
+    explanation = result.explanation
+    if explanation is not None and explanation.units:
+        print(f"explanation (pruned graph; measured change of target {explanation.target!r} when each unit is ablated):")
+        for unit in explanation.units:
+            print(f"  {unit.effect:+.3f}  {unit.name}" + (f"  ({len(unit.members)} features)" if len(unit.members) > 1 else ""))
+        if explanation.steered is not None:
+            print(f"steering: {explanation.steered.name} off: p({explanation.target!r}) "
+                  f"{explanation.target_prob_before:.2f} -> {explanation.target_prob_after:.2f}; continues "
+                  f"{explanation.text_after!r} (was {explanation.text_before!r})")
     print(f"report: {result.report.resolve()}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -17,12 +17,16 @@ import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..nodes import Node, parse_node_id
+from ..patching.edge_hooks import FwdHooks
 from ..patching.replacement import ReplacementModel
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Scale", "InterventionResult", "GenerationResult", "intervene", "generate", "parse_spec"]
 
@@ -94,7 +98,7 @@ class _Plan:
 
     def __init__(self, model: Any, interventions: Mapping[str, Spec]) -> None:
         self.rm = model if isinstance(model, ReplacementModel) else None
-        self.model = model.model if self.rm is not None else model
+        self.model: HookedTransformer = model.model if isinstance(model, ReplacementModel) else model
         self.features: dict[str, list[tuple[int | None, int, float | Scale]]] = {}  # site -> (pos, feature, spec)
         self.errors: dict[str, list[tuple[int | None, float | Scale]]] = {}
         self.components: list[tuple[Node, float | Scale]] = []
@@ -171,8 +175,8 @@ class _Plan:
 
         return {site: patch(entries) for site, entries in self.errors.items()}
 
-    def component_hooks(self) -> list[tuple[str, Callable]]:
-        hooks: list[tuple[str, Callable]] = []
+    def component_hooks(self) -> FwdHooks:
+        hooks: FwdHooks = []
         for node, spec in self.components:
             if node.kind == "head":
                 def head(z, hook, h=node.head, spec=spec):  # z [batch, pos, head, d_head]

@@ -89,6 +89,10 @@ class ReplacementModel:
                 f"Dictionary for {cfg.hook_out!r} writes width d_out={cfg.d_out} but the model's d_model is "
                 f"{self.cfg.d_model}: it was trained for another model. Load the dictionaries that match."
             )
+        bad = [n for n, t in dictionary.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if bad:
+            raise ValueError(f"Dictionary for {cfg.hook_out!r} has non-finite values in {bad}: it diverged in training "
+                             "or was damaged. Retrain it (a lower learning rate) or load an intact copy.")
         return Site(name, cfg.hook_in, cfg.hook_out, layer, dictionary.to(self.cfg.device))
 
     def _hook_width(self, hook: str) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .._resources import pretrained_path
+from .explanation import Explanation, explain_graph
 from .report import FeatureSummary, feature_summaries, token_strings, write_report
 
 __all__ = ["run_demo", "DemoResult", "FeatureSummary", "BundledMissingError", "builtin_task_pairs",
@@ -81,6 +82,7 @@ class DemoResult:
     top_predictions: list[tuple[str, float]]
     files: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    explanation: Explanation | None = None  # labelled supernodes, measured effects, a steering example
 
     @property
     def faithfulness(self) -> float:
@@ -331,7 +333,7 @@ def run_demo(
     from ..graph import ReplacementModel, build_graph, graph_scores, parse_node_id
     from ..viz.dashboards import compute_dashboards
 
-    stages = _Stages(["load", "graph", "task", "circuit", "evaluate", "cards", "report"], progress)
+    stages = _Stages(["load", "graph", "task", "circuit", "evaluate", "cards", "explain", "report"], progress)
     try:
         model, dictionaries = stages.run("load", _load_inputs, model, dictionaries, device)
         rm = ReplacementModel(model, dictionaries)
@@ -375,6 +377,7 @@ def run_demo(
                                 batch_size=64,
                                 features={k: sorted(v) for k, v in wanted.items() if k in by_layer})
         top = feature_summaries(model, rm, circuit, dashboards, n_top, n_tokens=5)
+        explanation = stages.run("explain", explain_graph, graph, dashboards, prompt)
 
         probs = graph.clean.logits[-1].float().softmax(-1)
         top_p, top_i = probs.topk(5)
@@ -384,11 +387,11 @@ def run_demo(
             raise ValueError(f"--out {out} is a file; give a directory for the report.")
         out.mkdir(parents=True, exist_ok=True)
         files = stages.run("report", write_report, out, graph, circuit, dashboards, model, rm, prompt, task_name,
-                           evaluation, scores, top, predictions)
+                           evaluation, scores, top, predictions, explanation)
     finally:
         stages.close()
     prompt_text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
     return DemoResult(report=files["report"], prompt=prompt_text, task_name=task_name, graph=graph, circuit=circuit,
                       evaluation=evaluation, replacement_score=scores.replacement_score,
                       graph_completeness=scores.completeness_score, top_features=top, top_predictions=predictions,
-                      files=files, timings=stages.timings)
+                      files=files, timings=stages.timings, explanation=explanation)

@@ -64,16 +64,21 @@ def feature_summaries(model: Any, rm: Any, circuit: Any, dashboards: Any, n_top:
 
 def write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: Any, rm: Any, prompt: Any,
                  task_name: str, evaluation: dict, scores: Any, top: list[FeatureSummary],
-                 predictions: list[tuple[str, float]]) -> dict[str, Path]:
+                 predictions: list[tuple[str, float]], explanation: Any = None) -> dict[str, Path]:
     """Write ``report.html`` into ``out`` with the files it links: the graph (circuit-tracer JSON and its
-    viewer), the circuit (JSON and its viewer) and the feature cards; returns them by name."""
+    viewer), the circuit (JSON and its viewer) and the feature cards; returns them by name. The page opens
+    with the explanation: a picture of the pruned graph, its labelled units with their measured ablation
+    effects, and the steering example."""
     from ..graph import write_circuit_tracer_json
     from ..viz.viewer import write_viewer
 
     tokens = token_strings(model, rm.to_tokens(prompt).tolist())
     files = {"graph_json": out / "graph.json", "circuit_json": out / "circuit.json",
              "dashboards": out / "dashboards.json"}
-    write_circuit_tracer_json(graph, files["graph_json"], slug="featcircuits-demo")
+    explained = explanation is not None
+    write_circuit_tracer_json(graph, files["graph_json"], slug="featcircuits-demo",
+                              labels=explanation.labels if explained else None,
+                              supernodes=explanation.supernodes if explained else None)
     circuit.save(files["circuit_json"])
     dashboards.save(files["dashboards"])
     task_tokens = None
@@ -92,11 +97,13 @@ def write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: An
         for f in top
     )
     preds = ", ".join(f"{esc(repr(t))} {p:.2f}" for t, p in predictions)
+    lead = _explanation_html(out, files, explanation) if explained else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>featcircuits demo</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .6em;text-align:left}}
 code{{background:#f3f3f3}}</style></head><body>
 <h1>featcircuits demo</h1>
 <p>Model <b>{esc(str(model.cfg.model_name))}</b> with {len(rm.dictionaries)} dictionaries.</p>
+{lead}
 <h2>Attribution graph</h2>
 <p>Prompt: <code>{esc(''.join(tokens))}</code><br>Top predictions: {preds}<br>
 {graph.n_features} feature nodes (of {graph.n_active_features} active), {graph.n_edges} edges;
@@ -113,3 +120,29 @@ all ablated {evaluation['m_empty']:.3f}. <a href="circuit.html">Open the circuit
     files["report"] = out / "report.html"
     files["report"].write_text(page, encoding="utf-8")
     return files
+
+
+def _explanation_html(out: Path, files: dict[str, Path], explanation: Any) -> str:
+    """The report's opening: the pruned graph drawn (labels and supernodes included), the units with their
+    measured effects, and the steering example."""
+    from ..viz.static import render_graph_image
+
+    esc = html.escape
+    picture = ""
+    try:
+        files["picture"] = render_graph_image(files["graph_json"], out / "graph.svg", title="pruned attribution graph")
+        picture = '<p><img src="graph.svg" alt="the pruned attribution graph" style="max-width:100%"></p>'
+    except (RuntimeError, ValueError, OSError) as err:  # a picture is a nicety; the rest of the report stands
+        picture = f"<p><i>No picture of the graph: {esc(str(err))}</i></p>"
+    rows = "".join(f"<tr><td>{esc(unit.name)}</td><td>{len(unit.members)}</td><td>{unit.effect:+.3f}</td></tr>"
+                   for unit in explanation.units)
+    steering = ""
+    if explanation.steered is not None:
+        steering = (f"<p><b>Steering:</b> with <i>{esc(explanation.steered.name)}</i> switched off, "
+                    f"p({esc(repr(explanation.target))}) goes from {explanation.target_prob_before:.2f} to "
+                    f"{explanation.target_prob_after:.2f} and the model continues "
+                    f"<code>{esc(repr(explanation.text_after))}</code> instead of "
+                    f"<code>{esc(repr(explanation.text_before))}</code>.</p>")
+    return (f"<h2>Explanation</h2>{picture}<table><tr><th>unit (supernode or feature; offline label)</th>"
+            f"<th>features</th><th>effect on {esc(explanation.target)} when ablated (measured)</th></tr>{rows}"
+            f"</table>{steering}")
