@@ -352,3 +352,25 @@ def test_feature_edge_acdc_matches_the_one_forward_per_edge_walk(checkpoints, fa
 def test_feature_edge_acdc_with_topk_transcoders_matches_the_literal_walk(checkpoints):
     _feature_edge_acdc_matches_the_literal_walk(checkpoints.model("gpt2"), "topk", 2, d_sae=8, n_pairs=2,
                                                 length=4)
+
+
+@pytest.mark.parametrize("ablation", ["patch", "mean"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_component_and_feature_paths_give_one_metric_for_one_ablation(checkpoints, family, ablation):
+    """Ablating every MLP (and one head) through component nodes and through the replacement model's nodes
+    (no dictionaries: each MLP's whole output is its error node; heads as components) is one intervention, so
+    both engines must report one metric, unequal prompt lengths included."""
+    from featcircuits.circuits import ComponentGraph, FeatureGraph
+    from featcircuits.patching.replacement import ReplacementModel
+
+    model = checkpoints.model(family)
+    task = prefix_sharing_task(model)
+    components = ComponentGraph(model, task, ablation=ablation)
+    keep = torch.ones(1, len(components.node_ids))
+    keep[0, [i for i, node in enumerate(components.node_ids) if node.endswith(".MLP")]] = 0.0
+    features = FeatureGraph(ReplacementModel(model, []), task, ablation=ablation, positions="sum")
+    assert features.full_metric == pytest.approx(components.full_metric, abs=1e-4)
+    through_components = float(components.node_metric(keep)[0])
+    through_features = float(features.node_metric(torch.zeros(1, len(features.node_ids)))[0])
+    assert through_features == pytest.approx(through_components, abs=1e-4)
+    assert abs(through_components - components.full_metric) > 1e-3  # the ablation does something
