@@ -119,3 +119,32 @@ def test_cli_bad_input(stories_path, tmp_path, capsys):
                  "--out", str(tmp_path / "g.json")])
     assert code == 2 and "missing" in capsys.readouterr().err
     assert not (tmp_path / "g.json").exists()
+
+
+def test_circuit_tracer_interop_fields_graph_index_and_bos(stories_model, tmp_path):
+    """circuit-tracer's current format: schema_version, cantor-paired feature ids, graph-metadata.json beside
+    the graph files (replacing an entry of the same slug), and optionally no nodes at BOS."""
+    from featcircuits.graph import ReplacementModel, build_graph
+    from featcircuits.graph.export import cantor_pairing, to_circuit_tracer_json, write_graph_files
+
+    stories_graph = build_graph(ReplacementModel(stories_model, dictionaries(64, [0, 2], bias=-0.3)),
+                                prompt="Once upon a time there was a", progress=False)
+
+    assert [cantor_pairing(x, y) for x, y in [(0, 0), (1, 0), (0, 1), (2, 3)]] == [0, 1, 2, 18]
+    path = write_graph_files(stories_graph, tmp_path / "graphs", "first", node_threshold=1.0, edge_threshold=1.0)
+    data = json.loads(path.read_text())
+    assert data["metadata"]["schema_version"] == 1
+    for node in data["nodes"]:
+        if node["feature_type"] == "cross layer transcoder":
+            layer, index, _ = node["node_id"].split("_")
+            assert node["feature"] == cantor_pairing(int(layer), int(index))
+    write_graph_files(stories_graph, tmp_path / "graphs", "second")
+    write_graph_files(stories_graph, tmp_path / "graphs", "first")  # again: replaces its entry
+    index = json.loads((tmp_path / "graphs" / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in index["graphs"]] == ["second", "first"]
+    assert int(stories_graph.tokens[0]) == stories_graph.replacement.model.tokenizer.bos_token_id
+    no_bos = to_circuit_tracer_json(stories_graph, node_threshold=1.0, edge_threshold=1.0, bos_nodes=False)
+    with_bos = to_circuit_tracer_json(stories_graph, node_threshold=1.0, edge_threshold=1.0)
+    at_bos = [n for n in with_bos["nodes"] if n["ctx_idx"] == 0 and n["feature_type"] != "embedding"]
+    assert at_bos and not [n for n in no_bos["nodes"] if n["ctx_idx"] == 0 and n["feature_type"] != "embedding"]
+    assert len(no_bos["nodes"]) == len(with_bos["nodes"]) - len(at_bos)

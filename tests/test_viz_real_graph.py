@@ -36,7 +36,9 @@ def test_graph_nodes_match_dashboard_entries(stories_model, real_graph):
     features = [node for node in data["nodes"] if node["feature_type"] == "cross layer transcoder"]
     assert features
     for node in features:
-        entry = dashboards.features[f"{node['layer']}_{node['feature']}"]
+        # the dashboards' key uses the index within the layer's dictionary (node_id's middle part); "feature" is
+        # circuit-tracer's global cantor(layer, index)
+        entry = dashboards.features[f"{node['layer']}_{node['node_id'].split('_')[1]}"]
         # The prompt is the whole dataset and k covers every position, so this node's activation on the
         # prompt is one of its feature's top activations.
         acts = [context["act"] for context in entry["top_contexts"]]
@@ -56,7 +58,7 @@ def test_real_graph_in_the_browser(stories_model, real_graph, tmp_path):
         browser.open(page)
         assert browser.evaluate("document.querySelectorAll('#fc-graph .fc-node').length") == kept
         browser.click(f'.fc-node[data-node-id="{feature["node_id"]}"]')
-        entry = dashboards.features[f"{feature['layer']}_{feature['feature']}"]
+        entry = dashboards.features[f"{feature['layer']}_{feature['node_id'].split('_')[1]}"]
         shown = browser.evaluate("[document.getElementById('fc-card').dataset.nodeId,"
                                  " document.querySelectorAll('#fc-card .fc-context').length,"
                                  " document.getElementById('fc-card').innerText]")

@@ -24,7 +24,8 @@ from .attribution_graph import EMBEDDING, ERROR, FEATURE, AttributionGraph
 from .prune import PruneResult, prune_graph
 from .schema import GraphFile
 
-__all__ = ["to_circuit_tracer_json", "write_circuit_tracer_json", "to_networkx", "export_layers"]
+__all__ = ["to_circuit_tracer_json", "write_circuit_tracer_json", "write_graph_files", "to_networkx", "export_layers",
+           "cantor_pairing"]
 
 
 def export_layers(graph: AttributionGraph) -> list[int]:
@@ -50,13 +51,14 @@ def _token_strings(graph: AttributionGraph) -> list[str]:
 def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-graph", node_threshold: float = 0.8,
                            edge_threshold: float = 0.98, pruned: PruneResult | None = None,
                            scan: str | None = None, labels: Mapping[str, str] | None = None,
-                           supernodes: Sequence[Any] | None = None) -> dict:
+                           supernodes: Sequence[Any] | None = None, bos_nodes: bool = True) -> dict:
     """The graph, pruned (``prune_graph`` with the thresholds unless ``pruned`` is given), as a dict in
     circuit-tracer's graph-file format, validated against its schema. ``labels``: per dashboard key
     (``"<layer>_<feature>"``, :func:`featcircuits.explain.label_dashboards`) a feature's label, written as its
     ``clerp``. ``supernodes``: groups with ``name`` and ``members`` (featcircuits node ids;
     :func:`featcircuits.explain.group_supernodes`), written to ``qParams.supernodes`` as Neuronpedia reads them
-    (``[name, node_id, ...]``, members the pruning kept)."""
+    (``[name, node_id, ...]``, members the pruning kept). ``bos_nodes=False`` leaves out the feature and error
+    nodes at a leading BOS token, as circuit-tracer's graphs do (they attribute nothing through BOS)."""
     result = pruned if pruned is not None else prune_graph(graph, node_threshold, edge_threshold)
     layers = export_layers(graph)
     logit_layer = str(max(layers) + 2)
@@ -65,6 +67,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
     tokens = graph.tokens.tolist() if graph.tokens is not None else None
     token_text = _token_strings(graph)
     kept = result.node_mask.nonzero().squeeze(1).tolist()
+    if not bos_nodes and _starts_with_bos(graph):
+        kept = [i for i in kept if not (keys[i][0] in (FEATURE, ERROR) and keys[i][2] == 0)]
     # dataset-level graphs count positions from the end (negative); the viewer wants 0-based positions
     shift = -min(0, int(graph.node_keys[:, 2].min())) if graph.n_nodes else 0
     first_target = True
@@ -75,7 +79,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
         common = {"ctx_idx": pos, "influence": cumulative[i], "featcircuits_id": ids[i]}
         if kind == FEATURE:
             layer = layers[site]
-            node = {"node_id": f"{layer}_{index}_{pos}", "feature": index, "layer": str(layer),
+            # circuit-tracer's feature field is cantor(layer, index), a global id its dashboard lookups use
+            node = {"node_id": f"{layer}_{index}_{pos}", "feature": cantor_pairing(layer, index), "layer": str(layer),
                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{index}-0",
                     "activation": activations[i], **common}
             if labels and f"{layer}_{index}" in labels:  # the dashboards' key of this feature
@@ -116,7 +121,7 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
         "metadata": {
             "slug": slug, "scan": scan or (model.cfg.model_name if model is not None else "featcircuits"),
             "transcoder_list": transcoders, "prompt_tokens": token_text, "prompt": graph.prompt,
-            "node_threshold": node_threshold,
+            "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
         },
         "qParams": {"pinnedIds": [], "supernodes": _supernode_lists(supernodes, ids, export_id), "linkType": "both",
                     "clickedId": "", "sg_pos": ""},
@@ -130,6 +135,40 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
 def _decode(graph: AttributionGraph, token: int) -> str:
     tokenizer = getattr(getattr(graph.replacement, "model", None), "tokenizer", None)
     return tokenizer.decode([token]) if tokenizer is not None else str(token)
+
+
+SCHEMA_VERSION = 1  # circuit-tracer's graph-file schema version
+
+
+def _starts_with_bos(graph: AttributionGraph) -> bool:
+    tokenizer = getattr(getattr(graph.replacement, "model", None), "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return graph.tokens is not None and bos is not None and int(graph.tokens[0]) == int(bos)
+
+
+def cantor_pairing(layer: int, index: int) -> int:
+    """circuit-tracer's global feature id: ``(layer + index) (layer + index + 1) / 2 + index``."""
+    return (layer + index) * (layer + index + 1) // 2 + index
+
+
+def write_graph_files(graph: AttributionGraph, directory: str | Path, slug: str, **kwargs: Any) -> Path:
+    """Write ``{slug}.json`` into ``directory`` and add it to the directory's ``graph-metadata.json`` (replacing
+    an entry of the same slug), the layout circuit-tracer's ``start-server`` and frontend read. ``kwargs`` go
+    to :func:`to_circuit_tracer_json`. Returns the graph file's path."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; give a directory for the graph files.")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{slug}.json"
+    data = write_circuit_tracer_json(graph, path, slug=slug, **kwargs)
+    index_path = directory / "graph-metadata.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"graphs": []}
+    if not isinstance(index, dict) or not isinstance(index.get("graphs"), list):
+        raise ValueError(f"{index_path} is not a graph index ({{'graphs': [...]}}); move it aside and write again.")
+    index["graphs"] = [g for g in index["graphs"] if g.get("slug") != slug] + [data["metadata"]]
+    with atomic_path(index_path) as tmp, open(tmp, "w") as file:
+        json.dump(index, file, indent=2)
+    return path
 
 
 def _supernode_lists(supernodes: Sequence[Any] | None, ids: list[str], export_id: dict[int, str]) -> list[list[str]]:

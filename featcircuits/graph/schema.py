@@ -1,8 +1,9 @@
 """The circuit-tracer / Neuronpedia attribution-graph JSON schema, as pydantic models.
 
 Written from the pydantic models in circuit-tracer's ``circuit_tracer/frontend/graph_models.py``
-(github.com/safety-research/circuit-tracer, commit d797c82): the same fields, types and defaults, so a
-file that validates here validates there. ``GraphFile.model_validate(json.load(f))`` checks a file.
+(first written from commit d797c82; ``schema_version`` and the cantor-paired ``feature`` follow the
+current main, decoderesearch/circuit-tracer 4bb8c0e): the same fields, types and defaults, so a file that
+validates here validates there. ``GraphFile.model_validate(json.load(f))`` checks a file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class GraphMetadata(BaseModel):
     prompt_tokens: list[str]
     prompt: str
     node_threshold: float | None = None
+    schema_version: int | None = 1
 
 
 class GraphQParams(BaseModel):
