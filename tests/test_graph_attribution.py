@@ -146,3 +146,23 @@ def test_bad_requests_fail_clearly_before_allocating(stories_graph):
     with pytest.raises(ValueError, match="one answer and one distractor per prompt"):
         build_dataset_graph(rm, prompts=["a b", "c d"], answers=[281], distractors=[410])
     assert stories_graph.count(ERROR) == len(rm.sites) * len(rm.to_tokens(PROMPT))
+
+
+def test_a_graph_over_budget_names_the_largest_setting_that_fits(stories_graph):
+    import re
+
+    from featcircuits.graph import estimate_graph_memory
+
+    rm = stories_graph.replacement
+    n_active, n_pos, n_targets = stories_graph.n_features, stories_graph.clean.n_pos, len(stories_graph.targets)
+    third = n_active // 3  # a budget that holds a third of the rows, built as build_graph sizes its batches
+    budget = estimate_graph_memory(rm, n_pos, n_active, third, n_targets, min(128, max(third, n_targets)),
+                                   "linear")["total"] / 2**30
+    with pytest.raises(GraphTooLargeError, match=r"max_feature_nodes=\d+ fits") as error:
+        build_graph(rm, prompt=PROMPT, memory_budget_gb=budget, progress=False)
+    suggested = int(re.search(r"max_feature_nodes=(\d+) fits", str(error.value)).group(1))
+    assert third <= suggested < n_active
+    graph = build_graph(rm, prompt=PROMPT, memory_budget_gb=budget, max_feature_nodes=suggested, progress=False)
+    assert graph.n_features == suggested
+    with pytest.raises(GraphTooLargeError):
+        build_graph(rm, prompt=PROMPT, memory_budget_gb=budget, max_feature_nodes=suggested + 1, progress=False)

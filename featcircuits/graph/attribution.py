@@ -168,7 +168,8 @@ def build_graph(
             f"This graph needs about {memory['total'] / 2**30:.2f} GiB ({n_active} active features, {n_pos} tokens; "
             f"adjacency {memory['adjacency'] / 2**30:.2f} GiB, row buffer {memory['row_buffer'] / 2**30:.2f} GiB, "
             f"forward/backward {memory['forward_backward'] / 2**30:.2f} GiB) but memory_budget_gb={memory_budget_gb}. "
-            "Lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget_gb."
+            + _largest_that_fits(rm, n_pos, n_active, n_targets, batch_size, engine, memory_budget_gb)
+            + "Lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget_gb."
         )
 
     computer = RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act, engine)
@@ -185,7 +186,8 @@ def build_graph(
         row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
         target_rows, feature_rows_out = row_buffer[:n_targets], row_buffer[n_targets:]
     row_col = torch.full((n_targets + n_keep,), -1, dtype=torch.long, device=device)
-    bar = tqdm(total=n_targets + n_keep, desc="attribution rows", disable=not progress)
+    bar = tqdm(total=n_targets + n_keep, desc=f"attribution rows (~{memory['total'] / 2**30:.2f} GiB)",
+               disable=not progress)
 
     for start in range(0, n_targets, batch):  # target rows
         chunk = resolved[start:start + batch]
@@ -261,6 +263,24 @@ def build_graph(
     graph.provenance["params"] = {"max_feature_nodes": max_feature_nodes, "max_n_logits": max_n_logits,
                                   "desired_logit_prob": desired_logit_prob}
     return graph
+
+
+def _largest_that_fits(rm: ReplacementModel, n_pos: int, n_active: int, n_targets: int, batch_size: int,
+                       engine: str, budget_gb: float) -> str:
+    """``"max_feature_nodes=N fits. "`` for the largest N whose estimate is within the budget (bisection: the
+    estimate grows with N), or an empty string when not even N=0 fits."""
+    def fits(n_keep: int) -> bool:
+        batch = max(1, min(batch_size, max(n_keep, n_targets)))  # as build_graph sizes it
+        total = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine)["total"]
+        return total <= budget_gb * 2**30
+
+    if not fits(0):
+        return ""
+    low, high = 0, n_active  # fits(low), not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return f"max_feature_nodes={low} fits. "
 
 
 def _choose_engine(rm: ReplacementModel, engine: str) -> str:
