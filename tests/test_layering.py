@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featcircuits"
 
 # lowest first; a module may import its own layer's modules and any lower layer's, never a higher one
 LAYERS: list[tuple[str, ...]] = [
-    ("featcircuits._version", "featcircuits._resources", "featcircuits.nodes", "featcircuits.model_families", "featcircuits.models",
+    ("featcircuits._version", "featcircuits._paths", "featcircuits._resources", "featcircuits.nodes", "featcircuits.model_families", "featcircuits.models",
      "featcircuits.circuits.tasks"),
     ("featcircuits.data", "featcircuits.dictionaries"),  # data imports no featcircuits module
     ("featcircuits.hub", "featcircuits.patching"),

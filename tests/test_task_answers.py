@@ -131,3 +131,20 @@ def test_answers_that_add_no_token_or_several_fail_naming_them(stories_model, gp
     with pytest.raises(ValueError, match="do not decode to text tokenising back to the same ids.*as a token id"):
         continuation_token(stories_model, random_ids, " Lily")  # these ids are not how their text tokenises
     assert continuation_token(stories_model, PROMPT, 317) == 317 and continuation_token(stories_model, PROMPT, [9]) == 9
+
+
+def test_tasks_refuse_booleans_out_of_vocabulary_ids_and_overlong_prompts(stories_model):
+    from featcircuits.circuits import ContrastiveTask
+
+    good = {"clean": [1, 5, 6], "corrupt": [1, 7, 6], "answer": 9, "distractor": 10}
+    with pytest.raises(ValueError, match="not true/false"):
+        ContrastiveTask.from_pairs(stories_model, [{**good, "answer": True}])
+    with pytest.raises(ValueError, match="must be text or a non-empty list of token ids"):
+        ContrastiveTask.from_pairs(stories_model, [{**good, "clean": [1, True, 6]}])
+    with pytest.raises(ValueError, match=r"token id\(s\) \[600\] are outside the model's vocabulary \[0, 512\)"):
+        ContrastiveTask.from_pairs(stories_model, [{**good, "corrupt": [1, 600, 6]}])
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary"):
+        ContrastiveTask.from_pairs(stories_model, [{**good, "distractor": 512}])
+    long = list(range(3, 3 + stories_model.cfg.n_ctx + 1))
+    with pytest.raises(ValueError, match=f"but the model's context is {stories_model.cfg.n_ctx}"):
+        ContrastiveTask.from_pairs(stories_model, [{**good, "clean": long, "corrupt": long}])

@@ -29,7 +29,9 @@ def _tokenize(model: Any, value: str | Sequence[int], what: str, prepend_bos: bo
         if getattr(model, "tokenizer", None) is None:
             raise ValueError(f"{what} is text but the model has no tokenizer; give token ids (a list of ints).")
         return [int(t) for t in model.to_tokens(value, prepend_bos=prepend_bos)[0].tolist()]
-    if not isinstance(value, Sequence) or not value or not all(isinstance(t, int) for t in value):
+    # (a bool is an int to Python, but true/false in a task file is a mistake, not a token id)
+    if not isinstance(value, Sequence) or not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                               for t in value):
         raise ValueError(f"{what} must be text or a non-empty list of token ids, got {value!r}.")
     return [int(t) for t in value]
 
@@ -71,6 +73,17 @@ def _prompt_text(model: Any, prompt: str | Sequence[int], what: str, prepend_bos
     return text, bos
 
 
+def _check_fits(source: str, cfg: Any, prompts: list[list[int]], tokens: list[int]) -> None:
+    """Every prompt within the model's context and every token id inside its vocabulary."""
+    longest = max(map(len, prompts))
+    if longest > cfg.n_ctx:
+        raise ValueError(f"{source}: a prompt is {longest} tokens but the model's context is {cfg.n_ctx}; shorten it.")
+    bad = sorted({t for row in prompts for t in row if not 0 <= t < cfg.d_vocab}
+                 | {t for t in tokens if not 0 <= t < cfg.d_vocab})
+    if bad:
+        raise ValueError(f"{source}: token id(s) {bad[:5]} are outside the model's vocabulary [0, {cfg.d_vocab}).")
+
+
 def continuation_token(model: Any, prompt: str | Sequence[int], answer: str | int | Sequence[int],
                        what: str = "answer", prepend_bos: bool = True) -> int:
     """The one token ``answer`` adds after ``prompt``: the token the model predicts next.
@@ -81,6 +94,8 @@ def continuation_token(model: Any, prompt: str | Sequence[int], answer: str | in
     and ``ĠLily`` on GPT-2's. Raises ``ValueError`` naming the answer and its tokens when it adds no token,
     several tokens, or merges with the end of the prompt. Token ids (an int or a one-id list) pass through.
     """
+    if isinstance(answer, bool):
+        raise ValueError(f"{what} is {answer!r}: give the answer as text or a token id, not true/false.")
     if isinstance(answer, int):
         return answer
     if isinstance(answer, Sequence) and not isinstance(answer, str):
@@ -178,6 +193,9 @@ class ContrastiveTask:
                                                       prepend_bos))
         if distractors and len(distractors) != len(pairs):
             raise ValueError(f"{source}: either every pair has a distractor or none does.")
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:
+            _check_fits(source, cfg, clean + corrupt, answers + distractors)
         width = max(max(map(len, clean)), max(map(len, corrupt)))
         lengths = {len(row) for row in clean + corrupt}
         if len(lengths) > 1 and getattr(getattr(model, "cfg", None), "attention_dir", "causal") != "causal":

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ._checks import non_negative_int, positive_int
+
 HELP = "Write a model's activations at chosen hooks to safetensors shards (resumable) for training."
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,17 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text", help="text column (else input_ids/tokens)")
     parser.add_argument("--out", required=True, help="cache directory (an interrupted one is resumed)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--context-size", type=_positive, default=128)
-    parser.add_argument("--tokens", type=int, default=0, help="stop after about this many tokens (0: whole dataset)")
-    parser.add_argument("--rows-per-shard", type=_positive, default=65536)
-    parser.add_argument("--model-batch-size", type=_positive, default=32, help="sequences per model forward")
-    parser.add_argument("--eval-sequences", type=int, default=16,
+    parser.add_argument("--context-size", type=positive_int, default=128)
+    parser.add_argument("--tokens", type=non_negative_int, default=0, help="stop after about this many tokens (0: whole dataset)")
+    parser.add_argument("--rows-per-shard", type=positive_int, default=65536)
+    parser.add_argument("--model-batch-size", type=positive_int, default=32, help="sequences per model forward")
+    parser.add_argument("--eval-sequences", type=non_negative_int, default=16,
                         help="rows at the dataset's start left out of the cache, for training's evaluation")
     parser.add_argument("--device", default="", help="cpu, cuda, ...")
     parser.add_argument("--keep-special-tokens", action="store_true", help="keep BOS/pad positions")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._paths import output_dir
     from ..data import TokenRows, describe_dataset, open_documents
     from ..models import load_model
     from ..training.cache import write_cache
@@ -43,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.sources import StreamSource
     from ..training.tokens import held_out_rows, special_token_ids
 
+    output_dir(args.out, "--out")  # before any work: a file in the way or a read-only disk fails now
     model = load_model(args.model, device=local_device(args.device))
     documents = open_documents(args.dataset, args.dataset_split, args.dataset_config, args.text_column)
     vocab = int(model.cfg.d_vocab)

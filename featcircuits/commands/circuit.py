@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._checks import check_task_file, non_negative_int, positive_int
+
 HELP = "Find a circuit for a contrastive task (AtP, AtP-IG or ACDC) and measure its faithfulness."
 
 
@@ -22,26 +24,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="edge AtP estimator (--level edges): plain AtP, receivers re-run, or secant downstream")
     parser.add_argument("--positions", default="each", choices=["each", "sum"], help="feature nodes per position or summed")
     parser.add_argument("--tau", type=float, default=0.01, help="fraction of the full metric gap, in [0, 1]")
-    parser.add_argument("--top-k", type=int, help="AtP/IG: select the k best units instead of a tau threshold")
-    parser.add_argument("--steps", type=int, default=8, help="integrated-gradients steps (--method ig)")
-    parser.add_argument("--prefilter", type=int, help="ACDC: only try the N units with the largest AtP scores")
-    parser.add_argument("--max-edges", type=int,
+    parser.add_argument("--top-k", type=positive_int, help="AtP/IG: select the k best units instead of a tau threshold")
+    parser.add_argument("--steps", type=positive_int, default=8, help="integrated-gradients steps (--method ig)")
+    parser.add_argument("--prefilter", type=positive_int, help="ACDC: only try the N units with the largest AtP scores")
+    parser.add_argument("--max-edges", type=positive_int,
                         help="feature edges: keep the N candidate edges with the largest |AtP| (default: all)")
-    parser.add_argument("--sizes", type=int, nargs="+", help="circuit sizes (units) of the faithfulness sweep")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--sizes", type=non_negative_int, nargs="+", help="circuit sizes (units) of the faithfulness sweep")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="ablation patterns per forward (default 32 on CPU, 64 on accelerators)")
     parser.add_argument("--device", default="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
     import csv
-    from pathlib import Path
 
+    from .._paths import output_file
     from ..circuits import evaluate, find_circuit, load_task
     from ..hub.checks import check_dictionaries_match_model
     from ..hub.loading import load_dictionaries
     from ..models import load_model
 
+    out = output_file(args.out, "--out")  # before any work
+    output_file(out.with_suffix(".curve.csv"), "the curve file beside --out")
+    check_task_file(args.task)
     model = load_model(args.model, device=args.device)
     task = load_task(args.task, model)
     dictionaries = load_dictionaries(args.dictionaries, device=args.device) if args.dictionaries else None
@@ -53,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
         positions=args.positions, batch_size=args.batch_size, receivers=args.receivers, max_edges=args.max_edges,
     )
     result = evaluate(circuit, sizes=args.sizes)
-    out = Path(args.out)
     circuit.save(out)
     curve_path = out.with_suffix(".curve.csv")
     with open(curve_path, "w", newline="") as file:

@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .._paths import output_dir
     from ..dictionaries.io import FORMATS, detect_format, load_dictionaries, save_dictionary
     from ..dictionaries.io.common import atomic_directory
 
@@ -23,12 +24,14 @@ def run(args: argparse.Namespace) -> int:
     if target not in FORMATS or not hasattr(FORMATS[target], "save"):
         raise ValueError(f"--to {args.to!r} is not a writable format; choose one of {sorted(FORMATS)}.")
     src = Path(args.src)
+    dst = output_dir(args.dst, "convert DST", create=False)  # before loading: a file in the way fails now
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"convert: DST {dst} is SRC; write the converted dictionaries to a new directory.")
     try:
         source_format = detect_format(src)
     except ValueError:
         source_format = "directory of dictionaries"
     dictionaries = load_dictionaries(src)
-    dst = Path(args.dst)
     if target == "circuit_tracer" or len(dictionaries) == 1:
         save_dictionary(dictionaries if len(dictionaries) > 1 else dictionaries[0], dst, format=target)
     else:

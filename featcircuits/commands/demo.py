@@ -35,10 +35,15 @@ def _tokens(values: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._paths import output_dir
     from ..pipeline import run_demo
+    from ._checks import check_task_file
 
     if args.text is not None and not Path(args.text).is_file():
         raise FileNotFoundError(f"No text file at {args.text}; give a text file for --text or leave it out.")
+    output_dir(args.out, "--out", create=False)  # before any work: a file there, or read-only, is named now
+    if args.task is not None and Path(args.task).suffix == ".json":
+        check_task_file(args.task)
     start = time.perf_counter()
     result = run_demo(args.model, args.dictionaries, args.prompt, args.task, args.out, method=args.method,
                       max_feature_nodes=args.max_feature_nodes, n_top=args.top, max_pairs=args.max_pairs,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._checks import check_prompt_fits, fraction, non_negative_int, positive_float, positive_int
+
 HELP = "Build an exact attribution graph for a prompt and write it as circuit-tracer / Neuronpedia JSON."
 
 
@@ -16,13 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output graph JSON file")
     parser.add_argument("--target", type=int, action="append", default=None,
                         help="target token id (repeatable); default: the most probable next tokens")
-    parser.add_argument("--verify", type=int, default=0, metavar="N",
+    parser.add_argument("--verify", type=non_negative_int, default=0, metavar="N",
                         help="check N sampled source nodes by intervention; prints max_rel_error")
-    parser.add_argument("--node-threshold", type=float, default=0.8, help="influence pruning: node fraction")
-    parser.add_argument("--edge-threshold", type=float, default=0.98, help="influence pruning: edge fraction")
-    parser.add_argument("--max-feature-nodes", type=int, default=None, help="cap on feature nodes")
-    parser.add_argument("--batch-size", type=int, default=128, help="targets per backward pass")
-    parser.add_argument("--memory-budget-gb", type=float, default=4.0, help="refuse larger graphs")
+    parser.add_argument("--node-threshold", type=fraction, default=0.8, help="influence pruning: node fraction")
+    parser.add_argument("--edge-threshold", type=fraction, default=0.98, help="influence pruning: edge fraction")
+    parser.add_argument("--max-feature-nodes", type=positive_int, default=None, help="cap on feature nodes")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="targets per backward pass")
+    parser.add_argument("--memory-budget-gb", type=positive_float, default=4.0, help="refuse larger graphs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slug", default=None, help="graph slug in the JSON metadata (default: file name)")
 
@@ -35,8 +37,8 @@ def _load_dictionaries(spec: str, device: str):
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
+    from .._paths import output_file
     from ..graph import (
         ReplacementModel,
         apply_prune,
@@ -50,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     started = time.perf_counter()
+    out = output_file(args.out, "--out")  # before any work
     dictionaries = _load_dictionaries(args.dictionaries, args.device)  # cheap checks first
     model = load_model(args.model, device=args.device)
     if isinstance(dictionaries, dict):
         dictionaries = list(dictionaries.values())
+    check_prompt_fits(model, args.prompt)
+    vocab = int(model.cfg.d_vocab)
+    for target in args.target or []:
+        if not 0 <= target < vocab:
+            raise ValueError(f"--target {target} is outside the model's vocabulary [0, {vocab}); give a token id "
+                             f"below {vocab}.")
     replacement = ReplacementModel(model, dictionaries)  # raises on widths that do not fit
     check_dictionaries_match_model(model, dictionaries)  # warns when they record another model's name
     graph = build_graph(replacement, prompt=args.prompt, targets=args.target, max_feature_nodes=args.max_feature_nodes,
@@ -66,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
     pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)
     print(f"pruned (node_threshold={args.node_threshold}, edge_threshold={args.edge_threshold}): "
           f"{pruned.n_nodes} nodes, {pruned.n_edges} edges; {graph_scores(apply_prune(graph, pruned))}")
-    out = Path(args.out)
     write_circuit_tracer_json(graph, out, slug=args.slug or out.stem, node_threshold=args.node_threshold,
                               edge_threshold=args.edge_threshold, pruned=pruned)
     print(f"wrote {out}")

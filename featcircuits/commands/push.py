@@ -23,6 +23,17 @@ def run(args: argparse.Namespace) -> int:
     from ..hub.publish import HubAuthError, build_upload_folder, describe_folder, push_to_hub
 
     if args.dry_run:
+        from pathlib import Path
+
+        from .._paths import output_dir
+
+        dry_run = output_dir(args.dry_run, "--dry-run", create=False)  # before loading anything
+        if dry_run.is_dir() and any(dry_run.iterdir()):
+            raise ValueError(f"--dry-run {dry_run} is not empty; choose a new folder for the upload so nothing in it "
+                             "is overwritten.")
+        if not Path(args.dir).is_dir():
+            raise FileNotFoundError(f"push: {args.dir} is not a directory of dictionaries; give what "
+                                    "`featcircuits train --out` wrote.")
         try:
             folder = build_upload_folder(args.dir, args.dry_run, args.repo_id, base_model=args.base_model)
         except FileExistsError as err:

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished run in --out (its dictionaries this run does not write are removed)")
     parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE says otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -63,6 +65,8 @@ def build_config(args: argparse.Namespace):
             flags.append("kind=transcoder")
     if args.resume:
         flags.append("resume=true")
+    if args.overwrite:
+        flags.append("overwrite=true")
     if args.wandb:
         flags.append("wandb=true")
     if args.no_progress:

@@ -18,9 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._paths import output_file
     from ..viz.page import write_page
     from ..viz.viewer import viewer_payload
 
+    output_file(args.output, "-o/--output")  # before any work
+    for flag, value in (("--image", args.image), ("--screenshot", args.screenshot)):
+        if value:
+            output_file(value, flag)
     payload = viewer_payload(args.graph, args.dashboards, args.title)
     path = write_page(payload, args.output, payload["title"])
     with_cards = sum(node["dash_key"] in payload["dashboards"] for node in payload["nodes"] if node["dash_key"])

@@ -7,11 +7,14 @@ weights), ``metrics.json``, ``config.json`` and, when enabled, ``checkpoint/``.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._paths import RunLock, output_dir
 from ..dictionaries import Dictionary, DictionaryConfig
 from ..dictionaries.io.common import write_json
 from . import distributed
@@ -61,15 +64,58 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     """Like :func:`train`, returning the dictionaries with their metrics (``metrics.json`` contents)."""
     config.validate()
     distributed.init_from_environment(config.device)
+    created = not os.path.exists(config.out)  # (False, not an error, where a folder above cannot be entered)
+    out = output_dir(config.out, "--out")  # before the model loads: an unwritable out fails now, not after training
+    if distributed.rank() != 0:
+        return _train(config)
+    try:
+        with RunLock(out, "--out"):
+            _check_out(config, out)
+            return _train(config)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a run that failed leaves no empty --out behind
+            out.rmdir()
+        raise
+
+
+def _finished_run(out: Path) -> list[str]:
+    """What a finished run left in ``out`` (metrics.json and config.json are written last), with its dictionaries."""
+    found = [name for name in ("metrics.json", "config.json") if (out / name).is_file()]
+    return found + sorted(entry.name for entry in out.iterdir() if (entry / "cfg.json").is_file()) if found else []
+
+
+def _check_out(config: TrainConfig, out: Path) -> None:
+    """Refuse to train over an earlier run unless asked to continue it (resume) or to replace it (overwrite)."""
+    if config.resume or config.overwrite:
+        return
+    if (out / "checkpoint").exists():
+        raise ValueError(
+            f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose a new --out (nothing there was changed)."
+        )
+    earlier = _finished_run(out)
+    if earlier:
+        raise ValueError(
+            f"--out {out} already holds a finished run ({', '.join(earlier[:6])}); pass --overwrite to replace it "
+            "(its dictionaries this run does not write are removed), or choose a new --out (nothing there was changed)."
+        )
+
+
+def _remove_stale(config: TrainConfig, out: Path, names: list[str]) -> None:
+    """--overwrite: remove what an earlier run wrote that this one does not, so no stale dictionary survives."""
+    if not config.overwrite:
+        return
+    for entry in out.iterdir():
+        if (entry / "cfg.json").is_file() and entry.name not in names:
+            shutil.rmtree(entry)
+    if not config.checkpoint_every and (out / "checkpoint").is_dir():
+        shutil.rmtree(out / "checkpoint")
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.local_device(config.device)
     torch.manual_seed(config.seed)
-    out = Path(config.out)
-    if not config.resume and (out / "checkpoint").exists():
-        raise ValueError(
-            f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, or choose a new --out "
-            "(nothing there was changed)."
-        )
     pairs = config.pairs
     if config.distribute_dictionaries and world > 1:
         mine = [i for i in range(len(pairs)) if i % world == rank]
@@ -180,6 +226,9 @@ def _eval_tokens_from_manifest(manifest: dict[str, Any], model: Any, config: Tra
 
 def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]) -> None:
     out = Path(config.out)
+    if distributed.rank() == 0:
+        all_names = [output_name(hook_in) for hook_in, _ in config.pairs]
+        _remove_stale(config, out, all_names)
     for name, dictionary in zip(names, result["dictionaries"], strict=False):
         dictionary.save(str(out / name))
     gathered = distributed.gather_objects({"per_dictionary": result["per_dictionary"],

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["TrainConfig", "load_train_config", "apply_overrides", "ARCHITECTURES"]
+__all__ = ["TrainConfig", "load_train_config", "apply_overrides", "coerce_field", "ARCHITECTURES"]
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
-# Fields whose change between a checkpoint and a resumed run makes the resumed run a different run.
-_RESUME_INVARIANT = (
-    "model", "dataset", "hooks", "hooks_out", "kind", "architecture", "k", "d_sae", "total_tokens",
-    "batch_size", "lr", "seed", "context_size", "normalize_activations", "l1_coefficient", "l0_coefficient",
-)
+# Fields that do not change what a run computes: where it writes, what it shows, how often it logs,
+# evaluates or checkpoints, and where it runs. Every other field is compared when a run resumes.
+_RESUME_FREE = frozenset({
+    "out", "resume", "overwrite", "progress", "log_every", "eval_every", "checkpoint_every", "wandb", "wandb_project",
+    "device", "compile", "compile_backend",
+})
 
 
 @dataclass
@@ -82,22 +85,16 @@ class TrainConfig:
     eval_sequences: int = 16  # sequences for the CE/KL evaluation with the dictionaries spliced in
     checkpoint_every: int = 0  # steps; 0 -> no checkpoints
     resume: bool = False
+    overwrite: bool = False  # replace a finished run in ``out`` (its dictionaries this run does not write go)
     distribute_dictionaries: bool = False  # with several ranks: each rank trains its share of dictionaries
     wandb: bool = False
     wandb_project: str = "featcircuits"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.hooks, str):
-            self.hooks = [self.hooks]
-        if isinstance(self.hooks_out, str):
-            self.hooks_out = [self.hooks_out] if self.hooks_out else []
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-        try:  # `--set matryoshka_prefixes=256,1024` arrives as strings
-            self.matryoshka_prefixes = [int(m) for m in self.matryoshka_prefixes]
-        except (TypeError, ValueError):
-            raise ValueError(f"matryoshka_prefixes={self.matryoshka_prefixes!r} must be a list of latent counts, "
-                             "e.g. [256, 1024] or --set matryoshka_prefixes=256,1024.") from None
+        hints = get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, coerce_field(item.name, getattr(self, item.name), hints[item.name]))
         if not self.kind:
             self.kind = "transcoder" if self.hooks_out else "sae"
 
@@ -116,12 +113,34 @@ class TrainConfig:
             raise ValueError(f"kind={self.kind} needs hooks_out (the hook each transcoder predicts).")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}; choose one of {ARCHITECTURES}.")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues the run in out, "
+                             "--overwrite replaces it; give one.")
         if not self.dataset:
             raise ValueError("TrainConfig.dataset is empty: give a text file or directory, a jsonl/parquet/arrow file, a "
                              "Hugging Face dataset id, or an activation cache directory.")
-        for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes"):
+        for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes", "k",
+                     "expansion_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
+        for name in ("d_sae", "lr_warmup_steps", "sparsity_warmup_steps", "auxk_k", "dead_after_tokens",
+                     "batchtopk_calibration_batches", "eval_sequences", "eval_every", "checkpoint_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be zero or positive, got {getattr(self, name)}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr={self.lr} trains nothing (or diverges): give a positive learning rate, "
+                             "e.g. lr=4e-4.")
+        for name in ("l1_coefficient", "l0_coefficient", "auxk_coefficient", "jumprelu_bandwidth", "init_scale",
+                     "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value}.")
+        for name in ("lr_decay_fraction", "batchtopk_threshold_momentum"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {value}.")
+        if any(not 0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"TrainConfig.adam_betas={list(self.adam_betas)} must each lie in [0, 1).")
         prefixes = list(self.matryoshka_prefixes)
         if prefixes and (any(m < 1 for m in prefixes) or prefixes != sorted(set(prefixes))):
             raise ValueError(
@@ -154,49 +173,98 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source} has unknown field(s) {unknown}; known fields: {sorted(known)}.")
         hints = get_type_hints(cls)
-        data = dict(data)
-        for key, value in data.items():
-            if isinstance(value, str) and hints[key] in (int, float):  # YAML 1.1 reads "1e-3" as a string
-                try:
-                    data[key] = _parse_value(value, hints[key])
-                except ValueError:
-                    raise ValueError(f"{source}: {key}={value!r} is not a number.") from None
+        data = {key: coerce_field(key, value, hints[key], source) for key, value in data.items()}
         return cls(**data)
 
     def resume_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpointed one."""
-        data = self.to_dict()
-        fingerprint = {name: data[name] for name in _RESUME_INVARIANT}
-        if self.matryoshka_prefixes:  # only when set, so checkpoints from before the option still match
-            fingerprint["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
-        defaults = TrainConfig()
-        for name in ("dataset_split", "dataset_config", "text_column"):  # likewise: only when not the default
-            if data[name] != getattr(defaults, name):
-                fingerprint[name] = data[name]
-        return fingerprint
+        return {name: value for name, value in self.to_dict().items() if name not in _RESUME_FREE}
 
 
-def _parse_value(text: str, annotation: Any) -> Any:
-    """Parse an override by the field's type: YAML for structure, Python's own parsers for numbers."""
+def _expected(annotation: Any) -> str:
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}.get(
+        annotation, str(annotation).replace("typing.", ""))
+
+
+def _scalar(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """``value`` as ``annotation`` (bool, int, float or str), refusing anything that is not plainly one."""
+    def refuse() -> ValueError:
+        return ValueError(f"{source}: {name}={value!r} is not {_expected(annotation)}; write e.g. "
+                          f"{name}={ {bool: 'true', int: '256', float: '3e-4', str: 'text'}[annotation]}.")
+
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise refuse()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise refuse()
+    if isinstance(value, bool):  # bool is an int subclass: `lr: yes` is not 1.0
+        raise refuse()
+    if isinstance(value, str):
+        try:
+            value = float(value) if annotation is float or not value.strip().lstrip("+-").isdigit() else int(value)
+        except ValueError:
+            raise refuse() from None
+    if annotation is float and isinstance(value, (int, float)):
+        return float(value)
+    if annotation is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+    raise refuse()
+
+
+def coerce_field(name: str, value: Any, annotation: Any, source: str = "TrainConfig") -> Any:
+    """Check (and, from text, parse) one field's value strictly by its type; raise naming field, value and type.
+
+    Booleans come only from booleans or the strings ``"true"``/``"false"``; integers from integral values;
+    floats from numbers (or number text: YAML 1.1 reads ``1e-3`` as a string). Lists accept YAML lists or
+    comma-separated text.
+    """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return coerce_field(name, value, inner, source)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            text = value.strip()
+            items: Any = _yaml_list(name, text, source) if text.startswith("[") else [
+                item.strip() for item in text.split(",") if item.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ValueError(f"{source}: {name}={value!r} is not a list; write e.g. {name}=a,b or {name}=[a, b].")
+        element = args[0]
+        checked = [_scalar(f"{name}[{index}]", item, element, source) for index, item in enumerate(items)]
+        if origin is tuple:
+            if len(checked) != len(args):
+                raise ValueError(f"{source}: {name}={value!r} needs {len(args)} numbers, e.g. {name}=0.9,0.999.")
+            return tuple(checked)
+        return checked
+    return _scalar(name, value, annotation, source)
+
+
+def _yaml_list(name: str, text: str, source: str) -> list[Any]:
     import yaml
 
-    kind = getattr(annotation, "__name__", str(annotation))
-    if "None" in str(annotation) and text.strip().lower() in ("none", "null", ""):
-        return None
-    if annotation is float:
-        return float(text)  # YAML 1.1 reads "1e-3" as a string
-    if annotation is int:
-        return int(float(text))
-    if annotation is str:
-        return text
-    value = yaml.safe_load(text)
-    if kind == "list" or str(annotation).startswith("list"):
-        return value if isinstance(value, list) else [item for item in text.split(",") if item]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, list):
+        raise ValueError(f"{source}: {name}={text!r} is not a list; write e.g. {name}=a,b or {name}=[a, b].")
     return value
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``key=value`` strings (values parsed as YAML scalars; lists as YAML or comma-separated)."""
+    """Apply ``key=value`` strings, each parsed strictly by its field's type (see :func:`coerce_field`)."""
     hints = get_type_hints(TrainConfig)
     data = config.to_dict()
     for item in overrides:
@@ -206,7 +274,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key = key.strip().replace("-", "_")
         if key not in hints:
             raise ValueError(f"--set {key}: TrainConfig has no field {key!r}; known: {sorted(hints)}.")
-        data[key] = _parse_value(text, hints[key])
+        data[key] = coerce_field(key, text.strip(), hints[key], source="--set")
     return TrainConfig.from_dict(data, source="--set overrides")
 
 
