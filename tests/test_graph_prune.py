@@ -76,3 +76,17 @@ def test_pruning_drops_dangling_and_weak_nodes():
     assert sub.n_edges == 3 and graph_scores(sub).replacement_score == pytest.approx(2 / 3, rel=1e-6)
     with pytest.raises(ValueError, match="node_threshold must be in"):
         prune_graph(graph, node_threshold=1.5)
+
+
+def test_pruning_over_budget_is_refused_before_allocating(tiny_gpt2):
+    from conftest import relu_transcoders
+
+    from featcircuits.graph import GraphTooLargeError, ReplacementModel, build_graph, prune_graph
+    from featcircuits.graph.prune import prune_memory
+
+    graph = build_graph(ReplacementModel(tiny_gpt2, relu_transcoders(tiny_gpt2, d_sae=40, bias=-0.25)),
+                        prompt=[0, 5, 9, 13, 2, 7], progress=False)
+    need = prune_memory(graph) / 2**30
+    with pytest.raises(GraphTooLargeError, match=f"Pruning this graph \\({graph.n_nodes} nodes\\) needs about"):
+        prune_graph(graph, memory_budget_gb=need / 2)
+    assert prune_graph(graph, memory_budget_gb=need * 2).n_nodes > 0

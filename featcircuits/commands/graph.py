@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
           f"{graph.count(1)} errors, {graph.count(2)} embeddings, {graph.count(3)} targets), {graph.n_edges} edges "
           f"in {built - started:.1f}s")
     print(f"full graph: {graph_scores(graph)}")
-    pruned = prune_graph(graph, args.node_threshold, args.edge_threshold)
+    pruned = prune_graph(graph, args.node_threshold, args.edge_threshold, memory_budget_gb=args.memory_budget_gb)
     print(f"pruned (node_threshold={args.node_threshold}, edge_threshold={args.edge_threshold}): "
           f"{pruned.n_nodes} nodes, {pruned.n_edges} edges; {graph_scores(apply_prune(graph, pruned))}")
     write_circuit_tracer_json(graph, out, slug=args.slug or out.stem, node_threshold=args.node_threshold,

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from ..circuits.circuit import Circuit
+from .attribution import GraphTooLargeError
 from .attribution_graph import EMBEDDING, FEATURE, TARGET, AttributionGraph
 from .influence import edge_influence, node_influence, normalize_adjacency
 
-__all__ = ["PruneResult", "prune_graph", "prune_topk", "prune_threshold", "apply_prune", "cumulative_threshold"]
+__all__ = ["PruneResult", "prune_graph", "prune_topk", "prune_threshold", "apply_prune", "cumulative_threshold",
+           "prune_memory"]
 
 
 @dataclass
@@ -92,13 +94,30 @@ def _drop_dangling(graph: AttributionGraph, node_mask: torch.Tensor, edge_mask: 
         node_mask.copy_(keep)
 
 
-def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
+# bytes per adjacency entry that influence pruning holds at once: the normalised adjacency, the edge scores,
+# their sorted copy with its int64 indices and cumulative sums, and the masks
+PRUNE_BYTES_PER_ENTRY = 32
+
+
+def prune_memory(graph: AttributionGraph) -> int:
+    """Bytes :func:`prune_graph` needs for ``graph`` beyond the graph itself."""
+    return PRUNE_BYTES_PER_ENTRY * graph.n_nodes * graph.n_nodes
+
+
+def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                memory_budget_gb: float | None = None) -> PruneResult:
     """Influence pruning: keep the most influential nodes holding ``node_threshold`` of all influence on
     the targets, then the most influential edges among them holding ``edge_threshold`` of edge influence,
-    then drop dangling nodes."""
+    then drop dangling nodes. With ``memory_budget_gb``, a graph whose pruning would need more is refused
+    before anything is allocated."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    if memory_budget_gb is not None and prune_memory(graph) > memory_budget_gb * 2**30:
+        raise GraphTooLargeError(
+            f"Pruning this graph ({graph.n_nodes} nodes) needs about {prune_memory(graph) / 2**30:.2f} GiB beside "
+            f"it, more than memory_budget_gb={memory_budget_gb}. Build it with a smaller max_feature_nodes (the "
+            f"need grows with the square of the node count), or raise the budget.")
     influence, cumulative = _influence(graph)
     node_mask = influence >= cumulative_threshold(influence, node_threshold)
     kind = graph.node_keys[:, 0]
