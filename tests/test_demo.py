@@ -135,7 +135,9 @@ def test_top_features_tokens_match_brute_force(demo, stories_model, transcoders)
     assert demo.top_features
     scores = [abs(f.score) for f in demo.top_features]
     assert scores == sorted(scores, reverse=True)
-    vocab = [stories_model.tokenizer.decode([i]) for i in range(stories_model.cfg.d_vocab)]  # readable tokens
+    tokenizer = stories_model.tokenizer  # readable tokens: a word-start piece keeps its space
+    vocab = [(" " if tokenizer.convert_ids_to_tokens(i).startswith("\u2581") else "") + tokenizer.decode([i]).lstrip(" ")
+             for i in range(stories_model.cfg.d_vocab)]
     texts = [demo.prompt] + [p[k] for k in ("clean", "corrupt") for p in demo.circuit.graph.task.pairs]
     runs = []
     with torch.no_grad():
@@ -266,3 +268,11 @@ def test_empty_prompt_and_half_given_inputs(stories_model, transcoders, tmp_path
     assert main(["demo", "--model", "x", "--dictionaries", "y", "--prompt", ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_report_tokens_keep_their_spaces_on_a_sentencepiece_tokenizer(stories_model):
+    from featcircuits.pipeline.report import token_strings
+
+    text = "Once upon a time there was a dog"
+    ids = stories_model.to_tokens(text)[0].tolist()
+    assert "".join(token_strings(stories_model, ids[1:])).strip() == text  # after BOS

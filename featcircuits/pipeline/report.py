@@ -29,7 +29,11 @@ def token_strings(model: Any, ids: list[int]) -> list[str]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [str(i) for i in ids]
-    return [tokenizer.decode([i]) for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    texts = [tokenizer.decode([i]) for i in ids]
+    # SentencePiece drops a word's leading space when one token is decoded alone; its piece still shows it
+    return [(" " + text if str(piece).startswith("▁") and not text.startswith(" ") else text)
+            for piece, text in zip(pieces, texts, strict=True)]
 
 
 def _readable(model: Any, pieces: list[str]) -> list[str]:
