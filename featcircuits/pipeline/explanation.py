@@ -53,8 +53,9 @@ def explain_graph(graph: Any, dashboards: Any, prompt: Any, n_units: int = 6, ma
     units.sort(key=lambda unit: -abs(unit.effect))
     units = units[:n_units]
     target = graph.targets[0]
-    tokenizer = getattr(graph.replacement.model, "tokenizer", None)
-    name = tokenizer.decode([target.token]) if target.token is not None and tokenizer is not None else target.name
+    from .report import token_strings
+
+    name = token_strings(graph.replacement.model, [target.token])[0] if target.token is not None else target.name
     explanation = Explanation(labels, units, target=str(name), supernodes=supernodes)
     if units:
         rm = graph.replacement
