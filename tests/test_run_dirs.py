@@ -167,3 +167,26 @@ def test_config_values_are_checked_strictly(data, fragment):
     else:
         with pytest.raises(ValueError, match=f"run.yaml: {fragment}"):
             TrainConfig.from_dict(data, source="run.yaml")
+
+
+def test_a_cache_rerun_with_another_size_is_refused_and_the_same_size_says_reused(stories_path, tmp_path, capsys):
+    from conftest import TINYSTORIES
+
+    from featcircuits.cli import main
+
+    args = ["cache", "--model", str(stories_path), "--hook", "blocks.1.ln2.hook_normalized",
+            "--dataset", str(TINYSTORIES / "train_head.txt"), "--out", str(tmp_path / "cache")]
+    assert main([*args, "--tokens", "2048"]) == 0
+    first = capsys.readouterr().out
+    manifest = (tmp_path / "cache" / "manifest.json").read_bytes()
+    assert main([*args, "--tokens", "2048"]) == 0
+    assert "cached " in first and "reused the cache of" in capsys.readouterr().out
+    assert main([*args, "--tokens", "1024"]) == 2
+    error = capsys.readouterr().err
+    import json
+    import re
+
+    total = json.loads(manifest)["total_sequences"]
+    sizes = re.search(r"complete cache of (\d+) sequences, but this run asks for (\d+)", error)
+    assert sizes and int(sizes.group(1)) == total and int(sizes.group(2)) == total // 2
+    assert (tmp_path / "cache" / "manifest.json").read_bytes() == manifest  # nothing rewritten

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                            rows_per_shard=args.rows_per_shard, metadata=metadata)
     rows_cached = sum(shard["rows"] for shard in manifest["shards"])
     shards = len(manifest["shards"])
-    print(f"cached {rows_cached} rows of {len(manifest['hooks'])} hooks in {shards} shard{'s' * (shards != 1)} "
+    verb = "reused the cache of" if manifest.get("reused") else "cached"
+    print(f"{verb} {rows_cached} rows of {len(manifest['hooks'])} hooks in {shards} shard{'s' * (shards != 1)} "
           f"({args.dtype}): {args.out}")
     return 0

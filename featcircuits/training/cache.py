@@ -85,8 +85,13 @@ def write_cache(
             )
     else:
         manifest = {**header, "shards": [], "sequences_done": 0, "total_sequences": n_sequences, "complete": False}
-    if manifest.get("complete") and (n_sequences is None or manifest["sequences_done"] >= n_sequences):
-        return manifest
+    if manifest.get("complete"):
+        if n_sequences is not None and manifest.get("total_sequences") != n_sequences:
+            raise ValueError(
+                f"{out} already holds a complete cache of {manifest.get('total_sequences')} sequences, but this run "
+                f"asks for {n_sequences}; a cache is reused only for the same size. Choose another output directory "
+                "or delete this one.")
+        return {**manifest, "reused": True}  # the same settings and size: nothing to write
     source.position = manifest["sequences_done"]  # resume: skip sequences already in complete shards
     pending: dict[str, list[torch.Tensor]] = {hook: [] for hook in hooks}
     n_pending, done = 0, False
