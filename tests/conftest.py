@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def prefix_sharing_task(model, shapes=((9, 4), (7, 3), (9, 6), (8, 5))):
         corrupt[first_difference:] = torch.randint(0, 97, (length - first_difference,), generator=generator)
         pairs.append({"clean": clean.tolist(), "corrupt": corrupt.tolist(), "answer": 3, "distractor": 5})
     return ContrastiveTask.from_pairs(model, pairs)
+
+
+@contextlib.contextmanager
+def unprivileged(active: bool = True):
+    """Root writes through any permission bits: run the block with nobody's effective uid (restored after), so
+    that a read-only path is read-only for the code under test too."""
+    if not active or os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
 
 
 def relu_transcoders(model, d_sae: int = 48, bias: float = -0.2, seed: int = 0) -> list:

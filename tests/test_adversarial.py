@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import STORIES260K, TINYSTORIES
+from conftest import STORIES260K, TINYSTORIES, unprivileged
 
 from featcircuits import Dictionary, DictionaryConfig
 from featcircuits.cli import main
@@ -79,21 +78,6 @@ def _snapshot(root: str) -> dict[str, str]:
             if path.is_file():
                 files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
-
-
-@contextlib.contextmanager
-def _unprivileged(active: bool):
-    """Root writes through any permission bits: the read-only rows run with nobody's effective uid."""
-    if not active or os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 TRAIN = ["train", "--model", "{model}", "--hook", HOOK_IN, "--dataset", "{text}", "--tokens", "1024",
@@ -226,7 +210,7 @@ def test_bad_input_is_one_clear_line(argv, fragment, flags, paths, finished_run,
         fragment = "already holds a finished run"
     before = _snapshot(paths["root"])
     capsys.readouterr()
-    with _unprivileged(RO in flags):
+    with unprivileged(RO in flags):
         try:
             code = main(argv)
         except SystemExit as exit_:  # usage errors (argparse)

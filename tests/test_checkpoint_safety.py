@@ -26,7 +26,7 @@ def _plant(path, marker) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         pickle.dump({"step": 1, "evil": _Payload(str(marker))}, handle)
-    with pytest.raises(Exception):  # noqa: B017 - the payload is live: weights_only=False would run it
+    with pytest.raises(Exception):  # noqa: B017 - the payload is live: a full unpickling would run it
         torch.load(path, weights_only=True)
     assert not marker.exists()
 

@@ -3,7 +3,6 @@ dictionary after --overwrite, an unwritable --out refused before training, and r
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import STORIES260K, TINYSTORIES
+from conftest import STORIES260K, TINYSTORIES, unprivileged
 
 from featcircuits._paths import LOCK_NAME, RunLock
 from featcircuits.cli import main
@@ -88,21 +87,6 @@ def test_finished_run_is_refused_and_overwrite_removes_the_stale_dictionary(text
     assert not (out / HOOK_A).exists()  # the stale dictionary (which push would publish) is gone
 
 
-@contextlib.contextmanager
-def _unprivileged():
-    """Root writes through any permission bits: drop to nobody's effective uid for the check (restored after)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
 def test_an_unwritable_out_is_refused_before_the_model_loads(text, tmp_path, capsys):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
@@ -110,7 +94,7 @@ def test_an_unwritable_out_is_refused_before_the_model_loads(text, tmp_path, cap
     tmp_path.chmod(0o755)
     started = time.perf_counter()
     try:
-        with _unprivileged():
+        with unprivileged():
             code = main(_train(text, readonly / "run"))
     finally:
         readonly.chmod(0o755)
