@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import TINY_LLAMA_CONFIG, prefix_sharing_task  # noqa: E402
+from conftest import TINY_LLAMA_CONFIG, mean_ablated_mlps_by_hand, prefix_sharing_task  # noqa: E402
 
 import featcircuits  # noqa: E402
 from featcircuits import Dictionary, DictionaryConfig, load_model  # noqa: E402
@@ -79,26 +79,11 @@ def qk_norm() -> str:
 def mean_ablation() -> str:
     model = load_model(TINY_LLAMA_CONFIG, seed=0)
     task = prefix_sharing_task(model)  # lengths 9, 7, 9, 8
-    prompts = [task.clean_tokens[i, : int(task.clean_last[i]) + 1] for i in range(len(task))]
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
-    caches = [model.run_with_cache(p[None], names_filter=names)[1] for p in prompts]
-    width = max(len(p) for p in prompts)
-    means = {}
-    for name in names:
-        total, count = torch.zeros(width, model.cfg.d_model), torch.zeros(width, 1)
-        for cache in caches:
-            total[: cache[name].shape[1]] += cache[name][0]
-            count[: cache[name].shape[1]] += 1
-        means[name] = total / count
-    by_hand = []
-    for i, tokens in enumerate(prompts):
-        hooks = [(n, lambda x, hook, m=means[n]: m[: x.shape[1]].expand_as(x)) for n in names]
-        last = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
-        by_hand.append(float(last[task.answers[i]] - last[task.distractors[i]]))
+    by_hand = mean_ablated_mlps_by_hand(model, task)  # tests/conftest.py: hooks on the plain model
     components = ComponentGraph(model, task, ablation="mean")
     keep = torch.tensor([[0.0 if node.endswith(".MLP") else 1.0 for node in components.node_ids]])
     features = FeatureGraph(ReplacementModel(model, []), task, ablation="mean", positions="sum")
-    return (f"mean_ablation_all_mlps: by_hand={sum(by_hand) / len(by_hand):.4f} "
+    return (f"mean_ablation_all_mlps: by_hand={by_hand:.4f} "
             f"components={float(components.node_metric(keep)[0]):.4f} "
             f"features={float(features.node_metric(torch.zeros(1, len(features.node_ids)))[0]):.4f}")
 

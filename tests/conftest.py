@@ -56,6 +56,31 @@ def prefix_sharing_task(model, shapes=((9, 4), (7, 3), (9, 6), (8, 5))):
     return ContrastiveTask.from_pairs(model, pairs)
 
 
+@torch.no_grad()
+def mean_ablated_mlps_by_hand(model, task) -> float:
+    """Every MLP output set to its per-position mean over the clean prompts that reach that position (each
+    prompt run alone, at its own length), with plain transformer_lens hooks."""
+    prompts = [task.clean_tokens[i, : int(task.clean_last[i]) + 1] for i in range(len(task))]
+    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
+    caches = [model.run_with_cache(p[None], names_filter=names)[1] for p in prompts]
+    width = max(len(p) for p in prompts)
+    means = {}
+    for name in names:
+        total = torch.zeros(width, model.cfg.d_model)
+        count = torch.zeros(width, 1)
+        for cache in caches:
+            length = cache[name].shape[1]
+            total[:length] += cache[name][0]
+            count[:length] += 1
+        means[name] = total / count
+    diffs = []
+    for index, tokens in enumerate(prompts):
+        hooks = [(name, lambda x, hook, m=means[name]: m[: x.shape[1]].expand_as(x)) for name in names]
+        last = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
+        diffs.append(float(last[task.answers[index]] - last[task.distractors[index]]))
+    return sum(diffs) / len(diffs)
+
+
 @contextlib.contextmanager
 def unprivileged(active: bool = True):
     """Root writes through any permission bits: run the block with nobody's effective uid (restored after), so

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_LLAMA_CONFIG, prefix_sharing_task, relu_transcoders
+from conftest import TINY_LLAMA_CONFIG, mean_ablated_mlps_by_hand, prefix_sharing_task, relu_transcoders
 
 from featcircuits import load_model
 from featcircuits.circuits import ComponentGraph, FeatureEdgeGraph, FeatureGraph, evaluate, find_circuit
@@ -75,34 +75,9 @@ def test_qk_norm_model_builds_verifies_and_runs_batched(qk_norm_model):
         torch.testing.assert_close(frozen, qk_norm_model(torch.tensor([PROMPT])).expand(3, -1, -1), atol=1e-5, rtol=0)
 
 
-@torch.no_grad()
-def _mean_ablated_mlps_by_hand(model, task) -> float:
-    """Every MLP output set to its per-position mean over the clean prompts that reach that position (each
-    prompt run alone, at its own length), with plain transformer_lens hooks."""
-    prompts = [task.clean_tokens[i, : int(task.clean_last[i]) + 1] for i in range(len(task))]
-    names = [f"blocks.{layer}.hook_mlp_out" for layer in range(model.cfg.n_layers)]
-    caches = [model.run_with_cache(p[None], names_filter=names)[1] for p in prompts]
-    width = max(len(p) for p in prompts)
-    means = {}
-    for name in names:
-        total = torch.zeros(width, model.cfg.d_model)
-        count = torch.zeros(width, 1)
-        for cache in caches:
-            length = cache[name].shape[1]
-            total[:length] += cache[name][0]
-            count[:length] += 1
-        means[name] = total / count
-    diffs = []
-    for index, tokens in enumerate(prompts):
-        hooks = [(name, lambda x, hook, m=means[name]: m[: x.shape[1]].expand_as(x)) for name in names]
-        last = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
-        diffs.append(float(last[task.answers[index]] - last[task.distractors[index]]))
-    return sum(diffs) / len(diffs)
-
-
 def test_mean_ablation_is_one_definition_on_prompts_of_unequal_length(tiny_llama):
     task = prefix_sharing_task(tiny_llama)  # lengths 9, 7, 9, 8
-    expected = _mean_ablated_mlps_by_hand(tiny_llama, task)
+    expected = mean_ablated_mlps_by_hand(tiny_llama, task)
     components = ComponentGraph(tiny_llama, task, ablation="mean")
     keep = torch.ones(1, len(components.node_ids))
     keep[0, [i for i, node in enumerate(components.node_ids) if node.endswith(".MLP")]] = 0.0
