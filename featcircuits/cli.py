@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import importlib
 import os
 import pkgutil
 import sys
+from types import ModuleType
 from typing import NoReturn
 
 from . import commands
@@ -26,6 +28,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+@functools.cache
+def _command_modules() -> list[tuple[str, ModuleType]]:
+    """Every sub-command module, found and imported once (later parsers need no directory listing)."""
+    names = sorted(info.name for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_"))
+    return [(name, importlib.import_module(f"{commands.__name__}.{name}")) for name in names]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="featcircuits",
@@ -35,11 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="re-raise errors with their traceback (also: FEATCIRCUITS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):  # shared helpers, not commands
-            continue
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        command = sub.add_parser(info.name.replace("_", "-"), help=module.HELP, description=module.HELP)
+    for name, module in _command_modules():
+        command = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
