@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     rows_cached = sum(shard["rows"] for shard in manifest["shards"])
     shards = len(manifest["shards"])
     verb = "reused the cache of" if manifest.get("reused") else "cached"
+    written = ""
+    if "writer" in manifest:  # what this run wrote, and how long the model waited for the disk
+        stats = manifest["writer"]
+        written = f"; wrote {stats['bytes'] / 1e6:.1f} MB, the model waited {stats['wait_seconds']:.1f} s for the disk"
     print(f"{verb} {rows_cached} rows of {len(manifest['hooks'])} hooks in {shards} shard{'s' * (shards != 1)} "
-          f"({args.dtype}): {args.out}")
+          f"({args.dtype}): {args.out}{written}")
     return 0
