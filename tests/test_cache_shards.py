@@ -62,6 +62,9 @@ def test_shards_are_safetensors_holding_the_source_rows_in_order(tmp_path, dtype
     expected = all_rows(9).to(getattr(torch, dtype))
     assert torch.equal(cached_rows(tmp_path), expected)
     assert torch.equal(cached_rows(tmp_path, "b"), (2 * all_rows(9) + 1).to(getattr(torch, dtype)))
+    source = CacheSource(tmp_path, ["a"], block_rows=40, chunk_rows=120)
+    served = take(source, source.total_rows)["a"]  # one epoch, served as float32 for training
+    assert served.dtype == torch.float32 and torch.equal(sorted_rows(served), sorted_rows(expected.float()))
 
 
 def test_the_model_runs_ahead_of_a_slow_disk_but_only_max_queued_shards_ahead(tmp_path, monkeypatch):
