@@ -189,13 +189,13 @@ def test_an_epoch_serves_every_row_once_paired_and_mixed_across_shards(cache_dir
     assert torch.equal(sorted_rows(second), sorted_rows(epoch["a"])) and not torch.equal(second, epoch["a"])
 
 
-def test_the_stream_is_seeded_the_same_with_or_without_read_ahead_and_resumes_exactly(cache_dir):
-    def stream(seed, read_ahead):
-        return take(CacheSource(cache_dir, ["a"], seed=seed, block_rows=25, chunk_rows=100,
-                                read_ahead=read_ahead), 3000)["a"]
+def test_the_stream_is_seeded_the_same_with_or_without_read_ahead_or_parallel_reads_and_resumes_exactly(cache_dir):
+    def stream(seed, read_ahead, io_threads=4):
+        return take(CacheSource(cache_dir, ["a"], seed=seed, block_rows=25, chunk_rows=100, read_ahead=read_ahead,
+                                io_threads=io_threads), 3000)["a"]
 
     reference = stream(0, 2)
-    assert torch.equal(stream(0, 0), reference) and not torch.equal(stream(1, 2), reference)
+    assert torch.equal(stream(0, 0, io_threads=1), reference) and not torch.equal(stream(1, 2), reference)
     first = CacheSource(cache_dir, ["a"], seed=0, block_rows=25, chunk_rows=100)
     head = take(first, 1700)["a"]  # into the second epoch, with chunks read ahead beyond it
     resumed = CacheSource(cache_dir, ["a"], seed=0, block_rows=25, chunk_rows=100)

@@ -6,9 +6,10 @@ background ``ShardWriter`` streams to disk (atomically, the manifest rewritten a
 model forward does not wait on the disk until ``max_queued`` shards are pending, and an interrupted
 ``featcircuits cache`` resumes at the first shard the manifest does not list. Reading: ``CacheSource``
 cuts every shard into blocks of contiguous rows, visits all blocks of the cache in a seeded random order
-per epoch and serves a few blocks (from as many shards) at a time, rows shuffled, read ahead in a
-background thread; the ActivationStore buffer mixes further. Memory: a few shards when writing, a few
-chunks when reading, whatever the cache's size.
+per epoch and serves a few blocks (from as many shards) at a time, read ahead in a background thread; the
+ActivationStore buffer then places rows in random slots and draws every batch at random, so a batch
+mixes rows from many blocks and shards. Memory: a few shards when writing, a few chunks when reading,
+whatever the cache's size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -163,53 +165,66 @@ def _generator(*salts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _read_into(read: tuple[Any, str, int, torch.Tensor]) -> None:
+    shard, hook, start, out = read
+    shard.read_rows(hook, start, out)
+
+
 def _read_chunks(root: Path, manifest: dict[str, Any], widths: dict[str, int], blocks: torch.Tensor,
-                 blocks_per_chunk: int, seed: int, epoch: int, position: int
+                 blocks_per_chunk: int, seed: int, epoch: int, position: int, io_threads: int = 1
                  ) -> Generator[tuple[int, int, dict[str, torch.Tensor]], None, None]:
     """From ``(epoch, position)`` on, forever: ``(epoch, position after the chunk, {hook: [rows, d_hook]})``.
 
     ``blocks [n_blocks, 3]``: ``(shard index, first row, end row)``. An epoch visits every block once, in a
-    seeded order; a chunk is the next ``blocks_per_chunk`` blocks of that order, rows shuffled together.
+    seeded order; a chunk is the next ``blocks_per_chunk`` blocks of that order, each block's rows in file
+    order (the ActivationStore puts every row in a random slot and draws batches at random, so shuffling
+    rows here too would only cost a pass over the bytes).
     A function of its arguments alone (no source object), so it can run in the read-ahead thread.
     """
     cache_dtype = CACHE_DTYPES[manifest["dtype"]]
     names = [shard["file"] for shard in manifest["shards"]]
     files = ShardFiles(root, manifest, widths, cache_dtype)
-    # Blocks are read into scratch buffers reused for every chunk (and converted to float32 in another);
-    # only the shuffled output is new memory. Fresh large buffers cost a page fault per 4 KiB on CPU.
+    # float32 rows are read straight into the chunk handed out; 16-bit rows into a scratch buffer reused
+    # for every chunk, then converted into it. One pass over the bytes either way.
     most_rows = int((blocks[:, 2] - blocks[:, 1]).max()) * blocks_per_chunk
-    scratch = {hook: torch.empty(most_rows, width, dtype=cache_dtype) for hook, width in widths.items()}
-    scratch32 = scratch if cache_dtype == torch.float32 else {
-        hook: torch.empty(most_rows, width) for hook, width in widths.items()}
+    scratch = None if cache_dtype == torch.float32 else {
+        hook: torch.empty(most_rows, width, dtype=cache_dtype) for hook, width in widths.items()}
+    pool = ThreadPoolExecutor(io_threads, thread_name_prefix="featcircuits-cache-io") if io_threads > 1 else None
     try:
         while True:
             order = torch.randperm(len(blocks), generator=_generator(seed, epoch))
             while position < len(blocks):
-                picked = order[position : position + blocks_per_chunk].sort().values  # disk order within a chunk
+                picked = order[position : position + blocks_per_chunk]
                 position += len(picked)
                 spans = blocks[picked].tolist()
                 n_rows = sum(end - start for _, start, end in spans)
-                offset = 0
+                chunk = {hook: torch.empty(n_rows, width) for hook, width in widths.items()}
+                landing = chunk if scratch is None else scratch
+                reads, offset = [], 0
                 for shard_index, start, end in spans:
                     shard = files.get(names[shard_index])
-                    for hook in widths:
-                        shard.read_rows(hook, start, scratch[hook][offset : offset + end - start])
+                    reads += [(shard, hook, start, landing[hook][offset : offset + end - start]) for hook in widths]
                     offset += end - start
-                permutation = torch.randperm(n_rows, generator=_generator(seed, epoch, position))
-                chunk = {}
-                for hook, width in widths.items():
-                    if scratch32 is not scratch:
-                        scratch32[hook][:n_rows].copy_(scratch[hook][:n_rows])
-                    chunk[hook] = torch.index_select(scratch32[hook][:n_rows], 0, permutation,
-                                                     out=torch.empty(n_rows, width))
+                if pool is None:
+                    for read in reads:
+                        _read_into(read)
+                else:  # several reads in flight: a disk (or a virtual disk) serves random blocks much faster so
+                    list(pool.map(_read_into, reads))
+                if scratch is not None:
+                    for hook in widths:
+                        chunk[hook].copy_(scratch[hook][:n_rows])
                 yield epoch, position, chunk
             epoch, position = epoch + 1, 0
     finally:
+        if pool is not None:
+            pool.shutdown()
         files.close()
 
 
 class CacheSource:
     """Streams row chunks from a cache: blocks of rows from across all shards, in a seeded order per epoch.
+
+    Meant to feed an ``ActivationStore`` (which shuffles rows): within a block, rows keep their file order.
 
     Args:
         path: the cache directory.
@@ -219,13 +234,15 @@ class CacheSource:
         block_rows: contiguous rows read at once; default about 1 MiB per hook (at most ``chunk_rows``).
         chunk_rows: rows per chunk (rounded to whole blocks); default about 32 MiB of float32 rows.
         read_ahead: chunks read ahead in a background thread (0: read in the caller's thread).
+        io_threads: block reads in flight at once (1: one after the other).
 
     ``state_dict``: epoch and blocks served in it (chunks read ahead but not served do not count), so a
     resumed run continues with the chunk that was next.
     """
 
     def __init__(self, path: str | Path, hooks: list[str], seed: int = 0, model_name: str = "",
-                 block_rows: int | None = None, chunk_rows: int | None = None, read_ahead: int = 2) -> None:
+                 block_rows: int | None = None, chunk_rows: int | None = None, read_ahead: int = 2,
+                 io_threads: int = 4) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         check_cache_matches(self.manifest, self.path, hooks, model_name)
@@ -239,14 +256,14 @@ class CacheSource:
             chunk_rows = max(1, 2**25 // (4 * sum(widths.values())))
         if block_rows is None:  # long enough runs for the disk's full speed, and no longer than a chunk
             block_rows = min(chunk_rows, max(64, math.ceil(2**20 / (element * max(widths.values())))))
-        if block_rows < 1 or chunk_rows < 1 or read_ahead < 0:
-            raise ValueError(f"block_rows={block_rows} and chunk_rows={chunk_rows} must be positive and "
-                             f"read_ahead={read_ahead} not negative.")
+        if block_rows < 1 or chunk_rows < 1 or io_threads < 1 or read_ahead < 0:
+            raise ValueError(f"block_rows={block_rows}, chunk_rows={chunk_rows} and io_threads={io_threads} must be "
+                             f"positive and read_ahead={read_ahead} not negative.")
         self.block_rows, self.blocks_per_chunk = block_rows, max(1, chunk_rows // block_rows)
         spans = [(index, start, min(start + block_rows, int(shard["rows"])))
                  for index, shard in enumerate(self.manifest["shards"]) for start in range(0, int(shard["rows"]), block_rows)]
         self.blocks = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
-        self.read_ahead = read_ahead
+        self.read_ahead, self.io_threads = read_ahead, io_threads
         self._reader: ReadAhead | None = None
         self._chunks: Generator[tuple[int, int, dict[str, torch.Tensor]], None, None] | None = None
 
@@ -256,7 +273,7 @@ class CacheSource:
     def _produce(self) -> functools.partial[Generator[tuple[int, int, dict[str, torch.Tensor]], None, None]]:
         # The chunk iterator from the current position, holding no reference to ``self`` (a thread may run it).
         return functools.partial(_read_chunks, self.path, self.manifest, self.widths(), self.blocks,
-                                 self.blocks_per_chunk, self.seed, self.epoch, self.position)
+                                 self.blocks_per_chunk, self.seed, self.epoch, self.position, self.io_threads)
 
     def next_chunk(self) -> dict[str, torch.Tensor]:
         """The next ``{hook: [rows, d_hook]}`` (float32, CPU), rows from up to ``blocks_per_chunk`` shards."""
