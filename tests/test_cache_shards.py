@@ -226,3 +226,30 @@ def test_a_chunk_keeps_its_size_whatever_the_shard_size(tmp_path):
     source = CacheSource(tmp_path, ["a", "b"], chunk_rows=512)
     assert source.block_rows == 512 and sorted(len(source.next_chunk()["a"]) for _ in range(4)) == [464, 512, 512, 512]
     assert CacheSource(tmp_path, ["a", "b"]).block_rows == 2**20 // 16  # 1 MiB runs of 16-byte rows
+
+
+def test_the_cache_command_reports_a_full_disk_in_one_line_and_a_rerun_completes(tmp_path, monkeypatch, capsys):
+    from conftest import STORIES260K, TINYSTORIES
+
+    from featcircuits.cli import main as cli_main
+
+    real_write = shard_writer.write_shard
+
+    def disk_full_on_second(path, parts):
+        if path.name == "shard_00001.safetensors":
+            raise OSError(28, "No space left on device")
+        return real_write(path, parts)
+
+    args = ["cache", "--model", str(STORIES260K), "--hook", "blocks.0.hook_resid_post", "--dataset",
+            str(TINYSTORIES / "valid_head.txt"), "--out", str(tmp_path / "cache"), "--tokens", "4096",
+            "--context-size", "64", "--rows-per-shard", "1000", "--model-batch-size", "8"]
+    monkeypatch.setattr(shard_writer, "write_shard", disk_full_on_second)
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "featcircuits cache: error: Writing activation cache shard" in error
+    assert "shard_00001.safetensors failed" in error and "No space left on device" in error
+    first = (tmp_path / "cache" / "shard_00000.safetensors").stat().st_ino
+    monkeypatch.setattr(shard_writer, "write_shard", real_write)
+    assert cli_main(args) == 0
+    assert "cached 4032 rows" in capsys.readouterr().out  # 64 rows of 63 tokens (BOS dropped)
+    assert (tmp_path / "cache" / "shard_00000.safetensors").stat().st_ino == first  # kept, not written again
