@@ -144,6 +144,7 @@ class ReadAhead:
     def __init__(self, produce: Callable[[], Iterator[Any]], depth: int) -> None:
         self.queue: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
         self.stop = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(produce, self.queue, self.stop), daemon=True,
                                        name="featcircuits-cache-reader")
         self.thread.start()
@@ -169,8 +170,11 @@ class ReadAhead:
             put((False, err))
 
     def get(self) -> Any:
+        if self.error is not None:  # the thread has ended: raise its failure again rather than wait forever
+            raise self.error
         ok, item = self.queue.get()
         if not ok:
+            self.error = item
             raise item
         return item
 
