@@ -229,7 +229,7 @@ class CacheSource:
     Args:
         path: the cache directory.
         hooks: hooks to read (all in the cache).
-        seed: seed of the block order and the row shuffles.
+        seed: seed of the block order (a new order every epoch).
         model_name: refuse a cache written for another model (when given).
         block_rows: contiguous rows read at once; default about 1 MiB per hook (at most ``chunk_rows``).
         chunk_rows: rows per chunk (rounded to whole blocks); default about 32 MiB of float32 rows.
@@ -260,9 +260,13 @@ class CacheSource:
             raise ValueError(f"block_rows={block_rows}, chunk_rows={chunk_rows} and io_threads={io_threads} must be "
                              f"positive and read_ahead={read_ahead} not negative.")
         self.block_rows, self.blocks_per_chunk = block_rows, max(1, chunk_rows // block_rows)
-        spans = [(index, start, min(start + block_rows, int(shard["rows"])))
-                 for index, shard in enumerate(self.manifest["shards"]) for start in range(0, int(shard["rows"]), block_rows)]
-        self.blocks = torch.tensor(spans, dtype=torch.long).reshape(-1, 3)
+        # blocks [n_blocks, 3]: (shard index, first row, end row), built without a Python object per block
+        shard_rows = torch.tensor([int(shard["rows"]) for shard in self.manifest["shards"]], dtype=torch.long)
+        counts = (shard_rows + block_rows - 1) // block_rows
+        shard_index = torch.repeat_interleave(torch.arange(len(shard_rows)), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(int(counts.sum())) - first_block[shard_index]) * block_rows
+        self.blocks = torch.stack([shard_index, start, torch.minimum(start + block_rows, shard_rows[shard_index])], 1)
         self.read_ahead, self.io_threads = read_ahead, io_threads
         self._reader: ReadAhead | None = None
         self._chunks: Generator[tuple[int, int, dict[str, torch.Tensor]], None, None] | None = None
