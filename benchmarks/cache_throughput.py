@@ -7,15 +7,16 @@ model's), then all shards are flushed with ``fdatasync`` (``write_synced`` count
 after the flush; ``fincore`` reports what stayed resident) and another fresh process reads one full epoch
 through ``CacheSource`` as training does (blocks from across all shards, shuffled rows, float32 out).
 Peak RSS is each child's own (``getrusage``), so flat figures across sizes mean memory does not grow with
-the cache. ``dd`` writes a file with ``conv=fdatasync`` and reads it back after the same eviction.
+the cache. Before each cache size, ``dd`` writes a file of that size with ``conv=fdatasync`` and reads it
+back after the same eviction (beside each other, as the disk is shared and its speed varies).
 
 The disk is whatever ``--dir`` lies on; on a virtual machine the host may cache below the guest, which
 no eviction inside the guest can see: read the figures as this machine's, beside its own ``dd``.
 
-    python benchmarks/cache_throughput.py                      # 0.25, 1 and 4 GB caches
+    python benchmarks/cache_throughput.py                      # 0.5, 2 and 8 GB caches
     python benchmarks/cache_throughput.py --sizes-gb 0.1 0.4   # quick
 
-Last line: ``write_gbps=<a>,... read_gbps=<b>,... dd_write_gbps=<c> dd_read_gbps=<d> rss_write_mb=...
+Last line: ``write_gbps=<a>,... read_gbps=<b>,... dd_write_gbps=<c>,... dd_read_gbps=<d>,... rss_write_mb=...
 rss_read_mb=... load=<1-min load average>``.
 """
 
@@ -125,6 +126,10 @@ def child_read(out: Path, hooks: list[str]) -> dict:
     return {"seconds": seconds, "rows": rows, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _mb(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
+
+
 def run_child(*args: str) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"})
@@ -135,13 +140,12 @@ def run_child(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.25, 1.0, 4.0])
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 2.0, 8.0])
     parser.add_argument("--width", type=int, default=768, help="d_hook (GPT-2 small's d_model)")
     parser.add_argument("--hooks", type=int, default=2, help="hooks per row (a transcoder's input and output)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--rows-per-shard", type=int, default=16384, help="about 100 MB shards at the default width")
     parser.add_argument("--dir", default="", help="where to write (default: a temporary folder); its disk is measured")
-    parser.add_argument("--dd-mb", type=int, default=0, help="size of dd's file (default: the largest cache, <= 4 GB)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,12 +162,10 @@ def main() -> None:
         print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
         print(f"settings: width={args.width} hooks={args.hooks} dtype={args.dtype} rows_per_shard={args.rows_per_shard} "
               f"dir={folder} (filesystem {shutil.disk_usage(folder).free / 1e9:.0f} GB free)")
-        dd_mb = args.dd_mb or int(min(max(args.sizes_gb), 4.0) * 1000)
-        dd_write, dd_read, dd_resident = dd_figures(folder, dd_mb)
-        print(f"dd {dd_mb} MB: write {dd_write:.2f} GB/s (conv=fdatasync), read {dd_read:.2f} GB/s "
-              f"({'?' if dd_resident is None else f'{dd_resident:.0f}'} MB resident before the read)")
         rows = []
         for size_gb in args.sizes_gb:
+            # dd right beside each cache run, same size: the disk is shared, so each pair meets the same load
+            dd_write, dd_read, dd_resident = dd_figures(folder, max(1, int(size_gb * 1000)))
             out = folder / f"cache_{size_gb:g}gb"
             written = run_child("write", str(out), str(int(size_gb * 1e9)))
             shards = sorted(out.glob("shard_*.safetensors"))
@@ -173,21 +175,23 @@ def main() -> None:
             gb = written["bytes"] / 1e9
             row = {"gb": gb, "write_buffered": gb / written["seconds_buffered"], "write": gb / written["seconds_synced"],
                    "read": gb / read["seconds"], "rss_write": written["rss_mb"], "rss_read": read["rss_mb"],
-                   "wait": written["wait_seconds"], "resident": resident, "shards": written["shards"]}
+                   "wait": written["wait_seconds"], "resident": resident, "shards": written["shards"],
+                   "dd_write": dd_write, "dd_read": dd_read}
             rows.append(row)
             print(f"cache {gb:6.2f} GB in {row['shards']:4d} shards: write {row['write']:.2f} GB/s synced "
-                  f"({row['write_buffered']:.2f} before the flush; the source waited {row['wait']:.1f} s), read {row['read']:.2f} GB/s "
-                  f"({'?' if resident is None else f'{resident:.0f}'} MB resident before the read); peak RSS write "
-                  f"{row['rss_write']:.0f} MB, read {row['rss_read']:.0f} MB", flush=True)
+                  f"({row['write_buffered']:.2f} before the flush; the source waited {row['wait']:.1f} s) beside dd "
+                  f"{dd_write:.2f}; read {row['read']:.2f} GB/s beside dd {dd_read:.2f} (MB resident before the reads: "
+                  f"cache {_mb(resident)}, dd {_mb(dd_resident)}); peak RSS write {row['rss_write']:.0f} MB, read "
+                  f"{row['rss_read']:.0f} MB; load {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
     def joined(key: str, digits: int) -> str:
         return ",".join(f"{row[key]:.{digits}f}" for row in rows)
 
-    print(f"write_gbps={joined('write', 2)} read_gbps={joined('read', 2)} dd_write_gbps={dd_write:.2f} "
-          f"dd_read_gbps={dd_read:.2f} rss_write_mb={joined('rss_write', 0)} rss_read_mb={joined('rss_read', 0)} "
-          f"load={os.getloadavg()[0]:.2f}")
+    print(f"write_gbps={joined('write', 2)} read_gbps={joined('read', 2)} dd_write_gbps={joined('dd_write', 2)} "
+          f"dd_read_gbps={joined('dd_read', 2)} rss_write_mb={joined('rss_write', 0)} "
+          f"rss_read_mb={joined('rss_read', 0)} load={os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
