@@ -7,7 +7,8 @@ model's), then all shards are flushed with ``fdatasync`` (``write_synced`` count
 after the flush; ``fincore`` reports what stayed resident) and another fresh process reads one full epoch
 through ``CacheSource`` as training does (blocks from across all shards, shuffled rows, float32 out).
 Peak RSS is each child's own (``getrusage``), so flat figures across sizes mean memory does not grow with
-the cache. Before each cache size, ``dd`` writes a file of that size with ``conv=fdatasync`` and reads it
+the cache: the writer holds at most ``max_queued + 2`` shards (queued, being written, being handed over),
+which a run reaches once the disk is slower than the source. Before each cache size, ``dd`` writes a file of that size with ``conv=fdatasync`` and reads it
 back after the same eviction (beside each other, as the disk is shared and its speed varies).
 
 The disk is whatever ``--dir`` lies on; on a virtual machine the host may cache below the guest, which
@@ -110,6 +111,7 @@ def child_write(out: Path, size_bytes: int, width: int, n_hooks: int, dtype: str
     synced = time.perf_counter() - started
     return {"bytes": sum(path.stat().st_size for path in shards), "seconds_buffered": written,
             "seconds_synced": synced, "shards": len(shards), "wait_seconds": manifest["writer"]["wait_seconds"],
+            "writer_seconds": manifest["writer"]["write_seconds"],
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "hooks": hooks}
 
 
@@ -176,10 +178,11 @@ def main() -> None:
             row = {"gb": gb, "write_buffered": gb / written["seconds_buffered"], "write": gb / written["seconds_synced"],
                    "read": gb / read["seconds"], "rss_write": written["rss_mb"], "rss_read": read["rss_mb"],
                    "wait": written["wait_seconds"], "resident": resident, "shards": written["shards"],
-                   "dd_write": dd_write, "dd_read": dd_read}
+                   "dd_write": dd_write, "dd_read": dd_read, "writer": gb / written["writer_seconds"]}
             rows.append(row)
             print(f"cache {gb:6.2f} GB in {row['shards']:4d} shards: write {row['write']:.2f} GB/s synced "
-                  f"({row['write_buffered']:.2f} before the flush; the source waited {row['wait']:.1f} s) beside dd "
+                  f"({row['write_buffered']:.2f} before the flush; writer thread {row['writer']:.2f} while busy; the source "
+                  f"waited {row['wait']:.1f} s for it) beside dd "
                   f"{dd_write:.2f}; read {row['read']:.2f} GB/s beside dd {dd_read:.2f} (MB resident before the reads: "
                   f"cache {_mb(resident)}, dd {_mb(dd_resident)}); peak RSS write {row['rss_write']:.0f} MB, read "
                   f"{row['rss_read']:.0f} MB; load {os.getloadavg()[0]:.1f}", flush=True)
