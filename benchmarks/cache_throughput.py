@@ -141,7 +141,7 @@ def run_child(*args: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 2.0, 8.0])
     parser.add_argument("--width", type=int, default=768, help="d_hook (GPT-2 small's d_model)")
     parser.add_argument("--hooks", type=int, default=2, help="hooks per row (a transcoder's input and output)")

@@ -108,7 +108,7 @@ def _fraction(achieved: float, peak: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "")
     parser.add_argument("--peak-bf16", type=float, default=None, help="dense bf16 TFLOP/s of an unlisted device")
     parser.add_argument("--peak-fp32", type=float, default=None, help="fp32 TFLOP/s of an unlisted device")
