@@ -203,15 +203,15 @@ def _write_feature_files(graph: AttributionGraph, data: dict, features: Mapping[
     """One file per exported feature with a dashboard entry (each written atomically)."""
     layers = export_layers(graph)
     # the dictionary's input hook names it, as circuit-tracer's transcoder ids do; else the graph's site name
-    site_of = {str(layers[site]): graph.sites[site] for site in range(len(graph.sites))}
-    site_of.update({layer: hook for layer, hook in features["__hooks__"].items() if hook})
+    site_of: dict[str, str] = {str(layers[site]): graph.sites[site] for site in range(len(graph.sites))}
+    site_of.update({str(layer): str(hook) for layer, hook in features["__hooks__"].items() if hook})
     folder.mkdir(parents=True, exist_ok=True)
     written = set()
     for node in data["nodes"]:
         entry = features.get(f"{node['layer']}_{node['node_id'].split('_')[1]}")
         if node["feature_type"] != "cross layer transcoder" or entry is None or node["feature"] in written:
             continue
-        feature = circuit_tracer_feature(entry, node["feature"], site_of.get(node["layer"], node["layer"]),
+        feature = circuit_tracer_feature(entry, node["feature"], site_of.get(node["layer"], str(node["layer"])),
                                          features["__edges__"])
         with atomic_path(folder / f"{node['feature']}.json") as tmp, open(tmp, "w") as file:
             json.dump(feature, file, ensure_ascii=False, allow_nan=False)
