@@ -45,6 +45,7 @@ FEATURE_SCHEMA = {
 }
 
 PROMPT = "Once upon a time there was a"
+HOSTILE = "<img src=x onerror=alert(1)>"
 
 
 def _frontend_token(piece: str) -> str:
@@ -62,13 +63,22 @@ def graph_files(stories_model, tmp_path_factory):
     rows = torch.cat([torch.full((16, 1), stories_model.tokenizer.bos_token_id), rows], dim=1)
     dashboards = compute_dashboards(stories_model, transcoders, rows, k=5)
     directory = tmp_path_factory.mktemp("ct-graphs")
-    path = write_graph_files(graph, directory, "ours", dashboards=dashboards, node_threshold=1.0, edge_threshold=1.0)
+    labels = {key: f"{HOSTILE} {key}" for key in dashboards.features}  # a label made of hostile token strings
+    path = write_graph_files(graph, directory, "ours", dashboards=dashboards, labels=labels, node_threshold=1.0,
+                             edge_threshold=1.0)
     return directory, json.loads(path.read_text()), dashboards
 
 
 def test_feature_files_in_the_layout_the_frontend_fetches(graph_files):
     directory, data, dashboards = graph_files
     assert data["metadata"]["scan"] == "./data/features/stories260k"  # ./ : fetched from the local server
+    assert data["metadata"]["clerp_html_escaped"] is True
+    clerps = [n["clerp"] for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert clerps and all(c.startswith("&lt;img src=x onerror=alert(1)&gt; ") for c in clerps)
+    from featcircuits.viz.viewer import viewer_payload
+
+    shown = [n["label"] for n in viewer_payload(data)["nodes"] if n["kind"] == "feature"]
+    assert shown and all(label.startswith(HOSTILE) for label in shown)  # our viewer reads them back as text
     index = json.loads((directory / "graph-metadata.json").read_text())
     assert index["graphs"][0]["scan"] == data["metadata"]["scan"]
     feature_nodes = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
@@ -219,4 +229,7 @@ def test_circuit_tracers_frontend_draws_our_graph_and_a_clicked_features_dashboa
         listed = browser.evaluate("document.querySelector('.feature-example-list').innerText")
         assert "".join(first.split()) in "".join(listed.split())
         assert f"{url}/data/features/stories260k/{node['feature']}.json" in browser.requests
-        assert browser.errors == []
+        # the page's tooltip sets the label as HTML: it shows as text, and nothing ran
+        assert HOSTILE in browser.evaluate("document.querySelector('.tooltip').innerText")
+        assert browser.evaluate("document.querySelectorAll('img').length") == 0
+        assert browser.errors == [] and browser.dialogs == []

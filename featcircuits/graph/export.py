@@ -11,6 +11,7 @@ stay unique. Every node also carries ``featcircuits_id``, its id in featcircuits
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -56,10 +57,11 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
     """The graph, pruned (``prune_graph`` with the thresholds unless ``pruned`` is given), as a dict in
     circuit-tracer's graph-file format, validated against its schema. ``labels``: per dashboard key
     (``"<layer>_<feature>"``, :func:`featcircuits.explain.label_dashboards`) a feature's label, written as its
-    ``clerp``. ``supernodes``: groups with ``name`` and ``members`` (featcircuits node ids;
-    :func:`featcircuits.explain.group_supernodes`), written to ``qParams.supernodes`` as Neuronpedia reads them
-    (``[name, node_id, ...]``, members the pruning kept). ``bos_nodes=False`` leaves out the feature and error
-    nodes at a leading BOS token, as circuit-tracer's graphs do (they attribute nothing through BOS)."""
+    ``clerp`` (HTML-escaped, see :func:`_clerp`). ``supernodes``: groups with ``name`` and ``members``
+    (featcircuits node ids; :func:`featcircuits.explain.group_supernodes`), written to ``qParams.supernodes`` as
+    Neuronpedia reads them (``[name, node_id, ...]``, members the pruning kept; names escaped as clerps are).
+    ``bos_nodes=False`` leaves out the feature and error nodes at a leading BOS token, as circuit-tracer's
+    graphs do (they attribute nothing through BOS)."""
     result = pruned if pruned is not None else prune_graph(graph, node_threshold, edge_threshold)
     layers = export_layers(graph)
     logit_layer = str(max(layers) + 2)
@@ -85,7 +87,7 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
                     "feature_type": "cross layer transcoder", "jsNodeId": f"{layer}_{index}-0",
                     "activation": activations[i], **common}
             if labels and f"{layer}_{index}" in labels:  # the dashboards' key of this feature
-                node["clerp"] = labels[f"{layer}_{index}"]
+                node["clerp"] = _clerp(labels[f"{layer}_{index}"])
         elif kind == ERROR:
             layer = layers[site]
             kind_name = graph.sites[site].rstrip("0123456789").split("_")[0]  # mlp, attn or resid
@@ -103,7 +105,8 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
             node = {"node_id": f"{logit_layer}_{vocab}_{pos}", "feature": vocab, "layer": logit_layer,
                     "feature_type": "logit", "token_prob": prob, "is_target_logit": first_target,
                     "jsNodeId": f"L_{vocab}-{pos}",
-                    "clerp": f'Output "{label}" (p={prob:.3f})' if target.is_logit else f'Target "{label}"', **common}
+                    "clerp": _clerp(f'Output "{label}" (p={prob:.3f})' if target.is_logit else f'Target "{label}"'),
+                    **common}
             first_target = False
         if ids[i] in graph.node_effects:  # measured by featcircuits.explain.measure_node_effects
             node["ablation_effect"] = graph.node_effects[ids[i]][0]  # on the first (main) target
@@ -122,7 +125,7 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
         "metadata": {
             "slug": slug, "scan": scan or (model.cfg.model_name if model is not None else "featcircuits"),
             "transcoder_list": transcoders, "prompt_tokens": token_text, "prompt": graph.prompt,
-            "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION,
+            "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION, "clerp_html_escaped": True,
         },
         "qParams": {"pinnedIds": [], "supernodes": _supernode_lists(supernodes, ids, export_id), "linkType": "both",
                     "clickedId": "", "sg_pos": ""},
@@ -131,6 +134,13 @@ def to_circuit_tracer_json(graph: AttributionGraph, slug: str = "featcircuits-gr
     }
     GraphFile.model_validate(data)
     return data
+
+
+def _clerp(text: str) -> str:
+    """A label as circuit-tracer's frontend may place it: its tooltip sets ``clerp`` as HTML, so a token string
+    like ``<img onerror=...>`` would run there; ``&``, ``<`` and ``>`` go as entities (the graph's metadata says
+    ``clerp_html_escaped``, and featcircuits' viewer reads them back as text)."""
+    return html.escape(str(text), quote=False)
 
 
 def _decode(graph: AttributionGraph, token: int) -> str:
@@ -291,7 +301,7 @@ def _supernode_lists(supernodes: Sequence[Any] | None, ids: list[str], export_id
         name, members = (group.name, group.members) if hasattr(group, "members") else (group[0], group[1])
         kept = [exported[m] for m in members if m in exported]
         if len(kept) >= 2:
-            lists.append([str(name), *kept])
+            lists.append([_clerp(str(name)), *kept])  # shown as a clerp by circuit-tracer's frontend
     return lists
 
 
