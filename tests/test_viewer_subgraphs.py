@@ -138,3 +138,28 @@ def test_pinned_subgraph_collects_nodes_with_the_edges_among_them(browser, tmp_p
     assert panel() == {"pins": "0", "nodes": [], "edges": [], "marked": 0}
     assert browser.evaluate("document.querySelectorAll('img').length") == 0
     assert browser.errors == [] and browser.dialogs == []
+
+
+def test_labels_explanations_and_scores_show_as_text_on_cards_and_dashboard_pages(browser, tmp_path):
+    from featcircuits.viz.dashboards import FeatureDashboards
+
+    graph = make_graph(seed=4)
+    feature = next(n for n in graph["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, index, _ = feature["node_id"].split("_")
+    entry = {"layer": layer, "feature": int(index), "n_fired": 2, "n_tokens": 10, "density": 0.2, "max_act": 1.0,
+             "histogram": [1, 1], "top_contexts": [], "label": f"on {json.dumps(HOSTILE)}", "detection": 0.875,
+             "fuzzing": 0.625, "explanation": "<img src=x onerror=alert(6)> tags", "explanation_source": "m at <b>u</b>",
+             "llm_detection": 0.75, "llm_fuzzing": 0.5}
+    key = f"{layer}_{index}"
+    browser.errors.clear()
+    browser.open(write_viewer(graph, tmp_path / "graph.html", dashboards={"features": {key: entry}}))
+    browser.click(f'.fc-node[data-node-id="{feature["node_id"]}"]')
+    card = browser.evaluate("document.getElementById('fc-card').innerText")
+    assert f"Label: on {json.dumps(HOSTILE)} (detection 0.875, fuzzing 0.625, held out)" in card
+    assert "Explanation: <img src=x onerror=alert(6)> tags (m at <b>u</b>; detection 0.750, fuzzing 0.500)" in card
+    dashboards = FeatureDashboards(features={key: entry}, n_tokens=10)
+    browser.open(dashboards.write_html(tmp_path / "dashboards.html"))
+    page = browser.evaluate("document.body.innerText")
+    assert f"Label: on {json.dumps(HOSTILE)}" in page and "Explanation: <img src=x onerror=alert(6)> tags" in page
+    assert browser.evaluate("document.querySelectorAll('img, b').length") == 0
+    assert browser.errors == [] and browser.dialogs == []

@@ -105,8 +105,28 @@
     return box;
   }
 
+  function scoreText(entry, detection, fuzzing) {
+    var parts = [];
+    if (typeof entry[detection] === "number") parts.push("detection " + fmt(entry[detection]));
+    if (typeof entry[fuzzing] === "number") parts.push("fuzzing " + fmt(entry[fuzzing]));
+    return parts.join(", ");
+  }
+  // The feature's label and explanation with their held-out scores (featcircuits.explain), when it has them.
+  function labelLines(entry, box) {
+    if (entry.label) {
+      var offline = scoreText(entry, "detection", "fuzzing");
+      box.appendChild(el("p", "fc-label", "Label: " + entry.label + (offline ? " (" + offline + ", held out)" : "")));
+    }
+    if (entry.explanation && entry.explanation !== entry.label && entry.explanation_source) {
+      var judged = scoreText(entry, "llm_detection", "llm_fuzzing");
+      box.appendChild(el("p", "fc-label", "Explanation: " + entry.explanation + " (" + entry.explanation_source +
+                                          (judged ? "; " + judged : "") + ")"));
+    }
+  }
+
   function featureDashboard(entry) {
     var box = el("div", "fc-dashboard");
+    labelLines(entry, box);
     var scanned = entry.n_tokens || info.n_tokens || 0;
     if (!entry.n_fired) {
       box.appendChild(el("p", "fc-dead", "Never fired on the " + scanned + " tokens scanned."));
@@ -434,8 +454,6 @@
       var member = groups.filter(function (group) { return group.members.indexOf(index) >= 0; });
       if (member.length) fact("supernode", member.map(function (group) { return group.name; }).join(", "));
       var entry = node.kind === "feature" && node.dash_key !== null ? dashboards[node.dash_key] : undefined;
-      if (entry && (typeof entry.detection === "number" || typeof entry.fuzzing === "number"))
-        fact("label scores", "detection " + fmt(entry.detection) + ", fuzzing " + fmt(entry.fuzzing) + " (held out)");
       card.appendChild(facts);
       if (node.kind === "feature") {
         if (entry) card.appendChild(featureDashboard(entry));
