@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ChatClient", "ExplainerError", "explain_features", "llm_detection_score", "llm_fuzzing_score",
-           "held_out_texts", "llm_score_features"]
+           "highlighted_text", "held_out_texts", "llm_score_features"]
 
 
 class ExplainerError(RuntimeError):
@@ -168,12 +168,20 @@ def llm_fuzzing_score(client: ChatClient, explanation: str, correct: Sequence[st
                             "the ones the description says the feature fires on?", correct, wrong, seed)
 
 
+def highlighted_text(pieces: Sequence[str], highlight: Sequence[bool]) -> str:
+    """A context as text with its highlighted tokens marked ``<<token>>`` (what the scorer reads for fuzzing)."""
+    from .labels import readable_piece
+
+    return "".join(f"<<{readable_piece(p)}>>" if mark else readable_piece(p)
+                   for p, mark in zip(pieces, highlight, strict=True))
+
+
 def held_out_texts(tokens: Any, acts: Any, pieces: Sequence[str], special: Sequence[int] = (), n: int = 5,
                    seed: int = 0) -> dict[str, list[str]]:
     """Texts for the language-model scorer from held-out ``tokens [n_seq, seq_len]`` and one feature's ``acts``
     there: ``active``/``inactive`` rows (detection) and the first ``n`` activating rows with correct and wrong
     highlights (fuzzing), at most ``n`` of each. ``pieces``: every token id's string."""
-    from .fuzzing import fuzzing_examples, highlighted_text
+    from .fuzzing import fuzzing_examples
 
     ids: list[list[int]] = tokens.tolist()
     fired = ((acts > 0) & ~_isin(tokens, special)).any(1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FuzzingExamples", "fuzzing_examples", "fuzzing_score", "highlighted_text"]
+__all__ = ["FuzzingExamples", "fuzzing_examples", "fuzzing_score"]
 
 
 @dataclass
@@ -89,11 +89,3 @@ def fuzzing_score(triggers: Sequence[int], tokens: torch.Tensor, acts: torch.Ten
     true_negative = float((~says_match(examples.wrong)).float().mean())
     score = 0.5 * (true_positive + true_negative)
     return score if math.isfinite(score) else float("nan")
-
-
-def highlighted_text(pieces: Sequence[str], highlight: Sequence[bool]) -> str:
-    """A context as text with its highlighted tokens marked ``<<token>>`` (what the language-model scorer reads)."""
-    from .labels import readable_piece
-
-    return "".join(f"<<{readable_piece(p)}>>" if mark else readable_piece(p)
-                   for p, mark in zip(pieces, highlight, strict=True))
