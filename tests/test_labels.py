@@ -10,7 +10,7 @@ import torch
 
 from featcircuits import Dictionary, DictionaryConfig
 from featcircuits.explain import detection_score, fuzzing_score, label_dashboards, label_entry, score_labels
-from featcircuits.explain.fuzzing import fuzzing_examples
+from featcircuits.explain.fuzzing import batched_scores, fuzzing_examples
 from featcircuits.viz.dashboards import compute_dashboards
 
 
@@ -64,6 +64,24 @@ def test_fuzzing_worked_by_hand():
         assert int(examples.wrong[1].sum()) == 1 and not examples.wrong[1, 0] and not examples.wrong[1, 3]
         row1_told_right = 0.0 if examples.wrong[1, 1] else 1.0
         assert fuzzing_score([7], tokens, acts, special=[0], seed=seed) == 0.5 * (0.5 + (1 + row1_told_right) / 2)
+
+
+def test_the_batched_scorer_gives_the_one_feature_scores():
+    """score_labels scores a layer's features at once; the one-feature functions are the definition."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 30, (40, 24), generator=generator)
+    tokens[:, 0] = 0  # BOS
+    kinds = [(tokens == 5).float(), ((tokens == 3) | (tokens == 9)).float() * 2,
+             (torch.rand(40, 24, generator=generator) < 0.2).float(), torch.zeros(40, 24), torch.ones(40, 24),
+             (tokens == 7).float() * (torch.rand(40, 24, generator=generator) < 0.5)]
+    triggers = [[5], [3], [5, 6], [1], [2], [7, 8]]
+    acts = torch.stack(kinds)
+    detection, fuzzing = batched_scores(triggers, tokens, acts, vocab_size=30, special=[0], seed=3)
+    for f, (named, feature_acts) in enumerate(zip(triggers, kinds, strict=True)):
+        one = [detection_score(named, tokens, feature_acts, [0]), fuzzing_score(named, tokens, feature_acts, [0], 3)]
+        both = [float(detection[f]), float(fuzzing[f])]
+        assert [math.isnan(v) for v in one] == [math.isnan(v) for v in both]
+        assert [v for v in one if not math.isnan(v)] == pytest.approx([v for v in both if not math.isnan(v)], abs=1e-12)
 
 
 def _token_rows(model, path, n_rows: int, length: int = 48) -> torch.Tensor:

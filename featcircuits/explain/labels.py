@@ -160,7 +160,7 @@ def held_out_activations(model: Any, dictionaries: Any, tokens: torch.Tensor, da
 
 def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards: Any,
                  special: Sequence[int] | None = None, batch_size: int = 16,
-                 activations: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+                 activations: dict[str, torch.Tensor] | None = None, chunk: int = 64) -> dict[str, dict[str, float]]:
     """Detection and fuzzing scores (:mod:`.fuzzing`) of every labelled dashboard entry on held-out ``tokens
     [n_seq, seq_len]`` (text the dashboards were not computed on): ``{key: {"detection", "fuzzing"}}``, also
     stored as ``entry["detection"]`` and ``entry["fuzzing"]`` (None where the held-out text cannot score it).
@@ -168,19 +168,23 @@ def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards
     The scorer predicts "active" where the token is one the label says the feature fires on.
     ``activations``: :func:`held_out_activations` of these tokens, when already computed.
     """
-    from .fuzzing import fuzzing_score
+    from .fuzzing import batched_scores
 
     special = special_ids(model) if special is None else list(special)
     acts = activations if activations is not None else held_out_activations(model, dictionaries, tokens, dashboards,
                                                                             batch_size)
     triggers = trigger_ids(model, dashboards)
     flat = tokens.cpu()
+    vocab_size = max(int(model.cfg.d_vocab), int(flat.max()) + 1)
+    keys = list(acts)
     scores = {}
-    for key, feature_acts in acts.items():
-        pair = {"detection": detection_score(triggers[key], flat, feature_acts, special),
-                "fuzzing": fuzzing_score(triggers[key], flat, feature_acts, special)}
-        for name, score in pair.items():
-            # None where the held-out text cannot score it (the feature never, or always, fires there): JSON has no NaN
-            dashboards.features[key][name] = None if math.isnan(score) else score
-        scores[key] = pair
+    for start in range(0, len(keys), chunk):  # features in chunks: [chunk, n_seq, seq_len] at a time
+        block = keys[start:start + chunk]
+        detection, fuzzing = batched_scores([triggers[key] for key in block], flat,
+                                            torch.stack([acts[key] for key in block]), vocab_size, special)
+        for key, pair in zip(block, zip(detection.tolist(), fuzzing.tolist(), strict=True), strict=True):
+            scores[key] = {"detection": pair[0], "fuzzing": pair[1]}
+            for name, score in scores[key].items():
+                # None where the held-out text cannot score it (the feature never, or always, fires there)
+                dashboards.features[key][name] = None if math.isnan(score) else score
     return scores
