@@ -14,6 +14,11 @@ Then, from the repository root with featcircuits' own environment active:
 
     python benchmarks/check_circuit_tracer_format.py [--ct-python /tmp/ct-venv/bin/python] [--out DIR]
 
+``frontend-setup`` installs, once, the npm packages that stand in for the scripts circuit-tracer's frontend page
+fetches from CDNs (d3, d3-jetpack, dagre, pako) into a cache folder outside the repository (``--npm-cache``,
+default ``~/.cache/featcircuits/circuit-tracer-frontend-npm``); tests/test_circuit_tracer_frontend.py then serves
+our graph files with circuit-tracer's own server and frontend and skips, saying so, where either is missing.
+
 ``write`` (featcircuits' env) saves random ReLU/JumpReLU/TopK, plain and skip, transcoder sets and the
 outputs featcircuits computes on random inputs; ``check`` (circuit-tracer's env, imports no featcircuits)
 loads each set with ``circuit_tracer.utils.hf_utils.load_transcoders`` (the loader behind
@@ -104,12 +109,30 @@ def check(out: Path) -> dict:
     return worst
 
 
+# the npm packages the frontend test serves in place of the page's CDN scripts (unpkg serves npm's files)
+FRONTEND_PACKAGES = ["d3@7.9.0", "d3-jetpack@2.3.0", "d3-collection@1.0.7", "dagre@0.8.5", "pako@2.1.0"]
+NPM_CACHE = Path.home() / ".cache" / "featcircuits" / "circuit-tracer-frontend-npm"
+
+
+def frontend_setup(cache: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--prefix", str(cache),
+                             *FRONTEND_PACKAGES], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"npm install into {cache} failed:\n{result.stderr[-2000:]}")
+    print(f"installed {' '.join(FRONTEND_PACKAGES)} into {cache / 'node_modules'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", nargs="?", choices=["write", "check"], help="run one half only")
+    parser.add_argument("step", nargs="?", choices=["write", "check", "frontend-setup"], help="run one half only")
     parser.add_argument("--out", type=Path, help="directory for the sets (default: a temporary one)")
     parser.add_argument("--ct-python", default="/tmp/ct-venv/bin/python", help="python of the circuit-tracer venv")
+    parser.add_argument("--npm-cache", type=Path, default=NPM_CACHE, help="folder for frontend-setup's npm packages")
     args = parser.parse_args()
+    if args.step == "frontend-setup":
+        frontend_setup(args.npm_cache)
+        return
     out = args.out or Path(tempfile.mkdtemp(prefix="featcircuits-ct-"))
     if args.step == "check":
         print(json.dumps(check(out)))

@@ -169,6 +169,13 @@ def test_report_files(demo):
     dashboards = json.loads(demo.files["dashboards"].read_text())["features"]
     top = demo.top_features[0]
     assert f"{top.site.removeprefix('mlp')}_{top.feature}" in dashboards  # the feature's card
+    # the graph again, laid out for circuit-tracer's frontend, with its features' dashboard files
+    ct = demo.files["circuit_tracer"]
+    assert [g["slug"] for g in json.loads((ct / "graph-metadata.json").read_text())["graphs"]] == ["featcircuits-demo"]
+    ct_nodes = json.loads((ct / "featcircuits-demo.json").read_text())["nodes"]
+    featured = {n["feature"] for n in ct_nodes if n["feature_type"] == "cross layer transcoder"}
+    assert {int(path.stem) for path in (ct / "features").rglob("*.json")} == featured
+    assert str(ct) in demo.report.read_text()
 
 
 def test_cli_with_model_dictionaries_prompt_and_task_file(stories_path, transcoder_dir, tmp_path, capsys):

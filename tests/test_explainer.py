@@ -1,5 +1,6 @@
 """The OpenAI-compatible explainer client against a local server that speaks the protocol: explanations,
-detection scoring, and every way the endpoint can fail (down, slow, garbage) leaving the offline labels."""
+detection and fuzzing scoring, and every way the endpoint can fail (down, slow, garbage) leaving the offline
+labels and scores."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
-from featcircuits.explain.explainer import ChatClient, ExplainerError, explain_features, llm_detection_score
+from featcircuits.explain.explainer import (
+    ChatClient,
+    ExplainerError,
+    explain_features,
+    held_out_texts,
+    llm_detection_score,
+    llm_fuzzing_score,
+    llm_score_features,
+)
 
 ENTRY = {"top_contexts": [{"act": 2.0, "focus": 1, "tokens": ["▁and", "▁the", "▁dog"]},
                           {"act": 1.5, "focus": 0, "tokens": ["▁the", "▁cat"]}],
@@ -40,8 +50,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.mode == "garbage":
             payload = b"<html>not json</html>"
         else:
-            if "Which of these texts" in prompt:  # the scorer: every listed text containing " the"
-                picked = [m.group(1) for m in re.finditer(r"^(\d+)\. (.*)$", prompt, re.M) if " the" in m.group(2)]
+            listed = list(re.finditer(r"^(\d+)\. (.*)$", prompt, re.M))
+            if "marked <<like this>>. In which texts" in prompt:  # fuzzing: every text whose marks are all " the"
+                picked = [m.group(1) for m in listed if set(re.findall(r"<<(.*?)>>", m.group(2))) == {" the"}]
+                content = "I cannot tell" if self.mode == "score-garbage" else ", ".join(picked) or "none"
+            elif "Which of these texts" in prompt:  # detection: every listed text containing " the"
+                picked = [m.group(1) for m in listed if " the" in m.group(2)]
                 content = ", ".join(picked) or "none"
             else:
                 content = "!!!" if self.mode == "empty-words" else 'the word "the"'
@@ -98,3 +112,67 @@ def test_a_failing_endpoint_leaves_the_offline_labels(server, mode):
     if mode != "empty-words":  # the client itself names the failure
         with pytest.raises(ExplainerError, match="could not be reached|not JSON"):
             ChatClient(url, "m", timeout=0.5).complete("hello")
+
+
+def test_fuzzing_through_the_protocol(server):
+    client = ChatClient(server, "local-model", timeout=5)
+    correct = ["and<< the>> dog", "saw<< the>> cat and<< the>> dog"]
+    wrong = ["and the<< dog>>", "<<saw>> the cat"]
+    assert llm_fuzzing_score(client, "the word the", correct, wrong) == 1.0
+    assert llm_fuzzing_score(client, "the word the", wrong, correct) == 0.0  # told apart, the other way round
+    prompt = _Handler.seen[-1]["body"]["messages"][-1]["content"]
+    assert "described as: the word the" in prompt and "<< the>>" in prompt
+    with pytest.raises(ValueError, match="Fuzzing needs"):
+        llm_fuzzing_score(client, "x", correct, [])
+
+
+PIECES = ["<s>", "▁and", "▁the", "▁dog", "▁cat", "▁ran"]
+
+
+def _feature_on_the(seed: int = 0):
+    """Held-out rows of random words and a feature firing exactly on "▁the" (id 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, len(PIECES), (12, 8), generator=generator)
+    tokens[:, 0] = 0  # BOS
+    tokens[:6, 3] = 2  # half the rows surely hold "the"
+    tokens[6:][tokens[6:] == 2] = 3  # the other half never do
+    return tokens, (tokens == 2).float() * 1.5
+
+
+def test_held_out_texts_and_llm_scores_of_a_feature_with_a_known_trigger(server):
+    tokens, acts = _feature_on_the()
+    texts = held_out_texts(tokens, acts, PIECES, special=[0], n=4)
+    assert len(texts["active"]) == len(texts["inactive"]) == len(texts["correct"]) == len(texts["wrong"]) == 4
+    assert all(" the" in t for t in texts["active"]) and not any(" the" in t for t in texts["inactive"])
+    assert all(set(re.findall(r"<<(.*?)>>", t)) == {" the"} for t in texts["correct"])
+    assert all(" the" not in re.findall(r"<<(.*?)>>", t) and "<<" in t for t in texts["wrong"])
+    assert not any("<<<s>>>" in t for t in texts["correct"] + texts["wrong"])  # BOS is never highlighted
+    client = ChatClient(server, "local-model", timeout=5)
+    dashboards = Dashboards()
+    explain_features(dashboards, client)
+    scores, failure = llm_score_features(dashboards, client, {"0_5": texts})
+    assert failure is None and scores == {"0_5": {"llm_detection": 1.0, "llm_fuzzing": 1.0}}
+    assert dashboards.features["0_5"]["llm_fuzzing"] == 1.0
+    assert dashboards.features["0_5"]["llm_scorer"] == f"local-model at {server}"
+
+
+@pytest.mark.parametrize("mode", ["score-garbage", "down"])
+def test_a_scorer_that_fails_stops_scoring_and_keeps_the_offline_scores(server, mode):
+    tokens, acts = _feature_on_the()
+    texts = held_out_texts(tokens, acts, PIECES, special=[0], n=3)
+    client = ChatClient(server, "m", timeout=2)
+    dashboards = Dashboards()
+    explain_features(dashboards, client)  # explained while the endpoint was up
+    for entry in dashboards.features.values():
+        entry["fuzzing"] = 0.9  # an offline score, which must stand
+    if mode == "down":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            client = ChatClient(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "m", timeout=0.5)
+    else:
+        _Handler.mode = mode
+    seen = len(_Handler.seen)
+    scores, failure = llm_score_features(dashboards, client, {"0_5": texts, "0_6": texts})
+    assert scores == {} and failure and ("lists no context numbers" in failure or "could not be reached" in failure)
+    assert all(entry["fuzzing"] == 0.9 and "llm_fuzzing" not in entry for entry in dashboards.features.values())
+    assert len(_Handler.seen) - seen <= 2  # stopped at the first feature

@@ -1,5 +1,5 @@
-"""Offline feature labels and their detection scores: synthetic features with a known trigger, then a
-stories260k transcoder feature built to fire on one token."""
+"""Offline feature labels and their detection and fuzzing scores: synthetic features with a known trigger, a
+fuzzing example worked by hand, then a stories260k transcoder feature built to fire on one token."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from featcircuits import Dictionary, DictionaryConfig
-from featcircuits.explain import detection_score, label_dashboards, label_entry, score_labels
+from featcircuits.explain import detection_score, fuzzing_score, label_dashboards, label_entry, score_labels
+from featcircuits.explain.fuzzing import batched_scores, fuzzing_examples
 from featcircuits.viz.dashboards import compute_dashboards
 
 
@@ -38,6 +39,49 @@ def test_a_feature_with_a_known_trigger_gets_its_label_and_a_perfect_score():
     assert math.isnan(detection_score([7], tokens, torch.zeros(4000)))  # nothing to tell apart
     with pytest.raises(ValueError, match="must have one shape"):
         detection_score([7], tokens, trigger[:10])
+    rows = tokens.view(80, 50)  # fuzzing: contexts of 50 tokens
+    assert fuzzing_score([7], rows, trigger.view(80, 50)) == 1.0
+    assert fuzzing_score([3, 11], rows, both.view(80, 50)) > 0.99
+    assert fuzzing_score([3], rows, both.view(80, 50)) < 0.9  # names half the tokens: about half the rows match
+    assert abs(fuzzing_score([7], rows, noise.view(80, 50)) - 0.5) < 0.05
+    assert fuzzing_score([], rows, trigger.view(80, 50)) == 0.5  # a label naming no token says nothing
+    assert math.isnan(fuzzing_score([7], rows, torch.zeros(80, 50)))
+    with pytest.raises(ValueError, match="must both be"):
+        fuzzing_score([7], tokens, trigger)
+
+
+def test_fuzzing_worked_by_hand():
+    """Row 0 fires on its two 7s, row 1 on a 3; the label names 7. Right highlights: row 0 matches (told right),
+    row 1 does not (told wrong). Wrong highlights: row 0's two other tokens (1, 2: told right); row 1's one token
+    drawn from (7, 3, 3): told wrong only when it is the 7. BOS (0) is never highlighted."""
+    tokens = torch.tensor([[0, 1, 7, 2, 7], [0, 7, 3, 3, 3]])
+    acts = torch.tensor([[5.0, 0, 1, 0, 1], [5.0, 0, 0, 1, 0]])
+    for seed in range(6):
+        examples = fuzzing_examples(tokens, acts, special=[0], seed=seed)
+        assert examples.rows.tolist() == [0, 1]
+        assert examples.correct.tolist() == [[False, False, True, False, True], [False, False, False, True, False]]
+        assert examples.wrong[0].tolist() == [False, True, False, True, False]
+        assert int(examples.wrong[1].sum()) == 1 and not examples.wrong[1, 0] and not examples.wrong[1, 3]
+        row1_told_right = 0.0 if examples.wrong[1, 1] else 1.0
+        assert fuzzing_score([7], tokens, acts, special=[0], seed=seed) == 0.5 * (0.5 + (1 + row1_told_right) / 2)
+
+
+def test_the_batched_scorer_gives_the_one_feature_scores():
+    """score_labels scores a layer's features at once; the one-feature functions are the definition."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 30, (40, 24), generator=generator)
+    tokens[:, 0] = 0  # BOS
+    kinds = [(tokens == 5).float(), ((tokens == 3) | (tokens == 9)).float() * 2,
+             (torch.rand(40, 24, generator=generator) < 0.2).float(), torch.zeros(40, 24), torch.ones(40, 24),
+             (tokens == 7).float() * (torch.rand(40, 24, generator=generator) < 0.5)]
+    triggers = [[5], [3], [5, 6], [1], [2], [7, 8]]
+    acts = torch.stack(kinds)
+    detection, fuzzing = batched_scores(triggers, tokens, acts, vocab_size=30, special=[0], seed=3)
+    for f, (named, feature_acts) in enumerate(zip(triggers, kinds, strict=True)):
+        one = [detection_score(named, tokens, feature_acts, [0]), fuzzing_score(named, tokens, feature_acts, [0], 3)]
+        both = [float(detection[f]), float(fuzzing[f])]
+        assert [math.isnan(v) for v in one] == [math.isnan(v) for v in both]
+        assert [v for v in one if not math.isnan(v)] == pytest.approx([v for v in both if not math.isnan(v)], abs=1e-12)
 
 
 def _token_rows(model, path, n_rows: int, length: int = 48) -> torch.Tensor:
@@ -71,7 +115,8 @@ def test_a_stories_feature_built_to_fire_on_one_token_is_labelled_and_detected(s
     assert labels["0_0"].startswith('on " the"')
     assert dashboards.features["0_0"]["label"] == labels["0_0"]
     scores = score_labels(stories_model, transcoder, held_out, dashboards)
-    assert scores["0_0"] > 0.8 and dashboards.features["0_0"]["detection"] == scores["0_0"]
+    assert scores["0_0"]["detection"] > 0.8 and dashboards.features["0_0"]["detection"] == scores["0_0"]["detection"]
+    assert scores["0_0"]["fuzzing"] > 0.8 and dashboards.features["0_0"]["fuzzing"] == scores["0_0"]["fuzzing"]
     dashboards.save(tmp_path / "dashboards.json")  # strict JSON, labels and scores included
     assert type(dashboards).load(tmp_path / "dashboards.json").features["0_0"]["label"] == labels["0_0"]
 
@@ -91,7 +136,7 @@ def test_labels_become_clerp_and_viewer_labels(stories_model, tmp_path):
     data = write_circuit_tracer_json(graph, tmp_path / "g.json", labels=labels, node_threshold=1.0, edge_threshold=1.0)
     clerps = {node["clerp"] for node in data["nodes"] if node["feature_type"] == "cross layer transcoder"}
     assert clerps and clerps <= set(labels.values())
-    key = next(iter(layer_feature))
+    key = next(k for k in sorted(layer_feature) if k.split("_")[1].isdigit())  # a feature's key, not an error's
     payload = viewer_payload(tmp_path / "g.json", {"features": {key: {"label": "on \"x\"", "top_contexts": []}}})
     assert any(n["label"] == f"label of {key}" for n in payload["nodes"])  # clerp first
 
@@ -117,6 +162,9 @@ def test_label_command_labels_scores_and_survives_a_down_explainer(stories_model
                  "--explainer-url", down])
     out = capsys.readouterr().out
     assert code == 0 and "labelled 64 features" in out and "explainer: offline label (explainer failed:" in out
+    assert "fuzzing score: mean" in out and "explainer scoring" not in out  # nothing left to score by a dead endpoint
     saved = FeatureDashboards.load(tmp_path / "d.json").features
     assert all(entry["label"] and entry["explanation"] == entry["label"] for entry in saved.values())
     assert any(isinstance(entry["detection"], float) for entry in saved.values())
+    assert any(isinstance(entry["fuzzing"], float) for entry in saved.values())
+    assert not any("llm_fuzzing" in entry for entry in saved.values())

@@ -54,11 +54,13 @@ def test_search_supernodes_and_effect_cards_in_the_page(explained_graph, tmp_pat
                        for node in payload["nodes"])
         assert expected > 0
         assert browser.evaluate("document.getElementById('fc-search-count').dataset.matches") == str(expected)
-        assert browser.evaluate("document.querySelectorAll('.fc-node.fc-match').length") == expected
-        browser.click('.fc-supernode[data-supernode="0"]')
-        assert browser.evaluate("document.querySelectorAll('.fc-node.fc-match').length") == \
+        assert browser.evaluate("document.querySelectorAll('.fc-node[data-node-id].fc-match').length") == expected
+        browser.click('.fc-supernode[data-supernode="0"]')  # expands the supernode and highlights its members
+        assert browser.evaluate("document.querySelectorAll('.fc-node[data-node-id].fc-match').length") == \
             len(payload["supernodes"][0]["members"])
-        measured = next(node for node in payload["nodes"] if node["ablation_effect"] is not None)
+        hidden = {m for group in payload["supernodes"][1:] for m in group["members"]}  # still collapsed
+        measured = next(node for index, node in enumerate(payload["nodes"])
+                        if node["ablation_effect"] is not None and index not in hidden)
         browser.click(f'.fc-node[data-node-id="{measured["id"]}"]')
         text = browser.evaluate("document.getElementById('fc-card').innerText")
         assert "ablation effect" in text and f"{measured['ablation_effect']:.3f}" in text

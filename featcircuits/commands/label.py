@@ -39,19 +39,26 @@ def _held_out_rows(model, path: Path, n_tokens: int, context: int):
     return torch.cat([torch.full((n_rows, 1), int(bos)), rows], dim=1).to(model.cfg.device)
 
 
+def _mean(values) -> tuple[float, int]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return (sum(finite) / len(finite) if finite else float("nan")), len(finite)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..explain.explainer import ChatClient, explain_features
-    from ..explain.labels import label_dashboards, score_labels
+    from ..explain.explainer import ChatClient, explain_features, held_out_texts, llm_score_features
+    from ..explain.labels import held_out_activations, label_dashboards, score_labels, special_ids
     from ..hub.loading import load_dictionaries
     from ..models import load_model
-    from ..viz.dashboards import FeatureDashboards
+    from ..viz.dashboards import FeatureDashboards, token_strings
 
     dashboards = FeatureDashboards.load(args.dashboards)
     model = load_model(args.model, device=args.device)
     dictionaries = load_dictionaries(args.dictionaries, device=args.device)
     labels = label_dashboards(dashboards)
-    scores = score_labels(model, dictionaries, _held_out_rows(model, Path(args.held_out), args.held_out_tokens,
-                                                              args.context), dashboards)
+    rows = _held_out_rows(model, Path(args.held_out), args.held_out_tokens, args.context)
+    acts = held_out_activations(model, dictionaries, rows, dashboards)
+    scores = score_labels(model, dictionaries, rows, dashboards, activations=acts)
+    llm_scores: dict = {}
     if args.explainer_url:
         client = ChatClient(args.explainer_url, args.explainer_model, api_key_env=args.explainer_key_env)
         explain_features(dashboards, client)
@@ -59,12 +66,30 @@ def run(args: argparse.Namespace) -> int:
         if failed:
             print(f"explainer: {dashboards.features[failed[0]]['explanation_source']}; "
                   f"{len(failed)} features kept their offline label")
+        pieces, special, cpu_rows = token_strings(model), special_ids(model), rows.cpu()
+        texts = {key: held_out_texts(cpu_rows, acts[key], pieces, special) for key in acts if key not in failed}
+        llm_scores, failure = llm_score_features(dashboards, client, texts)
+        if failure:
+            print(f"explainer scoring stopped ({failure}); the offline scores stand")
     dashboards.save(args.dashboards)
-    finite = [s for s in scores.values() if not math.isnan(s)]
-    mean = sum(finite) / len(finite) if finite else float("nan")
-    print(f"labelled {len(labels)} features; detection score on held-out text: mean {mean:.3f} over {len(finite)} "
-          f"({len(scores) - len(finite)} never or always active there)")
-    for key in sorted(scores, key=lambda k: -scores[k] if not math.isnan(scores[k]) else 1.0)[:5]:
-        print(f"  {key:>10}  {scores[key]:.3f}  {labels[key]}")
+    detection, n_detection = _mean(s["detection"] for s in scores.values())
+    fuzzing, n_fuzzing = _mean(s["fuzzing"] for s in scores.values())
+    print(f"labelled {len(labels)} features; on held-out text, detection score: mean {detection:.3f} over "
+          f"{n_detection} ({len(scores) - n_detection} never or always active there); fuzzing score: mean "
+          f"{fuzzing:.3f} over {n_fuzzing}")
+    if llm_scores:
+        llm_detection, n_llm = _mean(s.get("llm_detection") for s in llm_scores.values())
+        llm_fuzzing, n_llm_fuzzing = _mean(s.get("llm_fuzzing") for s in llm_scores.values())
+        print(f"explainer {args.explainer_model}: detection mean {llm_detection:.3f} over {n_llm}, fuzzing mean "
+              f"{llm_fuzzing:.3f} over {n_llm_fuzzing}")
+
+    def rank(key: str) -> float:
+        value = scores[key]["detection"]
+        return -value if not math.isnan(value) else 1.0
+
+    print(f"  {'feature':>10}  detect  fuzz  label")
+    for key in sorted(scores, key=rank)[:5]:
+        fuzz = scores[key]["fuzzing"]
+        print(f"  {key:>10}  {scores[key]['detection']:.3f}  {fuzz:.3f}  {labels[key]}")
     print(f"wrote {args.dashboards}")
     return 0

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ChatClient", "ExplainerError", "explain_features", "llm_detection_score"]
+__all__ = ["ChatClient", "ExplainerError", "explain_features", "llm_detection_score", "llm_fuzzing_score",
+           "highlighted_text", "held_out_texts", "llm_score_features"]
 
 
 class ExplainerError(RuntimeError):
@@ -125,19 +126,13 @@ def explain_features(dashboards: Any, client: ChatClient, keys: Sequence[str] | 
     return explanations
 
 
-def llm_detection_score(client: ChatClient, explanation: str, active: Sequence[str], inactive: Sequence[str],
-                        seed: int = 0) -> float:
-    """Balanced accuracy of ``client`` telling ``active`` held-out contexts from ``inactive`` ones, given only
-    the explanation (delphi's detection scoring). The contexts are shuffled and numbered; the scorer answers
-    with the numbers of the contexts it thinks activate. Raises :class:`ExplainerError` on a garbled answer."""
-    if not active or not inactive:
-        raise ValueError("Detection needs at least one activating and one non-activating context.")
-    items = [(text, True) for text in active] + [(text, False) for text in inactive]
+def _numbered_choice(client: ChatClient, question: str, positives: Sequence[str], negatives: Sequence[str],
+                     seed: int) -> float:
+    """Balanced accuracy of ``client`` picking the ``positives`` out of a shuffled, numbered list of both."""
+    items = [(text, True) for text in positives] + [(text, False) for text in negatives]
     random.Random(seed).shuffle(items)
     listing = "\n".join(f"{i + 1}. {text}" for i, (text, _) in enumerate(items))
-    answer = client.complete(
-        f"A language model feature is described as: {explanation}\nWhich of these texts make it activate?\n{listing}\n"
-        "Answer with the numbers of those texts, comma-separated, or 'none'.")
+    answer = client.complete(f"{question}\n{listing}\nAnswer with the numbers of those texts, comma-separated, or 'none'.")
     if answer.strip().lower().startswith("none"):
         chosen: set[int] = set()
     else:
@@ -145,6 +140,90 @@ def llm_detection_score(client: ChatClient, explanation: str, active: Sequence[s
         if not numbers:
             raise ExplainerError(f"The scorer answered {answer[:60]!r}, which lists no context numbers.")
         chosen = {int(n) - 1 for n in numbers if 0 < int(n) <= len(items)}
-    true_positive = sum(1 for i, (_, is_active) in enumerate(items) if is_active and i in chosen) / len(active)
-    true_negative = sum(1 for i, (_, is_active) in enumerate(items) if not is_active and i not in chosen) / len(inactive)
+    true_positive = sum(1 for i, (_, yes) in enumerate(items) if yes and i in chosen) / len(positives)
+    true_negative = sum(1 for i, (_, yes) in enumerate(items) if not yes and i not in chosen) / len(negatives)
     return 0.5 * (true_positive + true_negative)
+
+
+def llm_detection_score(client: ChatClient, explanation: str, active: Sequence[str], inactive: Sequence[str],
+                        seed: int = 0) -> float:
+    """Balanced accuracy of ``client`` telling ``active`` held-out contexts from ``inactive`` ones, given only
+    the explanation (delphi's detection scoring). The contexts are shuffled and numbered; the scorer answers
+    with the numbers of the contexts it thinks activate. Raises :class:`ExplainerError` on a garbled answer."""
+    if not active or not inactive:
+        raise ValueError("Detection needs at least one activating and one non-activating context.")
+    return _numbered_choice(client, f"A language model feature is described as: {explanation}\n"
+                            "Which of these texts make it activate?", active, inactive, seed)
+
+
+def llm_fuzzing_score(client: ChatClient, explanation: str, correct: Sequence[str], wrong: Sequence[str],
+                      seed: int = 0) -> float:
+    """Balanced accuracy of ``client`` telling activating contexts with the feature's own tokens marked
+    ``<<like this>>`` (``correct``) from ones with other tokens marked (``wrong``), given the explanation
+    (delphi's fuzzing scoring; examples from :func:`featcircuits.explain.fuzzing.fuzzing_examples`)."""
+    if not correct or not wrong:
+        raise ValueError("Fuzzing needs at least one correctly and one wrongly highlighted context.")
+    return _numbered_choice(client, f"A language model feature is described as: {explanation}\n"
+                            "In each text some tokens are marked <<like this>>. In which texts are the marked tokens "
+                            "the ones the description says the feature fires on?", correct, wrong, seed)
+
+
+def highlighted_text(pieces: Sequence[str], highlight: Sequence[bool]) -> str:
+    """A context as text with its highlighted tokens marked ``<<token>>`` (what the scorer reads for fuzzing)."""
+    from .labels import readable_piece
+
+    return "".join(f"<<{readable_piece(p)}>>" if mark else readable_piece(p)
+                   for p, mark in zip(pieces, highlight, strict=True))
+
+
+def held_out_texts(tokens: Any, acts: Any, pieces: Sequence[str], special: Sequence[int] = (), n: int = 5,
+                   seed: int = 0) -> dict[str, list[str]]:
+    """Texts for the language-model scorer from held-out ``tokens [n_seq, seq_len]`` and one feature's ``acts``
+    there: ``active``/``inactive`` rows (detection) and the first ``n`` activating rows with correct and wrong
+    highlights (fuzzing), at most ``n`` of each. ``pieces``: every token id's string."""
+    from .fuzzing import fuzzing_examples
+
+    ids: list[list[int]] = tokens.tolist()
+    fired = ((acts > 0) & ~_isin(tokens, special)).any(1)
+    active, inactive = fired.nonzero().squeeze(1).tolist()[:n], (~fired).nonzero().squeeze(1).tolist()[:n]
+    examples = fuzzing_examples(tokens, acts, special, seed=seed, max_rows=n)
+    plain = [False] * tokens.shape[1]
+
+    def text(row: int, marks: Sequence[bool]) -> str:
+        return highlighted_text([str(pieces[t]) for t in ids[row]], marks)
+
+    return {"active": [text(r, plain) for r in active], "inactive": [text(r, plain) for r in inactive],
+            "correct": [text(int(r), m) for r, m in zip(examples.rows, examples.correct.tolist(), strict=True)],
+            "wrong": [text(int(r), m) for r, m in zip(examples.rows, examples.wrong.tolist(), strict=True)]}
+
+
+def _isin(tokens: Any, ids: Sequence[int]) -> Any:
+    import torch
+
+    return torch.isin(tokens, torch.tensor(list(ids), dtype=tokens.dtype, device=tokens.device))
+
+
+def llm_score_features(dashboards: Any, client: ChatClient, texts: Mapping[str, Mapping[str, Sequence[str]]],
+                       seed: int = 0) -> tuple[dict[str, dict[str, float]], str | None]:
+    """Detection and fuzzing scores by ``client`` of every entry in ``texts`` (:func:`held_out_texts` per
+    dashboard key) that the explainer explained: stored as ``entry["llm_detection"]`` and ``entry["llm_fuzzing"]``
+    (with ``entry["llm_scorer"]``). Returns the scores and, when the endpoint failed, why (the first failure
+    stops further requests; the offline scores stand)."""
+    scores: dict[str, dict[str, float]] = {}
+    for key, sets in texts.items():
+        entry = dashboards.features[key]
+        if str(entry.get("explanation_source", "")).startswith("offline"):
+            continue
+        pair = {}
+        try:
+            if sets["active"] and sets["inactive"]:
+                pair["llm_detection"] = llm_detection_score(client, entry["explanation"], sets["active"],
+                                                            sets["inactive"], seed)
+            if sets["correct"] and sets["wrong"]:
+                pair["llm_fuzzing"] = llm_fuzzing_score(client, entry["explanation"], sets["correct"], sets["wrong"],
+                                                        seed)
+        except ExplainerError as err:
+            return scores, str(err)
+        entry.update(pair, llm_scorer=f"{client.model} at {client.url}")
+        scores[key] = pair
+    return scores, None

@@ -16,21 +16,30 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["label_entry", "trigger_tokens", "label_dashboards", "detection_score", "score_labels"]
+__all__ = ["label_entry", "trigger_tokens", "label_dashboards", "detection_score", "score_labels", "special_ids",
+           "held_out_activations", "trigger_ids"]
 
 
 # tokenizer pieces -> the text they stand for: SentencePiece's word start, GPT-2's byte-level space/newline/tab
 _PIECE_TEXT = str.maketrans({"▁": " ", "Ġ": " ", "Ċ": "\n", "ĉ": "\t"})
 
 
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece's byte fallback
+
+
 def readable_piece(piece: str) -> str:
-    """A tokenizer piece as the text it stands for (``"▁the"`` and ``"Ġthe"`` -> ``" the"``)."""
+    """A tokenizer piece as the text it stands for (``"▁the"`` and ``"Ġthe"`` -> ``" the"``, ``"<0x0A>"`` -> a
+    newline)."""
+    byte = _BYTE_PIECE.match(piece)
+    if byte and int(byte.group(1), 16) < 128:
+        return chr(int(byte.group(1), 16))
     return piece.translate(_PIECE_TEXT)
 
 
@@ -106,43 +115,76 @@ def detection_score(triggers: Sequence[int], tokens: torch.Tensor, acts: torch.T
     return 0.5 * (true_positive + true_negative)
 
 
-@torch.no_grad()
-def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards: Any,
-                 special: Sequence[int] | None = None, batch_size: int = 16) -> dict[str, float]:
-    """Detection score of every labelled dashboard entry on held-out ``tokens [n_seq, seq_len]`` (text the
-    dashboards were not computed on); stored as ``entry["detection"]`` and returned by dashboard key.
+def trigger_ids(model: Any, dashboards: Any) -> dict[str, list[int]]:
+    """``{dashboard key: the token ids its label says it fires on}`` (every id of each named piece)."""
+    from ..viz.dashboards import token_strings
 
-    The scorer predicts "active" where the token is one the label says the feature fires on.
-    """
-    from ..viz.dashboards import dictionaries_by_layer, token_strings
-
-    by_layer = dictionaries_by_layer(dictionaries)
     ids_of: dict[str, list[int]] = defaultdict(list)
     for index, piece in enumerate(token_strings(model)):
         ids_of[piece].append(index)
-    if special is None:
-        tokenizer = getattr(model, "tokenizer", None)
-        special = list(getattr(tokenizer, "all_special_ids", []) or [])
-    wanted: dict[str, list[tuple[str, int, list[int]]]] = defaultdict(list)  # layer -> (key, feature, triggers)
+    return {key: [i for token in trigger_tokens(entry) for i in ids_of.get(token, [])]
+            for key, entry in dashboards.features.items()}
+
+
+def special_ids(model: Any) -> list[int]:
+    """The tokenizer's special token ids (BOS and the like), left out of every score."""
+    return list(getattr(getattr(model, "tokenizer", None), "all_special_ids", []) or [])
+
+
+@torch.no_grad()
+def held_out_activations(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards: Any,
+                         batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Every dashboard feature's activations on ``tokens [n_seq, seq_len]``: ``{key: acts [n_seq, seq_len]}`` on the
+    CPU (entries of layers with no dictionary are left out). One forward pass per batch, all features of a
+    layer encoded at once."""
+    from ..viz.dashboards import dictionaries_by_layer
+
+    by_layer = dictionaries_by_layer(dictionaries)
+    wanted: dict[str, list[tuple[str, int]]] = defaultdict(list)  # layer -> (key, feature)
     for key, entry in dashboards.features.items():
-        layer = str(entry.get("layer"))
-        if layer in by_layer:
-            triggers = [i for token in trigger_tokens(entry) for i in ids_of.get(token, [])]
-            wanted[layer].append((key, int(entry["feature"]), triggers))
+        if str(entry.get("layer")) in by_layer:
+            wanted[str(entry.get("layer"))].append((key, int(entry["feature"])))
     acts: dict[str, list[torch.Tensor]] = defaultdict(list)
     hooks = {layer: by_layer[layer].cfg.hook_in for layer in wanted}
     for batch in tokens.split(batch_size):
         _, cache = model.run_with_cache(batch, names_filter=list(set(hooks.values())))
         for layer, hook in hooks.items():
-            features = torch.tensor([feature for _, feature, _ in wanted[layer]], device=batch.device)
+            features = torch.tensor([feature for _, feature in wanted[layer]], device=batch.device)
             acts[layer].append(by_layer[layer].encode(cache[hook])[..., features].cpu())
-    scores = {}
-    flat = tokens.cpu()
+    result = {}
     for layer, entries in wanted.items():
         layer_acts = torch.cat(acts[layer])  # [n_seq, seq_len, n_features]
-        for column, (key, _, triggers) in enumerate(entries):
-            score = detection_score(triggers, flat, layer_acts[..., column], special)
-            # None where the held-out text cannot score it (the feature never, or always, fires there): JSON has no NaN
-            dashboards.features[key]["detection"] = None if math.isnan(score) else score
-            scores[key] = score
+        result.update({key: layer_acts[..., column] for column, (key, _) in enumerate(entries)})
+    return result
+
+
+def score_labels(model: Any, dictionaries: Any, tokens: torch.Tensor, dashboards: Any,
+                 special: Sequence[int] | None = None, batch_size: int = 16,
+                 activations: dict[str, torch.Tensor] | None = None, chunk: int = 64) -> dict[str, dict[str, float]]:
+    """Detection and fuzzing scores (:mod:`.fuzzing`) of every labelled dashboard entry on held-out ``tokens
+    [n_seq, seq_len]`` (text the dashboards were not computed on): ``{key: {"detection", "fuzzing"}}``, also
+    stored as ``entry["detection"]`` and ``entry["fuzzing"]`` (None where the held-out text cannot score it).
+
+    The scorer predicts "active" where the token is one the label says the feature fires on.
+    ``activations``: :func:`held_out_activations` of these tokens, when already computed.
+    """
+    from .fuzzing import batched_scores
+
+    special = special_ids(model) if special is None else list(special)
+    acts = activations if activations is not None else held_out_activations(model, dictionaries, tokens, dashboards,
+                                                                            batch_size)
+    triggers = trigger_ids(model, dashboards)
+    flat = tokens.cpu()
+    vocab_size = max(int(model.cfg.d_vocab), int(flat.max()) + 1)
+    keys = list(acts)
+    scores = {}
+    for start in range(0, len(keys), chunk):  # features in chunks: [chunk, n_seq, seq_len] at a time
+        block = keys[start:start + chunk]
+        detection, fuzzing = batched_scores([triggers[key] for key in block], flat,
+                                            torch.stack([acts[key] for key in block]), vocab_size, special)
+        for key, pair in zip(block, zip(detection.tolist(), fuzzing.tolist(), strict=True), strict=True):
+            scores[key] = {"detection": pair[0], "fuzzing": pair[1]}
+            for name, score in scores[key].items():
+                # None where the held-out text cannot score it (the feature never, or always, fires there)
+                dashboards.features[key][name] = None if math.isnan(score) else score
     return scores

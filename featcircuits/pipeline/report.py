@@ -74,6 +74,7 @@ def write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: An
     with the explanation: a picture of the pruned graph, its labelled units with their measured ablation
     effects, and the steering example."""
     from ..graph import write_circuit_tracer_json
+    from ..graph.export import write_graph_files
     from ..viz.viewer import write_viewer
 
     tokens = token_strings(model, rm.to_tokens(prompt).tolist())
@@ -83,6 +84,10 @@ def write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: An
     write_circuit_tracer_json(graph, files["graph_json"], slug="featcircuits-demo",
                               labels=explanation.labels if explained else None,
                               supernodes=explanation.supernodes if explained else None)
+    # the same graph with its feature dashboards, laid out for circuit-tracer's own frontend
+    files["circuit_tracer"] = write_graph_files(graph, out / "circuit-tracer", "featcircuits-demo", dashboards=dashboards,
+                                                labels=explanation.labels if explained else None,
+                                                supernodes=explanation.supernodes if explained else None).parent
     circuit.save(files["circuit_json"])
     dashboards.save(files["dashboards"])
     task_tokens = None
@@ -112,7 +117,8 @@ code{{background:#f3f3f3}}</style></head><body>
 <p>Prompt: <code>{esc(''.join(tokens))}</code><br>Top predictions: {preds}<br>
 {graph.n_features} feature nodes (of {graph.n_active_features} active), {graph.n_edges} edges;
 replacement score {scores.replacement_score:.3f}, completeness score {scores.completeness_score:.3f}.
-<a href="graph.html">Open the graph viewer</a>.</p>
+<a href="graph.html">Open the graph viewer</a>, or circuit-tracer's:
+<code>circuit-tracer start-server --graph_file_dir {esc(str(files["circuit_tracer"]))}</code>.</p>
 <h2>Circuit ({esc(circuit.method)}, task <i>{esc(task_name)}</i>)</h2>
 <p>{len(circuit.nodes)} of {len(circuit.node_ids)} nodes. Faithfulness {evaluation['faithfulness']:.3f}
 (1 = the circuit alone recovers the task metric), completeness {evaluation['completeness']:.3f}

@@ -30,6 +30,15 @@ _FLAGS = [
 ]
 
 
+def _content_type(url: str) -> str:
+    path = url.split("?")[0]
+    for ending, kind in ((".js", "text/javascript"), (".mjs", "text/javascript"), (".css", "text/css"),
+                         (".json", "application/json"), (".html", "text/html")):
+        if path.endswith(ending):
+            return kind
+    return "application/octet-stream"
+
+
 class BrowserError(RuntimeError):
     """Chromium could not be started or a DevTools command failed."""
 
@@ -67,6 +76,8 @@ class HeadlessChromium:
         self._process: subprocess.Popen | None = None
         self._profile: Path | None = None
         self._socket = None
+        self._routes: dict[str, Path | bytes] = {}
+        self.requests: list[str] = []  # every URL the page asked for while routes were set
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -172,12 +183,41 @@ class HeadlessChromium:
                                                       for arg in params.get("args", [])))
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             self.errors.append(f"log: {params['entry'].get('text', '')}")
+        elif method == "Fetch.requestPaused":
+            self._answer_request(params)
         elif method == "Page.javascriptDialogOpening":
             self.dialogs.append(params.get("message", ""))
             # Dismiss it, or the page would block every later command.
             self._next_id += 1
             self._socket.send(json.dumps({"id": self._next_id, "method": "Page.handleJavaScriptDialog",
                                           "params": {"accept": False}}))
+
+    def route(self, routes: dict[str, str | os.PathLike | bytes]) -> None:
+        """Answer the page's requests for these URLs (exact, or a prefix ending in ``/``) with a local file or
+        bytes, so that a page written to fetch scripts from the web runs with no network. Every other
+        request goes out as usual (and fails where the machine has no network)."""
+        self._routes = {url: value if isinstance(value, bytes) else Path(value) for url, value in routes.items()}
+        self.send("Fetch.enable", patterns=[{"urlPattern": "*", "requestStage": "Request"}])
+
+    def _answer_request(self, params: dict[str, Any]) -> None:
+        url = params.get("request", {}).get("url", "")
+        self.requests.append(url)
+        body = self._routes.get(url)
+        if body is None:
+            prefix = next((p for p in self._routes if p.endswith("/") and url.startswith(p)), None)
+            if prefix is not None and isinstance(self._routes[prefix], Path):
+                body = self._routes[prefix] / url[len(prefix):].split("?")[0]  # type: ignore[operator]
+        self._next_id += 1
+        if body is None:
+            self._socket.send(json.dumps({"id": self._next_id, "method": "Fetch.continueRequest",
+                                          "params": {"requestId": params["requestId"]}}))
+            return
+        content = body if isinstance(body, bytes) else body.read_bytes() if body.is_file() else None
+        answer = {"requestId": params["requestId"], "responseCode": 200 if content is not None else 404,
+                  "responseHeaders": [{"name": "Content-Type", "value": _content_type(url)},
+                                      {"name": "Access-Control-Allow-Origin", "value": "*"}],
+                  "body": base64.b64encode(content or b"").decode()}
+        self._socket.send(json.dumps({"id": self._next_id, "method": "Fetch.fulfillRequest", "params": answer}))
 
     def _wait_for_event(self, method: str) -> None:
         if any(event["method"] == method for event in self._events):
@@ -235,12 +275,15 @@ class HeadlessChromium:
         x, y = self._center_of(selector)
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
 
-    def click(self, selector: str) -> None:
-        """A real left click (move, press, release) at the centre of the first matching element."""
+    def click(self, selector: str, shift: bool = False) -> None:
+        """A real left click (move, press, release) at the centre of the first matching element, with the
+        shift key held when ``shift``."""
         x, y = self._center_of(selector)
-        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        modifiers = 8 if shift else 0  # the DevTools protocol's bit for shift
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, modifiers=modifiers)
         for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1,
+                      modifiers=modifiers)
 
     def screenshot(self, path: str | os.PathLike, full_page: bool = True) -> Path:
         """Write a PNG of the page (the whole scrollable page when ``full_page``)."""

@@ -16,6 +16,7 @@ columns (token positions) and links as index triples.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -122,6 +123,7 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
     tokens = [str(token) for token in (prompt_tokens if prompt_tokens is not None
                                        else metadata.get("prompt_tokens") or [])]
     raw_nodes, raw_links = graph_json.get("nodes") or [], graph_json.get("links") or []
+    escaped = bool(metadata.get("clerp_html_escaped"))
 
     nodes, index_of = [], {}
     for position, node in enumerate(raw_nodes):
@@ -141,6 +143,8 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
         # Negative positions (dataset-level graphs) count from the end of the prompt.
         token = tokens[ctx_idx] if -len(tokens) <= ctx_idx < len(tokens) else ""
         clerp = str(node.get("clerp") or "")
+        if escaped:  # featcircuits' export writes labels HTML-escaped, for frontends that insert them as HTML
+            clerp = html.unescape(clerp)
         if kind == "feature":
             label = clerp or f"L{layer} #{feature}"
         elif kind == "error":
@@ -178,7 +182,8 @@ def graph_payload(graph_json: dict[str, Any], title: str | None = None,
     for group in (graph_json.get("qParams") or {}).get("supernodes") or []:
         members = [index_of[str(m)] for m in group[1:] if str(m) in index_of]
         if len(group) >= 3 and len(members) >= 2:
-            supernodes.append({"name": str(group[0]), "members": members})
+            name = html.unescape(str(group[0])) if escaped else str(group[0])
+            supernodes.append({"name": name, "members": members})
     rows = _assign_rows(nodes)
     n_columns = _assign_columns(nodes, len(tokens))
     return {

@@ -105,8 +105,28 @@
     return box;
   }
 
+  function scoreText(entry, detection, fuzzing) {
+    var parts = [];
+    if (typeof entry[detection] === "number") parts.push("detection " + fmt(entry[detection]));
+    if (typeof entry[fuzzing] === "number") parts.push("fuzzing " + fmt(entry[fuzzing]));
+    return parts.join(", ");
+  }
+  // The feature's label and explanation with their held-out scores (featcircuits.explain), when it has them.
+  function labelLines(entry, box) {
+    if (entry.label) {
+      var offline = scoreText(entry, "detection", "fuzzing");
+      box.appendChild(el("p", "fc-label", "Label: " + entry.label + (offline ? " (" + offline + ", held out)" : "")));
+    }
+    if (entry.explanation && entry.explanation !== entry.label && entry.explanation_source) {
+      var judged = scoreText(entry, "llm_detection", "llm_fuzzing");
+      box.appendChild(el("p", "fc-label", "Explanation: " + entry.explanation + " (" + entry.explanation_source +
+                                          (judged ? "; " + judged : "") + ")"));
+    }
+  }
+
   function featureDashboard(entry) {
     var box = el("div", "fc-dashboard");
+    labelLines(entry, box);
     var scanned = entry.n_tokens || info.n_tokens || 0;
     if (!entry.n_fired) {
       box.appendChild(el("p", "fc-dead", "Never fired on the " + scanned + " tokens scanned."));
@@ -268,33 +288,75 @@
     });
     svg.appendChild(gridLayer);
 
-    // Edges under nodes, weakest first so the strongest are drawn on top.
-    var maxAbs = 0;
-    links.forEach(function (link) { maxAbs = Math.max(maxAbs, Math.abs(link[2])); });
-    var order = links.map(function (_, index) { return index; });
-    order.sort(function (a, b) { return Math.abs(links[a][2]) - Math.abs(links[b][2]); });
-    var edgeLayer = svgEl("g", {"class": "fc-edges"});
-    var edgeEls = new Array(links.length);
-    var edgesOf = nodes.map(function () { return []; });
-    order.forEach(function (index) {
-      var link = links[index], source = link[0], target = link[1], weight = link[2];
-      var strength = maxAbs > 0 ? Math.abs(weight) / maxAbs : 0;
-      var x1 = xs[source], y1 = ys[source], x2 = xs[target], y2 = ys[target], middle = (y1 + y2) / 2;
-      var path = svgEl("path", {
-        d: "M" + x1 + " " + y1 + " C" + x1 + " " + middle + " " + x2 + " " + middle + " " + x2 + " " + y2,
-        "class": "fc-edge " + (weight >= 0 ? "fc-positive" : "fc-negative"),
-        "stroke-width": (0.6 + 5 * strength).toFixed(2),
-        "stroke-opacity": (0.25 + 0.65 * strength).toFixed(3),
-        "data-weight": weight,
-      });
-      edgeEls[index] = path;
-      edgesOf[source].push(index);
-      edgesOf[target].push(index);
-      edgeLayer.appendChild(path);
+    // ---- supernodes: each drawn as one node over its members until expanded -----------------------------
+    var groups = data.supernodes || [];
+    var owner = nodes.map(function () { return -1; });  // the first supernode a node belongs to
+    groups.forEach(function (group, number) {
+      group.members.forEach(function (index) { if (owner[index] < 0) owner[index] = number; });
     });
+    var expanded = groups.map(function () { return false; });
+    function mean(values) { return values.reduce(function (a, b) { return a + b; }, 0) / Math.max(values.length, 1); }
+    var groupX = groups.map(function (group) { return mean(group.members.map(function (i) { return xs[i]; })); });
+    var groupY = groups.map(function (group) { return mean(group.members.map(function (i) { return ys[i]; })); });
+    // A drawn node is "n<index>" (a node) or "s<number>" (a collapsed supernode).
+    function shownAs(index) {
+      var group = owner[index];
+      return group >= 0 && !expanded[group] ? "s" + group : "n" + index;
+    }
+    function keyX(key) { return key[0] === "s" ? groupX[Number(key.slice(1))] : xs[Number(key.slice(1))]; }
+    function keyY(key) { return key[0] === "s" ? groupY[Number(key.slice(1))] : ys[Number(key.slice(1))]; }
+    function keyLabel(key) {
+      return key[0] === "s" ? "\u25a3 " + groups[Number(key.slice(1))].name : nodes[Number(key.slice(1))].label;
+    }
+
+    // ---- edges: one per link between drawn nodes, links into or out of a collapsed supernode summed ---------
+    var edgeLayer = svgEl("g", {"class": "fc-edges"});
     svg.appendChild(edgeLayer);
+    var shown = [], edgeEls = [], edgesOf = {}, maxAbs = 0;
+    function buildEdges() {
+      edgeLayer.textContent = "";
+      var byPair = {};
+      shown = []; edgesOf = {}; maxAbs = 0;
+      links.forEach(function (link, index) {
+        var from = shownAs(link[0]), to = shownAs(link[1]);
+        if (from === to) return;  // inside a collapsed supernode
+        var pair = from + ">" + to;
+        if (!byPair[pair]) { byPair[pair] = {from: from, to: to, weight: 0, links: []}; shown.push(byPair[pair]); }
+        byPair[pair].weight += link[2];
+        byPair[pair].links.push(index);
+      });
+      shown.forEach(function (edge) { maxAbs = Math.max(maxAbs, Math.abs(edge.weight)); });
+      // weakest first, so the strongest are drawn on top
+      var order = shown.map(function (_, index) { return index; });
+      order.sort(function (a, b) { return Math.abs(shown[a].weight) - Math.abs(shown[b].weight); });
+      edgeEls = new Array(shown.length);
+      order.forEach(function (index) {
+        var edge = shown[index], strength = maxAbs > 0 ? Math.abs(edge.weight) / maxAbs : 0;
+        var x1 = keyX(edge.from), y1 = keyY(edge.from), x2 = keyX(edge.to), y2 = keyY(edge.to), middle = (y1 + y2) / 2;
+        var path = svgEl("path", {
+          d: "M" + x1 + " " + y1 + " C" + x1 + " " + middle + " " + x2 + " " + middle + " " + x2 + " " + y2,
+          "class": "fc-edge " + (edge.weight >= 0 ? "fc-positive" : "fc-negative") +
+            (edge.from[0] === "s" || edge.to[0] === "s" ? " fc-aggregate" : ""),
+          "stroke-width": (0.6 + 5 * strength).toFixed(2),
+          "stroke-opacity": (0.25 + 0.65 * strength).toFixed(3),
+          "data-weight": edge.weight, "data-from": edge.from, "data-to": edge.to,
+        });
+        edgeEls[index] = path;
+        (edgesOf[edge.from] = edgesOf[edge.from] || []).push(index);
+        (edgesOf[edge.to] = edgesOf[edge.to] || []).push(index);
+        edgeLayer.appendChild(path);
+      });
+    }
 
     var nodeLayer = svgEl("g", {"class": "fc-nodes"});
+    function addEvents(group, key) {
+      group.addEventListener("mouseenter", function () { if (selected === null) showCard(key); });
+      group.addEventListener("mouseleave", function () { if (selected === null) showHint(); });
+      group.addEventListener("click", function (event) {
+        event.stopPropagation();
+        if (event.shiftKey) togglePin(key); else select(key);
+      });
+    }
     var nodeEls = nodes.map(function (node, index) {
       var group = svgEl("g", {"class": "fc-node fc-" + node.kind + (node.is_target ? " fc-target" : ""),
                               "data-node-id": node.id, "data-index": index,
@@ -310,41 +372,74 @@
       var tip = svgEl("title", {});
       tip.textContent = node.label;
       group.appendChild(tip);
-      group.addEventListener("mouseenter", function () { if (pinned === null) showCard(index); });
-      group.addEventListener("mouseleave", function () { if (pinned === null) showHint(); });
-      group.addEventListener("click", function (event) { event.stopPropagation(); select(index); });
+      addEvents(group, "n" + index);
       nodeLayer.appendChild(group);
       return group;
     });
+    var superEls = groups.map(function (group, number) {
+      var element = svgEl("g", {"class": "fc-node fc-supernode-node", "data-supernode": number,
+                                transform: "translate(" + groupX[number] + " " + groupY[number] + ")"});
+      var shape = svgEl("rect", {x: -15, y: -9, width: 30, height: 18, rx: 8});
+      shape.setAttribute("class", "fc-shape");
+      element.appendChild(shape);
+      var count = svgEl("text", {y: 4, "text-anchor": "middle", "class": "fc-supernode-count"});
+      count.textContent = String(group.members.length);
+      element.appendChild(count);
+      var name = svgEl("text", {y: 21, "text-anchor": "middle", "class": "fc-supernode-label"});
+      name.textContent = group.name.length > 22 ? group.name.slice(0, 21) + "\u2026" : group.name;
+      element.appendChild(name);
+      var tip = svgEl("title", {});
+      tip.textContent = "supernode " + group.name + " (" + group.members.length + " members; click to see them)";
+      element.appendChild(tip);
+      addEvents(element, "s" + number);
+      nodeLayer.appendChild(element);
+      return element;
+    });
     svg.appendChild(nodeLayer);
+    function elementOf(key) { return key[0] === "s" ? superEls[Number(key.slice(1))] : nodeEls[Number(key.slice(1))]; }
 
     // ---- card --------------------------------------------------------------------------------
-    var pinned = null;
+    var selected = null;
     function showHint() {
       card.textContent = "";
       card.classList.remove("fc-card-open");
-      card.appendChild(el("p", "fc-muted", "Hover over a node to see its card; click to pin it."));
+      card.removeAttribute("data-node-id");
+      card.appendChild(el("p", "fc-muted", "Hover over a node to see its card; click to keep it; shift-click to " +
+                                           "pin it to the subgraph below."));
     }
-    function neighbourList(title, index, outgoing) {
-      var items = edgesOf[index].filter(function (edge) { return (links[edge][0] === index) === outgoing; });
-      items.sort(function (a, b) { return Math.abs(links[b][2]) - Math.abs(links[a][2]); });
+    function neighbourList(title, key, outgoing) {
+      var items = (edgesOf[key] || []).filter(function (edge) { return (shown[edge].from === key) === outgoing; });
+      items.sort(function (a, b) { return Math.abs(shown[b].weight) - Math.abs(shown[a].weight); });
       var box = el("div", "fc-neighbours");
       box.appendChild(el("h4", null, title + " (" + items.length + ")"));
-      items.slice(0, 6).forEach(function (edge) {
-        var other = outgoing ? links[edge][1] : links[edge][0];
+      items.slice(0, 8).forEach(function (edge) {
+        var other = outgoing ? shown[edge].to : shown[edge].from;
         var line = el("div", "fc-neighbour");
-        line.appendChild(el("span", links[edge][2] >= 0 ? "fc-w-pos" : "fc-w-neg", fmt(links[edge][2])));
-        line.appendChild(el("span", null, " " + nodes[other].label));
+        line.setAttribute("data-key", other);
+        line.appendChild(el("span", shown[edge].weight >= 0 ? "fc-w-pos" : "fc-w-neg", fmt(shown[edge].weight)));
+        line.appendChild(el("span", null, " " + keyLabel(other)));
+        line.addEventListener("click", function () { select(other); });
         box.appendChild(line);
       });
+      if (items.length > 8) box.appendChild(el("div", "fc-muted", "and " + (items.length - 8) + " more"));
       return box;
     }
-    function showCard(index) {
-      var node = nodes[index];
+    function button(text, id, onClick) {
+      var element = el("button", "fc-button", text);
+      element.type = "button";
+      element.id = id;
+      element.addEventListener("click", function (event) { event.stopPropagation(); onClick(); });
+      return element;
+    }
+    function showCard(key) {
       card.textContent = "";
       card.classList.add("fc-card-open");
+      if (key[0] === "s") return showSupernodeCard(Number(key.slice(1)));
+      var index = Number(key.slice(1)), node = nodes[index];
       card.setAttribute("data-node-id", node.id);
       card.appendChild(el("h2", "fc-card-title", node.label));
+      card.appendChild(button(pins.indexOf(index) >= 0 ? "Unpin" : "Pin to subgraph", "fc-pin-button",
+                              function () { togglePin(key); showCard(key); }));
       var facts = el("dl", "fc-facts");
       function fact(name, value) { facts.appendChild(el("dt", null, name)); facts.appendChild(el("dd", null, value)); }
       fact("kind", node.kind);
@@ -356,61 +451,212 @@
       if (node.kind === "logit") fact("probability", fmt(node.token_prob));
       if (node.ablation_effect !== null && node.ablation_effect !== undefined)
         fact("ablation effect", fmt(node.ablation_effect) + "  (on the main target, measured)");
-      var groups = (data.supernodes || []).filter(function (group) { return group.members.indexOf(index) >= 0; });
-      if (groups.length) fact("supernode", groups.map(function (group) { return group.name; }).join(", "));
+      var member = groups.filter(function (group) { return group.members.indexOf(index) >= 0; });
+      if (member.length) fact("supernode", member.map(function (group) { return group.name; }).join(", "));
+      var entry = node.kind === "feature" && node.dash_key !== null ? dashboards[node.dash_key] : undefined;
       card.appendChild(facts);
       if (node.kind === "feature") {
-        var entry = node.dash_key !== null ? dashboards[node.dash_key] : undefined;
         if (entry) card.appendChild(featureDashboard(entry));
         else card.appendChild(el("p", "fc-muted fc-no-dashboard",
           "No dashboard entry for this feature; pass dashboards= to write_viewer to see its contexts and logits."));
       }
-      card.appendChild(neighbourList("Inputs", index, false));
-      card.appendChild(neighbourList("Outputs", index, true));
+      card.appendChild(neighbourList("Inputs", key, false));
+      card.appendChild(neighbourList("Outputs", key, true));
     }
-    function select(index) {
-      if (pinned !== null) nodeEls[pinned].classList.remove("fc-selected");
+    function showSupernodeCard(number) {
+      var group = groups[number];
+      card.setAttribute("data-supernode", String(number));
+      card.appendChild(el("h2", "fc-card-title", "Supernode " + group.name));
+      card.appendChild(button(expanded[number] ? "Collapse" : "Expand", "fc-toggle-supernode",
+                              function () { setExpanded(number, !expanded[number]); }));
+      card.appendChild(button("Pin members", "fc-pin-button", function () { togglePin("s" + number); }));
+      card.appendChild(el("h4", null, "Members (" + group.members.length + ")"));
+      group.members.forEach(function (index) {
+        var line = el("div", "fc-neighbour fc-member", nodes[index].label);
+        line.setAttribute("data-node-id", nodes[index].id);
+        line.addEventListener("click", function () { setExpanded(number, true); select("n" + index); });
+        card.appendChild(line);
+      });
+      if (!expanded[number]) {  // its edges, summed over the members
+        card.appendChild(neighbourList("Inputs (summed)", "s" + number, false));
+        card.appendChild(neighbourList("Outputs (summed)", "s" + number, true));
+      }
+    }
+    function select(key) {
+      if (selected !== null && elementOf(selected)) elementOf(selected).classList.remove("fc-selected");
       edgeEls.forEach(function (edge) { edge.classList.remove("fc-edge-active"); });
-      pinned = index;
-      if (index === null) { svg.classList.remove("fc-has-selection"); showHint(); return; }
-      nodeEls[index].classList.add("fc-selected");
-      edgesOf[index].forEach(function (edge) { edgeEls[edge].classList.add("fc-edge-active"); });
+      selected = key;
+      if (key === null) { svg.classList.remove("fc-has-selection"); showHint(); return; }
+      elementOf(key).classList.add("fc-selected");
+      (edgesOf[key] || []).forEach(function (edge) { edgeEls[edge].classList.add("fc-edge-active"); });
       svg.classList.add("fc-has-selection");
-      showCard(index);
+      showCard(key);
     }
     svg.addEventListener("click", function () { select(null); });
     document.addEventListener("keydown", function (event) { if (event.key === "Escape") select(null); });
 
     // ---- threshold ---------------------------------------------------------------------------
-    // An edge shows when |w| >= threshold * max|w|. A feature or error node shows while one of its
-    // edges does (at threshold 0 every node shows); tokens and logits always show.
+    // An edge shows when |w| >= threshold * max|w|. A feature, error or supernode shows while one of its
+    // edges does (at threshold 0 every one shows); tokens and logits always show; a collapsed supernode's
+    // members show only through it.
     function applyThreshold() {
       var fraction = Number(slider.value), cutoff = fraction * maxAbs;
-      var visibleEdges = 0, visibleNodes = 0, degree = nodes.map(function () { return 0; });
-      links.forEach(function (link, index) {
-        var visible = fraction === 0 || Math.abs(link[2]) >= cutoff;
+      var visibleEdges = 0, visibleNodes = 0, degree = {};
+      shown.forEach(function (edge, index) {
+        var visible = fraction === 0 || Math.abs(edge.weight) >= cutoff;
         edgeEls[index].style.display = visible ? "" : "none";
-        if (visible) { visibleEdges++; degree[link[0]]++; degree[link[1]]++; }
+        if (visible) { visibleEdges++; degree[edge.from] = (degree[edge.from] || 0) + 1; degree[edge.to] = (degree[edge.to] || 0) + 1; }
       });
       nodes.forEach(function (node, index) {
-        var visible = fraction === 0 || node.kind === "embedding" || node.kind === "logit" || degree[index] > 0;
+        var key = "n" + index;
+        var visible = shownAs(index) === key &&
+          (fraction === 0 || node.kind === "embedding" || node.kind === "logit" || degree[key] > 0);
         nodeEls[index].style.display = visible ? "" : "none";
         if (visible) visibleNodes++;
       });
+      groups.forEach(function (_, number) {
+        var visible = !expanded[number] && (fraction === 0 || degree["s" + number] > 0);
+        superEls[number].style.display = visible ? "" : "none";
+        if (visible) visibleNodes++;
+      });
       thresholdText.textContent = "|w| \u2265 " + fmt(cutoff);
-      counts.textContent = visibleNodes + " of " + nodes.length + " nodes \u00b7 " + visibleEdges + " of " +
-        links.length + " edges";
+      var collapsed = expanded.filter(function (open) { return !open; }).length;
+      counts.textContent = visibleNodes + " of " + nodes.length + " nodes" +
+        (collapsed ? " (" + collapsed + " supernodes drawn as one)" : "") + " \u00b7 " + visibleEdges + " of " +
+        shown.length + " edges";
       counts.setAttribute("data-nodes", String(visibleNodes));
       counts.setAttribute("data-edges", String(visibleEdges));
     }
     slider.addEventListener("input", applyThreshold);
-    applyThreshold();
-    showHint();
+    function setExpanded(number, open) {
+      expanded[number] = open;
+      var keep = selected;
+      buildEdges();
+      applyThreshold();
+      if (keep !== null && elementOf(keep) && elementOf(keep).style.display !== "none") select(keep);
+      else select(null);
+      var barButton = supernodeBar && supernodeBar.querySelector('[data-supernode="' + number + '"]');
+      if (barButton) barButton.classList.toggle("fc-open", open);
+    }
 
-    // ---- search and supernodes: highlight matching nodes ----------------------------------------
+    // ---- pinned subgraph: chosen nodes and the graph's edges among them ----------------------------
+    var pins = [];
+    var pinPanel = el("section", "fc-pinned");
+    pinPanel.id = "fc-pinned";
+    app.appendChild(pinPanel);
+    function togglePin(key) {
+      var members = key[0] === "s" ? groups[Number(key.slice(1))].members : [Number(key.slice(1))];
+      var allPinned = members.every(function (index) { return pins.indexOf(index) >= 0; });
+      members.forEach(function (index) {
+        var at = pins.indexOf(index);
+        if (allPinned && at >= 0) pins.splice(at, 1);
+        else if (!allPinned && at < 0) pins.push(index);
+      });
+      renderPins();
+    }
+    function renderPins() {
+      nodeEls.forEach(function (element, index) { element.classList.toggle("fc-pinned", pins.indexOf(index) >= 0); });
+      superEls.forEach(function (element, number) {
+        element.classList.toggle("fc-pinned", groups[number].members.every(function (i) { return pins.indexOf(i) >= 0; }));
+      });
+      pinPanel.textContent = "";
+      var head = el("div", "fc-pinned-head");
+      var title = el("h3", null, "Pinned subgraph");
+      var count = el("span", "fc-counts", pins.length + " nodes");
+      count.id = "fc-pin-count";
+      count.setAttribute("data-pins", String(pins.length));
+      head.appendChild(title); head.appendChild(count);
+      head.appendChild(button("Clear", "fc-clear-pins", function () { pins = []; renderPins(); if (selected) showCard(selected); }));
+      pinPanel.appendChild(head);
+      if (pins.length === 0) {
+        pinPanel.appendChild(el("p", "fc-muted", "Shift-click nodes, or use Pin on a node's card, to collect them " +
+                                                 "here with the edges among them."));
+        return;
+      }
+      var pinned = {};
+      pins.forEach(function (index) { pinned[index] = true; });
+      var inner = links.filter(function (link) { return pinned[link[0]] && pinned[link[1]]; });
+      // layout: rows by layer (as in the graph), columns by position, side by side within a cell
+      var rowsUsed = [], colsUsed = [];
+      pins.forEach(function (index) {
+        if (rowsUsed.indexOf(nodes[index].row) < 0) rowsUsed.push(nodes[index].row);
+        if (colsUsed.indexOf(nodes[index].col) < 0) colsUsed.push(nodes[index].col);
+      });
+      rowsUsed.sort(function (a, b) { return b - a; });
+      colsUsed.sort(function (a, b) { return a - b; });
+      var cellsUsed = {}, px = {}, py = {}, SUB_W = 120, SUB_H = 64;
+      pins.forEach(function (index) {
+        var key = nodes[index].row + ":" + nodes[index].col;
+        (cellsUsed[key] = cellsUsed[key] || []).push(index);
+      });
+      var widest = 1;
+      Object.keys(cellsUsed).forEach(function (key) { widest = Math.max(widest, cellsUsed[key].length); });
+      Object.keys(cellsUsed).forEach(function (key) {
+        var parts = key.split(":"), members = cellsUsed[key];
+        members.forEach(function (index, slot) {
+          px[index] = 40 + colsUsed.indexOf(Number(parts[1])) * SUB_W * widest + slot * SUB_W;
+          py[index] = 24 + rowsUsed.indexOf(Number(parts[0])) * SUB_H;
+        });
+      });
+      var subWidth = 80 + colsUsed.length * SUB_W * widest, subHeight = 40 + rowsUsed.length * SUB_H;
+      var sub = svgEl("svg", {id: "fc-subgraph", width: subWidth, height: subHeight,
+                              viewBox: "0 0 " + subWidth + " " + subHeight});
+      var innerMax = 0;
+      inner.forEach(function (link) { innerMax = Math.max(innerMax, Math.abs(link[2])); });
+      inner.forEach(function (link) {
+        var strength = innerMax > 0 ? Math.abs(link[2]) / innerMax : 0;
+        sub.appendChild(svgEl("line", {x1: px[link[0]], y1: py[link[0]], x2: px[link[1]], y2: py[link[1]],
+          "class": "fc-sub-edge " + (link[2] >= 0 ? "fc-positive" : "fc-negative"),
+          "stroke-width": (0.8 + 4 * strength).toFixed(2), "data-weight": link[2]}));
+      });
+      pins.forEach(function (index) {
+        var node = nodes[index];
+        var group = svgEl("g", {"class": "fc-sub-node fc-" + node.kind, "data-node-id": node.id,
+                                transform: "translate(" + px[index] + " " + py[index] + ")"});
+        var shape = node.kind === "error" ? svgEl("rect", {x: -6, y: -6, width: 12, height: 12})
+          : node.kind === "logit" ? svgEl("polygon", {points: "0,-9 9,0 0,9 -9,0"})
+          : node.kind === "embedding" ? svgEl("rect", {x: -8, y: -6, width: 16, height: 12, rx: 3})
+          : svgEl("circle", {r: 6.5});
+        shape.setAttribute("class", "fc-shape");
+        group.appendChild(shape);
+        var text = svgEl("text", {y: 20, "text-anchor": "middle", "class": "fc-sub-label"});
+        text.textContent = node.label.length > 18 ? node.label.slice(0, 17) + "\u2026" : node.label;
+        group.appendChild(text);
+        var tip = svgEl("title", {});
+        tip.textContent = node.label;
+        group.appendChild(tip);
+        group.addEventListener("click", function () { if (owner[index] >= 0) setExpanded(owner[index], true); select("n" + index); });
+        sub.appendChild(group);
+      });
+      pinPanel.appendChild(sub);
+      var list = el("div", "fc-pin-list");
+      pins.forEach(function (index) {
+        var item = el("div", "fc-pin-item");
+        item.setAttribute("data-node-id", nodes[index].id);
+        item.appendChild(button("\u00d7", "fc-unpin-" + index, function () { togglePin("n" + index); }));
+        item.lastChild.className = "fc-unpin";
+        item.appendChild(el("span", null, " " + nodes[index].label));
+        list.appendChild(item);
+      });
+      pinPanel.appendChild(list);
+      var edgeList = el("div", "fc-sub-edges");
+      edgeList.appendChild(el("h4", null, "Edges among them (" + inner.length + ")"));
+      inner.slice().sort(function (a, b) { return Math.abs(b[2]) - Math.abs(a[2]); }).forEach(function (link) {
+        var line = el("div", "fc-sub-edge-row");
+        line.appendChild(el("span", link[2] >= 0 ? "fc-w-pos" : "fc-w-neg", fmt(link[2])));
+        line.appendChild(el("span", null, " " + nodes[link[0]].label + " \u2192 " + nodes[link[1]].label));
+        edgeList.appendChild(line);
+      });
+      pinPanel.appendChild(edgeList);
+    }
+
+    // ---- search and supernode buttons: highlight matching nodes -------------------------------------
     function highlight(indices) {
       nodeEls.forEach(function (element) { element.classList.remove("fc-match"); });
       indices.forEach(function (index) { nodeEls[index].classList.add("fc-match"); });
+      superEls.forEach(function (element, number) {  // a collapsed supernode shows that a member matched
+        element.classList.toggle("fc-match", groups[number].members.some(function (i) { return indices.indexOf(i) >= 0; }));
+      });
       searchCount.textContent = indices.length ? indices.length + " found" : "";
       searchCount.setAttribute("data-matches", String(indices.length));
     }
@@ -422,13 +668,22 @@
         return String(node.label).toLowerCase().indexOf(query) >= 0 || String(node.id).toLowerCase().indexOf(query) >= 0;
       }));
     });
-    (data.supernodes || []).forEach(function (group, number) {
-      var button = el("button", "fc-supernode", group.name + " (" + group.members.length + ")");
-      button.type = "button";
-      button.setAttribute("data-supernode", String(number));
-      button.addEventListener("click", function () { highlight(group.members); });
-      supernodeBar.appendChild(button);
+    groups.forEach(function (group, number) {
+      var barButton = el("button", "fc-supernode", group.name + " (" + group.members.length + ")");
+      barButton.type = "button";
+      barButton.setAttribute("data-supernode", String(number));
+      barButton.setAttribute("title", "Show the members (expand) and highlight them; click again to collapse");
+      barButton.addEventListener("click", function () {
+        setExpanded(number, !expanded[number]);
+        highlight(expanded[number] ? group.members : []);
+      });
+      supernodeBar.appendChild(barButton);
     });
+
+    buildEdges();
+    applyThreshold();
+    showHint();
+    renderPins();
   }
 
   if (data.mode === "dashboards") renderDashboardPage(); else renderGraphPage();
