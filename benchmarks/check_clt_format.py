@@ -151,7 +151,7 @@ def _in_ct_env(ct_python: str, step: str, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("step", nargs="?", choices=["write", "check", "ct-write", "fc-check"], help="one step only")
     parser.add_argument("--out", type=Path, help="directory for the files (default: a temporary one)")
     parser.add_argument("--ct-python", default="/tmp/fc-graph-ct-venv/bin/python", help="circuit-tracer's python")

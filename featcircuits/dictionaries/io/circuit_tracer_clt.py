@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -162,7 +162,7 @@ def layer_files(clt: CrossLayerTranscoder) -> dict[str, dict[str, torch.Tensor]]
                          "cannot be written in its layout. Save it in the native format, or train the CLT with "
                          "architecture batchtopk (written as the JumpReLU of its inference thresholds) or jumprelu.")
     if clt.cfg.norm_scale != 1.0:
-        clt = copy.deepcopy(clt).fold_norm_scale()  # circuit-tracer reads raw activations
+        clt = cast(CrossLayerTranscoder, copy.deepcopy(clt).fold_norm_scale())  # circuit-tracer reads raw activations
     threshold = clt.threshold
     if threshold is not None:
         threshold = threshold[:, None].expand(-1, clt.cfg.d_sae) if threshold.dim() == 1 else threshold
