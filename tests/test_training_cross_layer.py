@@ -3,6 +3,8 @@ with per-layer metrics, and bad settings."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import STORIES260K, TINYSTORIES
@@ -171,3 +173,39 @@ def test_bad_settings_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="hooks name 3 layers but the model has 5"):
         run_training(config)
     assert not (tmp_path / "c" / CROSS_LAYER_NAME).exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process(stories_model, tmp_path):
+    """Data parallel: 2 torchrun ranks each training on half of every global batch (gradients averaged) end with
+    the one-process weights, from an activation cache of all ten hooks. (TopK: a token's latents do not depend on
+    the rest of its batch; BatchTopK selects within each rank's half, as for per-layer dictionaries.)"""
+    from test_training_distributed import _torchrun
+
+    from featcircuits.training import write_cache
+    from featcircuits.training.sources import ModelSource
+    from featcircuits.training.tokens import special_token_ids, tokenize_text_file
+
+    n = stories_model.cfg.n_layers
+    hooks_in = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(n)]
+    hooks_out = [f"blocks.{layer}.hook_mlp_out" for layer in range(n)]
+    tokens = tokenize_text_file(TINYSTORIES / "valid_head.txt", stories_model.tokenizer, 64)[:24]
+    source = ModelSource(stories_model, tokens, hooks_in + hooks_out, 12, special_token_ids(stories_model.tokenizer),
+                         shuffle=False)
+    write_cache(source, tmp_path / "cache", hooks_in + hooks_out, source.widths(), len(tokens), rows_per_shard=1000,
+                metadata={"model_name": stories_model.cfg.model_name})
+    fields = dict(hooks=hooks_in, hooks_out=hooks_out, kind="cross_layer_transcoder", dataset=str(tmp_path / "cache"),
+                  architecture="topk", k=4, d_sae=48, total_tokens=256 * 6, batch_size=256, lr=1e-3,
+                  buffer_bytes=2**21, device="cpu", progress=False, log_every=3, lr_decay_fraction=0.0)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({**fields, "out": str(tmp_path / "two")}))
+    completed = _torchrun(config_path, 2)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_training(TrainConfig(**fields, out=str(tmp_path / "one")))
+    one = fc.load_dictionaries(str(tmp_path / "one" / CROSS_LAYER_NAME))[0]
+    two = fc.load_dictionaries(str(tmp_path / "two" / CROSS_LAYER_NAME))[0]
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        # averaging two half-batch gradients reorders float sums; a different row would move weights by ~lr
+        assert float((a - b).abs().max()) < 1e-4, name
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and f"{CROSS_LAYER_NAME}/fvu_layer4" in metrics["history"][-1]
