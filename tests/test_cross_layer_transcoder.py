@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from test_hub_loading import hub_cache  # noqa: F401  (the offline Hub cache fixture)
 
 import featcircuits as fc
 from featcircuits.cli import main
@@ -305,3 +306,38 @@ def test_clt_against_the_model(tiny_llama):
     sae = Dictionary.from_config(DictionaryConfig(d_in=d, d_sae=D_SAE, hook_in="blocks.1.hook_resid_post"))
     with pytest.warns(UserWarning, match="record model 'stories260k'"):  # an SAE elsewhere is fine
         check_dictionaries_match_model(tiny_llama, [clt, sae])
+
+
+CLT_REGISTRY = """
+releases:
+  tiny-clt:
+    repo_id: someone/tiny-clt
+    model: stories260k
+    format: circuit-tracer
+    kind: cross_layer_transcoder
+    dictionaries:
+      - {id: clt, path: "clt-jumprelu"}
+"""
+
+
+def test_hub_release_of_a_circuit_tracer_clt(tmp_path, hub_cache):  # noqa: F811
+    from test_hub_loading import write_cached_snapshot
+
+    from featcircuits.hub.loading import HubFileError
+
+    (tmp_path / "registry.yaml").write_text(CLT_REGISTRY)
+    write_circuit_tracer_files(tmp_path / "files")
+    files = {f"clt-jumprelu/{p.name}": p for p in (tmp_path / "files").iterdir()}
+    write_cached_snapshot(hub_cache, "someone/tiny-clt", "c" * 40, files)
+    (clt,) = fc.load_dictionaries("tiny-clt", registry=tmp_path / "registry.yaml")
+    assert isinstance(clt, CrossLayerTranscoder) and clt.cfg.layer is None
+    assert clt.cfg.extra["release"] == "tiny-clt" and clt.cfg.extra["revision"] == "main"
+    x = torch.randn(5, N_LAYERS, D_MODEL)
+    expected, _ = circuit_tracer_reference(tmp_path / "files", x)
+    with torch.no_grad():
+        torch.testing.assert_close(clt(x)[0], expected, atol=1e-5, rtol=1e-5)
+    # a layer file the cache lacks (offline) is named
+    del files["clt-jumprelu/W_enc_2.safetensors"]
+    write_cached_snapshot(hub_cache, "someone/tiny-clt", "e" * 40, files, refs=("partial",))
+    with pytest.raises(HubFileError, match="no file 'clt-jumprelu/W_enc_2.safetensors'"):
+        fc.load_dictionaries("tiny-clt", revision="partial", registry=tmp_path / "registry.yaml")
