@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hook", action="append", default=[], help="input hook of a dictionary (repeatable)")
     parser.add_argument("--hook-out", action="append", default=[],
                         help="output hook (transcoders), one per --hook")
-    parser.add_argument("--kind", choices=["sae", "transcoder", "skip_transcoder"])
+    parser.add_argument("--kind", choices=["sae", "transcoder", "skip_transcoder", "cross_layer_transcoder"])
     parser.add_argument("--architecture", choices=["relu", "topk", "batchtopk", "jumprelu"])
     parser.add_argument("--k", type=int, help="active latents per token (topk, batchtopk)")
     parser.add_argument("--d-sae", type=int, help="number of latents")

@@ -75,6 +75,14 @@ class Dictionary(nn.Module):
         """Per-feature (JumpReLU) or global (BatchTopK) threshold, if the activation has one."""
         return getattr(self.activation, "threshold", None)
 
+    @torch.no_grad()
+    def set_threshold(self, threshold: torch.Tensor) -> None:
+        """Copy ``threshold`` (the shape :attr:`threshold` has) into the activation."""
+        current = self.threshold
+        if current is None:
+            raise ValueError(f"A {self.cfg.activation} dictionary has no threshold to set.")
+        current.copy_(threshold)
+
     # -- the computation ----------------------------------------------------------------------
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:

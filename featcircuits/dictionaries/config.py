@@ -8,9 +8,11 @@ from typing import Any
 
 from .activations import ACTIVATIONS
 
-__all__ = ["DictionaryConfig", "KINDS"]
+__all__ = ["DictionaryConfig", "KINDS", "LAYER_FIELD"]
 
-KINDS = ("sae", "transcoder", "skip_transcoder")
+KINDS = ("sae", "transcoder", "skip_transcoder", "cross_layer_transcoder")
+# Where a cross-layer transcoder's hook templates name the layer: ``blocks.{layer}.ln2.hook_normalized``.
+LAYER_FIELD = "{layer}"
 
 
 @dataclass
@@ -31,6 +33,7 @@ class DictionaryConfig:
     hook_in: str = ""
     hook_out: str = ""
     layer: int | None = None
+    n_layers: int | None = None  # cross-layer transcoders only: the layers 0..n_layers-1 it reads and writes
     model_name: str = ""
     model_revision: str | None = None
     apply_b_dec_to_input: bool = False
@@ -55,9 +58,27 @@ class DictionaryConfig:
             raise ValueError(f"An SAE reconstructs its input: d_out={self.d_out} must equal d_in={self.d_in}.")
         if self.kind != "sae" and self.apply_b_dec_to_input:
             raise ValueError("apply_b_dec_to_input needs d_out == d_in; transcoders cannot subtract b_dec.")
+        if self.kind == "cross_layer_transcoder":
+            self._check_cross_layer()
+        elif self.n_layers is not None:
+            raise ValueError(f"n_layers={self.n_layers} is for cross-layer transcoders; a {self.kind} has one layer "
+                             "(set layer instead, or kind=cross_layer_transcoder).")
         for name in ("d_in", "d_sae", "d_out"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+
+    def _check_cross_layer(self) -> None:
+        if not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1:
+            raise ValueError(f"A cross_layer_transcoder needs n_layers, a positive integer (the model's layer count); "
+                             f"got {self.n_layers!r}.")
+        if self.layer is not None:
+            raise ValueError(f"A cross_layer_transcoder spans layers 0..{self.n_layers - 1}; layer={self.layer} must "
+                             "be None.")
+        for name in ("hook_in", "hook_out"):
+            hook = getattr(self, name)
+            if hook and hook.count(LAYER_FIELD) != 1:
+                raise ValueError(f"A cross_layer_transcoder's {name} is a template with one {LAYER_FIELD} "
+                                 f"(e.g. 'blocks.{LAYER_FIELD}.hook_mlp_out'); got {hook!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..dictionaries.base import Dictionary
+from ..dictionaries.cross_layer import CrossLayerTranscoder, check_cross_layer_set
 
 __all__ = ["check_dictionaries_match_model", "hook_width", "same_model_name"]
 
@@ -48,7 +49,12 @@ def check_dictionaries_match_model(model: Any, dictionaries: Iterable[Dictionary
     equal the widths of the activations there. Widths that fit but a recorded ``cfg.model_name`` naming
     another model give a ``UserWarning`` naming both: the dictionary runs, but its features were learned
     on another model's activations (a random-init twin, another checkpoint of the same size).
+
+    A cross-layer transcoder must span the model's layers, each of its per-layer hooks is checked, and no other
+    dictionary may write an MLP output it reconstructs.
     """
+    dictionaries = list(dictionaries)
+    check_cross_layer_set(dictionaries, int(model.cfg.n_layers))
     model_name = getattr(model.cfg, "model_name", "") or "the given model"
     hooks = model.hook_dict
     others: dict[str, list[str]] = {}
@@ -57,7 +63,11 @@ def check_dictionaries_match_model(model: Any, dictionaries: Iterable[Dictionary
         trained_on = cfg.model_name or "an unnamed model"
         what = f"Dictionary {cfg.hook_in!r} (trained on {trained_on})"
         fix = f"Load the dictionaries made for {model_name}, or the model these were trained on ({trained_on})."
-        for role, hook, width in (("reads", cfg.hook_in, cfg.d_in), ("writes", cfg.hook_out, cfg.d_out)):
+        placed = [("reads", cfg.hook_in, cfg.d_in), ("writes", cfg.hook_out, cfg.d_out)]
+        if isinstance(dictionary, CrossLayerTranscoder):
+            placed = [(role, hook, width) for hook_in, hook_out in zip(dictionary.hooks_in, dictionary.hooks_out, strict=True)
+                      for role, hook, width in (("reads", hook_in, cfg.d_in), ("writes", hook_out, cfg.d_out))]
+        for role, hook, width in placed:
             if not hook:
                 continue
             if hook not in hooks:

@@ -132,6 +132,9 @@ def _load_entry(release: Release, entry: DictionaryEntry, revision: str | None, 
             _optional_hub_file(repo_id, f"{path}/activation_scaler.json", pinned)
         dictionary = _load_folder(files[0].parent, release.format, device)
         dictionary.cfg.extra.update(provenance)
+    elif release.format == "circuit-tracer" and release.kind == "cross_layer_transcoder":
+        dictionary = _load_clt_folder(repo_id, path, pinned, device)
+        dictionary.cfg.extra.update(provenance)
     elif release.format == "circuit-tracer":
         if not path.endswith(".npz"):
             raise ValueError(
@@ -153,7 +156,7 @@ def _load_entry(release: Release, entry: DictionaryEntry, revision: str | None, 
         raise ValueError(f"Release {release.name!r} has format {release.format!r}, which featcircuits cannot read.")
     cfg = dictionary.cfg
     cfg.model_name = cfg.model_name or release.model
-    if cfg.layer is None:
+    if cfg.layer is None and cfg.kind != "cross_layer_transcoder":  # a CLT spans every layer
         cfg.layer = entry.layer
     if release.extra.get("config_overrides"):
         cfg.extra.setdefault("config_overrides", release.extra["config_overrides"])
@@ -165,6 +168,32 @@ def _optional_hub_file(repo_id: str, filename: str, revision: str | None) -> Pat
         return hub_file(repo_id, filename, revision)
     except HubFileError:
         return None
+
+
+def _load_clt_folder(repo_id: str, path: str, revision: str | None, device: str | torch.device) -> Dictionary:
+    """A circuit-tracer cross-layer transcoder in folder ``path`` of a Hub repo (``""`` or ``"."``: its root).
+
+    ``W_dec_0`` writes to every layer, so its shape gives the layer count; each layer's two files are then fetched
+    (through the Hub cache, so offline mode and revisions behave as for every other file) and read by the
+    circuit-tracer format reader, which names any file that is missing.
+    """
+    from safetensors import safe_open
+
+    from ..dictionaries.io import FORMATS
+
+    prefix = f"{path.strip('/')}/" if path.strip("/.") else ""
+    config = hub_file(repo_id, f"{prefix}config.yaml", revision)
+    first = hub_file(repo_id, f"{prefix}W_dec_0.safetensors", revision)
+    try:
+        with safe_open(str(first), framework="pt") as handle:
+            n_layers = int(handle.get_slice("W_dec_0").get_shape()[1])
+    except Exception as err:  # a truncated download, or another layout
+        raise ValueError(f"{first} (W_dec_0 of {repo_id}) is not a circuit-tracer CLT decoder ({err}).") from None
+    for layer in range(n_layers):
+        for name in (f"W_enc_{layer}.safetensors", f"W_dec_{layer}.safetensors"):
+            hub_file(repo_id, f"{prefix}{name}", revision)
+    (clt,) = FORMATS["circuit_tracer"].load(config.parent, device=device)
+    return clt
 
 
 def _load_folder(folder: Path, fmt: str, device: str | torch.device) -> Dictionary:

@@ -116,6 +116,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.local_device(config.device)
     torch.manual_seed(config.seed)
+    if config.kind == "cross_layer_transcoder":  # its settings are checked before any model or data loads
+        from .cross_layer import check_cross_layer_config
+
+        check_cross_layer_config(config)
     pairs = config.pairs
     if config.distribute_dictionaries and world > 1:
         mine = [i for i in range(len(pairs)) if i % world == rank]
@@ -162,6 +166,13 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 
     store = ActivationStore(source, widths, config.batch_size, config.buffer_bytes, device=device,
                             seed=config.seed, max_rows=config.batch_size * config.n_steps)
+    if config.kind == "cross_layer_transcoder":  # one dictionary over every layer: see cross_layer.py
+        from .cross_layer import CROSS_LAYER_NAME, train_cross_layer
+
+        result = train_cross_layer(config, store, widths, model_name, device, sync, rank_slice, model, eval_tokens,
+                                   special_ids)
+        _write_outputs(config, result, [CROSS_LAYER_NAME])
+        return result
     trainers, names = [], []
     for hook_in, hook_out in my_pairs:
         dict_cfg = _dictionary_config(config, hook_in, hook_out, widths, model_name)

@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 
 from ..base import Dictionary
-from . import circuit_tracer, native, saelens, sparsify
+from . import circuit_tracer, circuit_tracer_clt, native, saelens, sparsify
 from .common import read_json, unfinished_save_of
 
 __all__ = ["FORMATS", "register_format", "detect_format", "load_dictionary", "load_dictionaries", "save_dictionary"]
@@ -104,7 +104,7 @@ def _reject_incomplete(path: Path) -> None:
     """Raise when ``path`` (in no known format) holds files of a dictionary, naming what is wrong."""
     names = {p.name for p in path.iterdir() if p.is_file()}
     half_written = sorted(n for n in names if n.endswith(".tmp") and n.startswith(tuple(f".{f}." for f in _DICTIONARY_FILES)))
-    layers = sorted(n for n in names if circuit_tracer._LAYER_FILE.match(n))
+    layers = sorted(n for n in names if circuit_tracer._LAYER_FILE.match(n) or circuit_tracer_clt.is_layer_file(n))
     weights = [n for n in _WEIGHTS_FILES if n in names]
     if half_written:
         problem = f"{half_written} are temporary files of a write that never finished"

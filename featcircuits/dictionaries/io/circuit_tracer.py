@@ -20,6 +20,7 @@ Hooks in the yaml are relative to ``blocks.L.``. circuit-tracer needs a transcod
 check), and its TopK keeps the k largest pre-activations without a ReLU (ours zeroes negative ones; the two
 agree whenever a token has at least k positive pre-activations). Older files (``transcoders`` as a list of
 ``{id, layer, filepath}``, or no list beside ``layer_*.safetensors`` as in circuit-tracer's cache) are read too.
+A ``config.yaml`` with ``model_kind: cross_layer_transcoder`` is a cross-layer transcoder: see circuit_tracer_clt.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from safetensors.torch import save_file
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
+from ..cross_layer import CrossLayerTranscoder
+from . import circuit_tracer_clt
 from .common import DICTIONARY_NONFINITE_FIX, atomic_directory, check_finite, read_tensors
 
 CONFIG_FILE = "config.yaml"
@@ -46,8 +49,8 @@ _LAYER_FILE = re.compile(r"^layer_(\d+)\.safetensors$")
 
 def owns(name: str) -> bool:
     """Whether a file name in a transcoder-set directory is one a save replaces (stale layers too: circuit-
-    tracer's cache loader would pick up the layers of a previous, larger set)."""
-    return name == CONFIG_FILE or bool(_LAYER_FILE.match(name))
+    tracer's cache loader would pick up the layers of a previous, larger set; a CLT's files likewise)."""
+    return name == CONFIG_FILE or bool(_LAYER_FILE.match(name)) or circuit_tracer_clt.is_layer_file(name)
 
 
 def detect(path: Path) -> bool:
@@ -57,7 +60,8 @@ def detect(path: Path) -> bool:
         config = yaml.safe_load((path / CONFIG_FILE).read_text())
     except yaml.YAMLError:
         return True  # ours to read: load() then reports the corrupt file by name
-    return isinstance(config, dict) and ("transcoders" in config or config.get("model_kind") == "transcoder_set")
+    return isinstance(config, dict) and ("transcoders" in config or config.get("model_kind") in (
+        "transcoder_set", circuit_tracer_clt.MODEL_KIND))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -73,9 +77,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(f"{source} should be a mapping with feature_input_hook, feature_output_hook, transcoders.")
     kind = config.get("model_kind", "transcoder_set")
-    if kind != "transcoder_set":
+    if kind not in ("transcoder_set", circuit_tracer_clt.MODEL_KIND):
         raise ValueError(f"{source} has model_kind={kind!r}; featcircuits reads per-layer transcoder sets "
-                         "(model_kind: transcoder_set), not cross-layer transcoders.")
+                         f"(model_kind: transcoder_set) and cross-layer transcoders ({circuit_tracer_clt.MODEL_KIND}).")
     missing = [key for key in ("feature_input_hook", "feature_output_hook") if key not in config]
     if missing:
         raise ValueError(f"{source} lacks key(s) {missing}; circuit-tracer needs them to place the transcoders.")
@@ -121,6 +125,8 @@ def _activation(config: dict[str, Any], file: Path, names: set[str], source: Pat
 
 def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
     config = read_config(path)
+    if config.get("model_kind") == circuit_tracer_clt.MODEL_KIND:
+        return circuit_tracer_clt.load(path, config, device)
     source = path / CONFIG_FILE
     dictionaries = []
     for layer, file in layer_files(path, config).items():
@@ -227,6 +233,13 @@ def layer_tensors(dictionary: Dictionary) -> dict[str, torch.Tensor]:
 
 
 def save(dictionaries: list[Dictionary], path: Path) -> None:
+    clts = [d for d in dictionaries if isinstance(d, CrossLayerTranscoder)]
+    if clts:
+        if len(dictionaries) != 1:
+            raise ValueError(f"circuit-tracer holds either one cross-layer transcoder or a per-layer transcoder set in a "
+                             f"directory; got {len(clts)} CLT(s) among {len(dictionaries)} dictionaries. Save the CLT "
+                             "to its own directory.")
+        return circuit_tracer_clt.save(clts[0], path)
     ordered, hook_in, hook_out = _check_set(dictionaries)
     # circuit-tracer reads raw activations: fold any normalisation scale into copies.
     ordered = [copy.deepcopy(d).fold_norm_scale() if d.cfg.norm_scale != 1.0 else d for d in ordered]

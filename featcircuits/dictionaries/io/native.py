@@ -36,6 +36,8 @@ def detect(path: Path) -> bool:
 
 
 def expected_shapes(cfg: DictionaryConfig) -> tuple[dict, dict]:
+    if cfg.kind == "cross_layer_transcoder":
+        return _cross_layer_shapes(cfg), {}
     required = {
         "W_enc": (cfg.d_in, cfg.d_sae),
         "b_enc": (cfg.d_sae,),
@@ -49,6 +51,22 @@ def expected_shapes(cfg: DictionaryConfig) -> tuple[dict, dict]:
     if cfg.activation == "batchtopk":
         required["threshold"] = ()
     return required, {}
+
+
+def _cross_layer_shapes(cfg: DictionaryConfig) -> dict:
+    n = cfg.n_layers
+    assert n is not None  # DictionaryConfig checks it for this kind
+    required = {
+        "W_enc": (n, cfg.d_in, cfg.d_sae),
+        "b_enc": (n, cfg.d_sae),
+        "W_dec": (cfg.d_sae, n * (n + 1) // 2, cfg.d_out),
+        "b_dec": (n, cfg.d_out),
+    }
+    if cfg.activation == "jumprelu":
+        required["threshold"] = (n, cfg.d_sae)
+    if cfg.activation == "batchtopk":
+        required["threshold"] = (n,)
+    return required
 
 
 def state_for_saving(dictionary: Dictionary) -> dict[str, torch.Tensor]:
@@ -69,8 +87,10 @@ def dictionary_from_tensors(cfg: DictionaryConfig, tensors: dict[str, torch.Tens
     dictionary = Dictionary.from_config(cfg, device=device)
     with torch.no_grad():
         for name, tensor in tensors.items():
-            target = dictionary.threshold if name == "threshold" else getattr(dictionary, name)
-            target.copy_(tensor.to(target.dtype))
+            if name == "threshold":
+                dictionary.set_threshold(tensor)
+            else:
+                getattr(dictionary, name).copy_(tensor.to(dictionary.dtype))
     return dictionary
 
 
@@ -99,6 +119,8 @@ def load(path: Path, device: str | torch.device = "cpu") -> list[Dictionary]:
     missing = [name for name in REQUIRED_FIELDS if name not in data]
     if data.get("activation") in ("topk", "batchtopk") and data.get("k") is None:
         missing.append("k")
+    if data.get("kind") == "cross_layer_transcoder" and data.get("n_layers") is None:
+        missing.append("n_layers")
     if missing:
         raise ValueError(f"{source} lacks field(s) {missing}, which every featcircuits save writes: the config is "
                          "incomplete (hand-edited or truncated). Save the dictionary again, or add the fields.")
