@@ -224,7 +224,7 @@ def find_circuit(
         # distance metric AtP's are all 0, so integrated gradients (which leave the clean run) guide instead.
         estimate = attribute(steps=max(steps, 2) if distance else 1).detach().cpu().abs()
         # error units: with "keep" never tried (always in), with "ablate" removed from the start
-        initial = torch.ones(n_units, dtype=torch.bool) if errors == "keep" else ~is_error
+        initial = ~is_error if errors == "ablate" else torch.ones(n_units, dtype=torch.bool)
         if prefilter is not None:
             tried = torch.zeros(n_units, dtype=torch.bool)
             ranked = estimate.argsort(descending=True)

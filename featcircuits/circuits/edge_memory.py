@@ -15,7 +15,7 @@ what the code allocates per edge:
   masks over every edge (``4 * batch_size`` bytes an edge) with the forward's per-site temporaries (two
   ``[copies, edges into one site]`` tensors); AtP and AtP-IG need only a few score vectors;
 * ``evaluate``: the circuit's score and id lists, the sweep's masks (one forward's worth at a time) and
-  the saved JSON's lists.
+  the saved JSON's text.
 
 The peak is the largest stage. :func:`check_feature_edge_memory` refuses a plan over the budget and names
 the largest ``max_edges`` (and, when every edge could fit at a smaller one, the largest ``batch_size``) that
@@ -39,7 +39,7 @@ GIB = 2**30
 TUPLE_BYTES = 64  # one (sender id, receiver id) tuple and its list slot (the ids are shared strings)
 INDEX_LIST_BYTES = 37  # one Python int in a tolist() list, with its slot
 FLOAT_LIST_BYTES = 40  # one Python float in a list, with its slot
-JSON_PAIR_BYTES = 80  # one [sender, receiver] list in the saved circuit's dict, with its slot
+JSON_TEXT_BYTES = 72  # one edge in the saved circuit's text (its ids and score) and its score's list slot
 
 
 class CircuitTooLargeError(ValueError):
@@ -151,7 +151,7 @@ def estimate_feature_edge_memory(nodes: FeatureGraph, max_edges: int | None = No
         search = stored + 24 * n_edges + forward
     # the circuit's score and id lists, the sweep's rankings, one forward of masks; then the saved lists
     circuit_lists = (FLOAT_LIST_BYTES + 16) * n_edges
-    evaluate = stored + circuit_lists + max(48 * n_edges + forward, (2 * JSON_PAIR_BYTES + 8) * n_edges)
+    evaluate = stored + circuit_lists + max(48 * n_edges + forward, JSON_TEXT_BYTES * n_edges)
     n_receivers = sum(len(feats) for key, _, _, _, feats in nodes._site_units if key.startswith("feat:"))
     passes = n_prompts * (1 + -(-n_receivers // chunk) + -(-d_model // chunk))
     return EdgeMemoryPlan(n_candidates, n_edges, batch_size, {"weights": weights, "search": search,
