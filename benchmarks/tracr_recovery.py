@@ -179,17 +179,18 @@ def run_program(name: str, args: argparse.Namespace) -> dict:
     return results
 
 
-def _table(rows: dict[str, dict]) -> None:
-    """One row per program: tracr's name, layers, RASP agreement, component and feature ROC AUCs (ACDC)."""
+TABLE_HEADER = (f"{'program':24s} {'layers':>6s} {'RASP':>6s} {'comp nodes':>10s} {'comp edges':>10s} "
+                f"{'feat vars':>9s} {'feat labels':>11s}")
+
+
+def _row(name: str, r: dict) -> str:
+    """A table row: tracr's name, layers, RASP agreement, component and feature ROC AUCs (ACDC)."""
     from featcircuits.groundtruth.tracr_model import tracr_name
 
     nan = float("nan")
-    print(f"{'program':24s} {'layers':>6s} {'RASP':>6s} {'comp nodes':>10s} {'comp edges':>10s} "
-          f"{'feat vars':>9s} {'feat labels':>11s}")
-    for name, r in rows.items():
-        print(f"{tracr_name(name):24s} {r['layers']:6d} {r['agree']:4d}/50 {r.get(('nodes', 'acdc'), nan):10.3f} "
-              f"{r.get(('edges', 'acdc'), nan):10.3f} {r.get(('variables', 'acdc'), nan):9.3f} "
-              f"{r.get(('labels', 'acdc'), nan):11.3f}")
+    return (f"{tracr_name(name):24s} {r['layers']:6d} {r['agree']:4d}/50 {r.get(('nodes', 'acdc'), nan):10.3f} "
+            f"{r.get(('edges', 'acdc'), nan):10.3f} {r.get(('variables', 'acdc'), nan):9.3f} "
+            f"{r.get(('labels', 'acdc'), nan):11.3f}")
 
 
 def main() -> None:
@@ -202,14 +203,16 @@ def main() -> None:
     for name in names:
         start = time.time()
         rows[name] = run_program(name, args)
-        print(f"{name}: {time.time() - start:.0f} s")
+        print(f"{name}: {time.time() - start:.0f} s; row: {_row(name, rows[name])}", flush=True)
     nan = float("nan")
     if len(rows) > 1:
-        _table(rows)
+        print(TABLE_HEADER)
+        for name, r in rows.items():
+            print(_row(name, r))
         components = [r[("edges", "acdc")] for r in rows.values()]
         features = [r.get(("variables", "acdc"), nan) for r in rows.values()]
-        print(f"programs={len(rows)} min_roc_auc_components={min(components, key=lambda v: (v == v, v)):.4f} "
-              f"min_roc_auc_features={min(features, key=lambda v: (v == v, v)):.4f}")
+        print(f"programs={len(rows)} min_roc_auc_components={min(components, key=lambda v: (v != v, v)):.4f} "
+              f"min_roc_auc_features={min(features, key=lambda v: (v != v, v)):.4f}")
     else:
         r = next(iter(rows.values()))
         print(f"roc_auc_components={r[('edges', 'acdc')]:.4f} roc_auc_features={r.get(('variables', 'acdc'), nan):.4f}")

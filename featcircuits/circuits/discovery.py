@@ -114,7 +114,8 @@ def find_circuit(
         tau: in [0, 1], a fraction of the gap ``|m(model) - m(all ablated)|``: ACDC removes a unit whose
             removal changes the metric by less than that; AtP/IG keep units whose estimated effect is at
             least that (unless ``top_k`` is given).
-        top_k: select the ``k`` best-scored units instead (AtP/IG).
+        top_k: select the ``k`` best-scored units instead (AtP/IG; with ``errors`` ``keep`` or ``ablate``,
+            the ``k`` best feature units).
         metric: ``logit_diff``, ``prob_diff``, or a distance from the clean model, ``kl`` or ``l2`` (ACDC
             and IG only: AtP's gradient of a distance is zero at the clean run), or a function (see
             :mod:`featcircuits.circuits.tasks`).
