@@ -3,12 +3,13 @@
     featcircuits train train/stories260k_skip_transcoders.yaml --set out=/tmp/stc
     python benchmarks/stories_feature_circuit.py --dictionaries /tmp/stc
 
-Task: the name-repetition pairs of benchmarks/acdc_speed.py (the model is competent: logit difference
-3.72). Nodes: every transcoder feature at every position whose clean and corrupt activations differ
+Task: ``--task FILE`` (a task JSON), by default the name-repetition pairs of benchmarks/acdc_speed.py (the model
+is competent: logit difference 3.72). Nodes: every transcoder feature at every position whose clean and corrupt activations differ
 (the active candidates) plus each site's error node per position; patch ablation. Features are ranked
 by AtP-IG (8 steps) and by AtP; the circuit is the best 5% of feature nodes with the error nodes (they
-stand for what the transcoders miss) chosen three ways: ranked with the features on the same scores, as
-Sparse Feature Circuits does; all kept; all ablated (a feature-only circuit). Then the ceiling of any
+stand for what the transcoders miss) chosen three ways (``find_circuit(errors=..., top_fraction=0.05)``):
+ranked with the features on the same scores, as Sparse Feature Circuits does; all kept; all ablated (a
+feature-only circuit). Then the ceiling of any
 feature-only circuit: every feature kept, every error node ablated.
 ``--acdc-tau T ...`` also runs ACDC over feature nodes in the feature-only world (error nodes ablated from
 the start; the ``--prefilter`` features with the largest AtP-IG scores tried, the rest removed; the walk
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dictionaries", required=True)
     parser.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared/models/stories260k"))
+    parser.add_argument("--task", help="task JSON file (a list of {clean, corrupt, answer, distractor}); default: "
+                                       "the name-repetition pairs of benchmarks/acdc_speed.py")
     parser.add_argument("--fraction", type=float, default=0.05)
     parser.add_argument("--acdc-tau", type=float, nargs="*", default=[],
                         help="also run feature-only ACDC at these tau (fractions of the metric gap)")
@@ -41,53 +45,44 @@ def main() -> None:
     from acdc_speed import name_task_pairs
 
     from featcircuits import load_dictionaries, load_model
-    from featcircuits.circuits import ContrastiveTask, FeatureGraph, acdc
+    from featcircuits.circuits import ContrastiveTask, FeatureGraph, acdc, evaluate, find_circuit, load_task
     from featcircuits.patching.replacement import ReplacementModel
 
     model = load_model(args.model)
-    replacement = ReplacementModel(model, load_dictionaries(args.dictionaries))
-    task = ContrastiveTask.from_pairs(model, name_task_pairs())
+    loaded = load_dictionaries(args.dictionaries)
+    replacement = ReplacementModel(model, list(loaded.values()) if isinstance(loaded, dict) else loaded)
+    task = load_task(args.task, model) if args.task else ContrastiveTask.from_pairs(model, name_task_pairs())
     graph = FeatureGraph(replacement, task, ablation="patch", positions="each")
     features = torch.tensor([i for i, n in enumerate(graph.node_ids) if ":error@" not in n])
     errors = torch.tensor([i for i, n in enumerate(graph.node_ids) if ":error@" in n])
-    budget = int(args.fraction * len(features))
-    print(f"{len(features)} active feature nodes, {len(errors)} error nodes; full-model logit diff "
-          f"{graph.full_metric:.3f}; circuit: the best {budget} feature nodes ({budget / len(features):.1%})")
-    is_error = torch.zeros(len(graph.node_ids), dtype=torch.bool)
-    is_error[errors] = True
+    budget = max(1, int(args.fraction * len(features)))
+    print(f"task {args.task or 'names (benchmarks/acdc_speed.py)'}: {len(task)} pairs; {len(features)} active feature "
+          f"nodes, {len(errors)} error nodes; full-model logit diff {graph.full_metric:.3f}; circuit: the best "
+          f"{budget} feature nodes ({budget / len(features):.1%})")
     last = ""
-    scores_by_method = {}
     for method, steps in (("ig", 8), ("atp", 1)):
-        scores = scores_by_method[method] = graph.node_attribution(steps=steps).abs()
-        top = features[scores[features].argsort(descending=True)[:budget]]
-        # As Sparse Feature Circuits selects: error nodes compete with the features on the same scores;
-        # walk the ranking until it holds `budget` feature nodes, keeping the error nodes met on the way.
-        order = scores.argsort(descending=True)
-        ranked = order[torch.cumsum((~is_error[order]).long(), 0) <= budget]
-        variants = {"error nodes ranked with them": ranked, "every error node kept": torch.cat([top, errors]),
-                    "error nodes ablated": top}
-        for name, chosen in variants.items():
-            keep = torch.zeros(len(graph.node_ids))
-            keep[chosen] = 1
-            values = graph.node_metric(torch.stack([keep, 1 - keep, torch.ones_like(keep), torch.zeros_like(keep)]))
-            full, empty = float(values[2]), float(values[3])
-            faithfulness = (float(values[0]) - empty) / (full - empty)
-            completeness = (float(values[1]) - empty) / (full - empty)
-            n_errors = int(is_error[chosen].sum())
-            print(f"{method:3s} {budget} features, {name} ({n_errors} error nodes): faithfulness={faithfulness:.3f} "
-                  f"completeness={completeness:.3f} (m(model)={full:.3f}, m(empty)={empty:.3f})")
-            if method == "ig" and name == "error nodes ranked with them":
-                last = (f"features={budget}/{len(features)} errors={n_errors}/{len(errors)} "
-                        f"faithfulness={faithfulness:.4f} completeness={completeness:.4f}")
+        # the error nodes three ways: ranked with the features on the same scores (Sparse Feature Circuits:
+        # those above the last chosen feature join), every one kept, every one ablated (feature-only)
+        for mode in ("rank", "keep", "ablate"):
+            circuit = find_circuit(replacement, task, method, graph=graph, steps=steps, errors=mode,
+                                   top_fraction=args.fraction)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the summary line says it
+                result = evaluate(circuit, sizes=[0])
+            share = result.get("error_share")
+            print(f"{method:3s} errors={mode:6s}: {circuit.summary_line()}  (m(model)={result['m_full']:.3f}, "
+                  f"m(empty)={result['m_empty']:.3f}; error nodes carry "
+                  f"{'n/a' if share is None else f'{share:.0%}'} of its features' effect)")
+            if method == "ig" and mode == "rank":
+                last = circuit.summary_line()
+    full, empty = graph.full_metric, float(graph.node_metric(torch.zeros(1, len(graph.node_ids)))[0])
     # The ceiling of any feature-only circuit: every feature node kept, every error node ablated.
     keep = torch.zeros(len(graph.node_ids))
     keep[features] = 1
-    values = graph.node_metric(torch.stack([keep, torch.ones_like(keep), torch.zeros_like(keep)]))
-    ceiling = (float(values[0]) - float(values[2])) / (float(values[1]) - float(values[2]))
+    ceiling = (float(graph.node_metric(keep[None])[0]) - empty) / (full - empty)
     print(f"all {len(features)} feature nodes, error nodes ablated: faithfulness={ceiling:.3f} "
           "(the most any feature-only circuit can reach)")
-    full, empty = float(values[1]), float(values[2])
-    ig_scores = scores_by_method["ig"]
+    ig_scores = graph.node_attribution(steps=8).abs()
     tried = features[ig_scores[features].argsort(descending=True)[:args.prefilter or 2 * budget]]
     for tau in args.acdc_tau:
         initial = torch.zeros(len(graph.node_ids), dtype=torch.bool)

@@ -1,6 +1,11 @@
 """Recover tracr ground truth: component circuits (ACDC, AtP) and feature circuits on residual-stream SAEs.
 
-    python benchmarks/tracr_recovery.py --program frac_prevs
+    python benchmarks/tracr_recovery.py --program frac_prevs      (or tracr's own name: --program make_frac_prevs)
+    python benchmarks/tracr_recovery.py --program all [--components-only]
+
+``--program all`` runs every program of tracr's lib (all but ``make_nary_sequencemap``, a combinator that takes
+a function) and ends with one table row per program: RASP agreement, the component ROC AUCs (ACDC over nodes and
+edges) and the feature ROC AUCs (ACDC, variables and labels).
 
 Compiles the program (tracr lib, customary arguments), checks the HookedTransformer against tracr's RASP
 interpreter, finds component circuits (edges, zero ablation) with ACDC and AtP (plain, and with exact
@@ -39,9 +44,10 @@ def _name(method: str, metric: str, acdc_metric: str) -> str:
     return f"{method}-logit" if method == "acdc" and metric != acdc_metric else method
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--program", default="frac_prevs")
+    parser.add_argument("--program", default="frac_prevs",
+                        help="a program of tracr's lib, by our name (hist) or tracr's (make_hist), or all")
     parser.add_argument("--max-seq-len", type=int)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--task-seed", type=int, default=0, help="seed of the random clean/corrupt inputs")
@@ -63,8 +69,11 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="print every feature unit with its score")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     parser.add_argument("--components-only", action="store_true", help="skip the SAEs and the feature circuits")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
+
+
+def run_program(name: str, args: argparse.Namespace) -> dict:
+    """Every figure of one program, keyed ``(level or grain, method)``, plus ``agree`` and ``layers``."""
     from tracr.rasp import rasp
 
     from featcircuits.circuits import find_circuit, make_graph
@@ -79,7 +88,7 @@ def main() -> None:
     from featcircuits.patching.replacement import ReplacementModel
 
     start = time.time()
-    program, vocab, n = tracr_program(args.program, args.max_seq_len)
+    program, vocab, n = tracr_program(name, args.max_seq_len)
     tm = compile_tracr(program, vocab, n)
     rng = random.Random(0)
     agree = 0
@@ -94,7 +103,7 @@ def main() -> None:
             got = [tm.output_values[i] for i in logits.argmax(-1).tolist()]
             agree += all(w is None or g == w for g, w in zip(got, want, strict=True))
     cfg = tm.model.cfg
-    print(f"{args.program}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}; agrees with the RASP "
+    print(f"{name}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}; agrees with the RASP "
           f"interpreter on {agree}/50 random inputs ({time.time() - start:.1f}s)")
     task = tracr_task(tm, args.pairs, seed=args.task_seed)
     metric = args.metric if args.metric != "auto" else "l2" if tm.output_values is None else "kl"
@@ -124,9 +133,10 @@ def main() -> None:
             results[(level, "patching")] = _roc(effects, truth)
             print(f"components {level:5s} {'patching':10s}: ROC AUC {results[(level, 'patching')]:.3f}  "
                   f"(each edge's own ablation effect, {n_edges} patterns)")
+    results["agree"] = agree
+    results["layers"] = cfg.n_layers
     if args.components_only:
-        print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features=nan")
-        return
+        return results
     start = time.time()
     saes, info = train_residual_saes(tm, architecture=args.architecture, l1_coefficient=args.l1, k=args.k,
                                      steps=args.sae_steps, seeds=tuple(range(args.seeds)),
@@ -166,7 +176,46 @@ def main() -> None:
         for name, values in draws.items():
             print(f"features {name:12s} variables over {args.task_draws} task draws: mean "
                   f"{sum(values) / len(values):.3f} min {min(values):.3f} max {max(values):.3f}")
-    print(f"roc_auc_components={results[('edges', 'acdc')]:.4f} roc_auc_features={results[('variables', 'acdc')]:.4f}")
+    return results
+
+
+TABLE_HEADER = (f"{'program':24s} {'layers':>6s} {'RASP':>6s} {'comp nodes':>10s} {'comp edges':>10s} "
+                f"{'feat vars':>9s} {'feat labels':>11s}")
+
+
+def _row(name: str, r: dict) -> str:
+    """A table row: tracr's name, layers, RASP agreement, component and feature ROC AUCs (ACDC)."""
+    from featcircuits.groundtruth.tracr_model import tracr_name
+
+    nan = float("nan")
+    return (f"{tracr_name(name):24s} {r['layers']:6d} {r['agree']:4d}/50 {r.get(('nodes', 'acdc'), nan):10.3f} "
+            f"{r.get(('edges', 'acdc'), nan):10.3f} {r.get(('variables', 'acdc'), nan):9.3f} "
+            f"{r.get(('labels', 'acdc'), nan):11.3f}")
+
+
+def main() -> None:
+    args = _arguments()
+    torch.set_num_threads(args.threads)
+    from featcircuits.groundtruth.tracr_model import TRACR_PROGRAMS, program_name
+
+    names = list(TRACR_PROGRAMS) if args.program == "all" else [program_name(args.program)]
+    rows = {}
+    for name in names:
+        start = time.time()
+        rows[name] = run_program(name, args)
+        print(f"{name}: {time.time() - start:.0f} s; row: {_row(name, rows[name])}", flush=True)
+    nan = float("nan")
+    if len(rows) > 1:
+        print(TABLE_HEADER)
+        for name, r in rows.items():
+            print(_row(name, r))
+        components = [r[("edges", "acdc")] for r in rows.values()]
+        features = [r.get(("variables", "acdc"), nan) for r in rows.values()]
+        print(f"programs={len(rows)} min_roc_auc_components={min(components, key=lambda v: (v != v, v)):.4f} "
+              f"min_roc_auc_features={min(features, key=lambda v: (v != v, v)):.4f}")
+    else:
+        r = next(iter(rows.values()))
+        print(f"roc_auc_components={r[('edges', 'acdc')]:.4f} roc_auc_features={r.get(('variables', 'acdc'), nan):.4f}")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,23 @@ def test_saes_trained_on_the_residual_stream_recover_the_program_dataflow(frac_p
     circuit = find_circuit(replacement, None, "acdc", graph=graph)
     names, scores, truth = variable_truth_units(frac_prevs, graph, torch.tensor(circuit.node_scores))
     assert roc_auc(scores, truth) >= 0.95
+
+
+def test_programs_are_named_as_tracr_names_them():
+    import inspect
+
+    from tracr.compiler import lib
+    from tracr.rasp import rasp
+
+    from featcircuits.groundtruth.tracr_model import TRACR_PROGRAMS, program_name, tracr_program
+
+    # every program builder of tracr's lib (not the combinator that takes a function) has a program here
+    builders = {name for name, f in inspect.getmembers(lib, inspect.isfunction)
+                if f.__module__ == lib.__name__ and name != "make_nary_sequencemap"}
+    assert {program_name(name) for name in builders} == set(TRACR_PROGRAMS)
+    ours, theirs = tracr_program("hist"), tracr_program("make_hist")
+    assert ours[1:] == theirs[1:]
+    assert rasp.evaluate(ours[0], list("abca")) == rasp.evaluate(theirs[0], list("abca")) == [2, 1, 1, 2]
+    with pytest.raises(ValueError, match=r"Unknown tracr program 'make_histogram'; choose one of .* or tracr's own "
+                                         r"names for them \(detect_pattern, make_count,"):
+        tracr_program("make_histogram")

@@ -22,10 +22,12 @@ rule is off there.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["acdc", "AcdcResult", "check_tau"]
 
@@ -61,9 +63,9 @@ class _Downstream:
         # sinks (the logits, and nodes no candidate edge leaves) feed nothing downstream and never leave
         self.is_sink = [True] * len(index)
         self.kept_out = [0] * len(index)
-        for unit, sender in enumerate(self.sender):
+        for sender, kept in zip(self.sender, keep.tolist(), strict=True):  # lists: no tensor per unit
             self.is_sink[sender] = False
-            self.kept_out[sender] += int(keep[unit])
+            self.kept_out[sender] += int(kept)
 
     def leads_nowhere(self, unit: int, kept_out: list[int]) -> bool:
         receiver = self.receiver[unit]
@@ -83,6 +85,8 @@ def acdc(
     reference_gap: float | None = None,
     predicted_keep: torch.Tensor | None = None,
     edges: Sequence[tuple[Hashable, Hashable]] | None = None,
+    progress: bool = False,
+    unit_name: str = "unit",
 ) -> AcdcResult:
     """Run ACDC and return which units survive.
 
@@ -121,13 +125,17 @@ def acdc(
     guess = torch.zeros(n_units, dtype=torch.bool) if predicted_keep is None else predicted_keep.bool().cpu().clone()
     # a zero threshold keeps rounding-level changes, which the free rule would remove
     downstream = _Downstream(edges, keep) if edges is not None and threshold > 0 else None
-    remaining = [unit for unit in order if keep[unit]]
-    while remaining:
+    kept = keep.tolist()  # a list: indexing a tensor per unit costs a tensor per unit
+    remaining = [unit for unit in order if kept[unit]]
+    start = 0  # remaining[start:] are undecided (an index, not a slice: slicing a long list per chain is quadratic)
+    bar = tqdm(total=len(remaining), desc=f"ACDC over {len(remaining)} {unit_name}s, batch {batch_size}",
+               unit=unit_name, disable=not progress)
+    while start < len(remaining):
         # The chain: up to batch_size units to evaluate, with the free ones (edges leading nowhere under
         # the guessed decisions before them) interleaved; their removal too is conditional on the guesses.
         chain, free, n_tried = [], [], 0
         kept_out = list(downstream.kept_out) if downstream is not None else []
-        for unit in remaining:
+        for unit in itertools.islice(remaining, start, None):
             is_free = downstream is not None and downstream.leads_nowhere(unit, kept_out)
             if not is_free:
                 if n_tried == batch_size:
@@ -183,5 +191,8 @@ def acdc(
                 for later_unit, measured in zip(later, guessed_change[copy:], strict=True):
                     guess[later_unit] = measured >= threshold
                 break
-        remaining = remaining[decided:]
+        start += decided
+        bar.update(decided)
+        bar.set_postfix(forwards=forwards, refresh=False)
+    bar.close()
     return AcdcResult(keep=keep, scores=scores, forwards=forwards, threshold=threshold)

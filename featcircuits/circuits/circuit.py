@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..dictionaries.io.common import atomic_path
 
 if TYPE_CHECKING:  # the graph modules import this one
@@ -15,10 +17,30 @@ if TYPE_CHECKING:  # the graph modules import this one
     from .feature_edges import FeatureEdgeGraph
     from .features import FeatureGraph
 
-__all__ = ["Circuit"]
+__all__ = ["Circuit", "ERROR_MODES", "check_top_fraction"]
 
 FORMAT_VERSION = 1
 MEASURED_IN = ("model", "live replacement", "frozen local replacement", "attribution graph")
+# How a circuit treats the error nodes (what the dictionaries miss): ranked with the features on the same
+# scores (Sparse Feature Circuits), every one kept, or every one ablated (a feature-only circuit).
+ERROR_MODES = ("rank", "keep", "ablate")
+INDENTED_UNITS = 20_000
+# error nodes carry most of a circuit's effect when its features, with every error node ablated, recover
+# less than this share of what they recover with every error node kept
+MOST = 0.5
+
+
+def is_error_id(node_id: str) -> bool:
+    """An error node's id (``"mlp3:error@5"``, ``"mlp3:error"``)."""
+    return ":error" in node_id
+
+
+def check_top_fraction(top_fraction: float) -> float:
+    top_fraction = float(top_fraction)
+    if not 0.0 < top_fraction <= 1.0:  # NaN fails too
+        raise ValueError(f"top_fraction={top_fraction} is outside (0, 1]; it is the fraction of the feature nodes "
+                         "(of every unit, for a circuit without error nodes) the circuit keeps, e.g. 0.05.")
+    return top_fraction
 
 
 def _measured_in_of_old_file(data: dict[str, Any]) -> str:
@@ -65,6 +87,20 @@ class Circuit:
             raise ValueError(f"measured_in={self.measured_in!r}; choose one of {MEASURED_IN}.")
         if self.level not in ("nodes", "edges"):
             raise ValueError(f"level={self.level!r}; a circuit is scored at 'nodes' or 'edges'.")
+        if self.errors not in ERROR_MODES:
+            raise ValueError(f"params['errors']={self.errors!r}; choose one of {ERROR_MODES}.")
+
+    @property
+    def errors(self) -> str:
+        """How the circuit treats error nodes (:data:`ERROR_MODES`): ``rank`` (with the features; the default),
+        ``keep`` (every one in the circuit) or ``ablate`` (none: a feature-only circuit)."""
+        return self.params.get("errors", "rank")
+
+    def error_units(self) -> list[bool]:
+        """Per unit: an error node (nodes), or an edge out of one (edges)."""
+        if self.level == "nodes":
+            return [is_error_id(node) for node in self.node_ids]
+        return [is_error_id(sender) for sender, _ in self.edge_ids]
 
     # -- selection ----------------------------------------------------------------------------
 
@@ -85,8 +121,8 @@ class Circuit:
 
     def ranking(self) -> list[int]:
         """Unit indices, most important (largest |score|) first."""
-        scores = self.scores
-        return sorted(range(len(scores)), key=lambda i: -abs(scores[i]) if not math.isnan(scores[i]) else 0.0)
+        magnitude = torch.tensor(self.scores, dtype=torch.float64).abs().nan_to_num(nan=0.0)  # NaN ranks as 0
+        return torch.argsort(magnitude, descending=True, stable=True).tolist()
 
     def _with_selection(self, chosen: list[int], how: dict[str, Any]) -> Circuit:
         units = [self.units[i] for i in sorted(chosen)]
@@ -100,27 +136,135 @@ class Circuit:
         return Circuit(self.method, self.level, self.node_ids, self.node_scores, self.edge_ids, self.edge_scores,
                        nodes, edges, {**self.params, "selection": how}, {}, self.measured_in)
 
+    def _by_errors(self, candidates: list[int]) -> list[int]:
+        """``candidates`` (unit indices) as the error mode has them: ``rank`` as they are, ``keep`` their
+        feature units and every error unit, ``ablate`` their feature units alone."""
+        if self.errors == "rank":
+            return candidates
+        is_error = self.error_units()
+        chosen = [i for i in candidates if not is_error[i]]
+        return chosen + [i for i, error in enumerate(is_error) if error] if self.errors == "keep" else chosen
+
     def top_k(self, k: int) -> Circuit:
-        """The ``k`` units with the largest |score|."""
+        """The ``k`` units with the largest |score| (with ``errors`` ``keep`` or ``ablate``: the ``k`` best
+        feature units, and every error unit or none)."""
         if k < 0:
             raise ValueError(f"top_k needs k >= 0, got {k}.")
-        return self._with_selection(self.ranking()[:k], {"top_k": k})
+        ranking = self.ranking()
+        if self.errors != "rank":
+            is_error = self.error_units()
+            ranking = [i for i in ranking if not is_error[i]]
+        return self._with_selection(self._by_errors(ranking[:k]), {"top_k": k})
 
     def threshold(self, value: float) -> Circuit:
-        """The units with |score| >= ``value``."""
-        return self._with_selection([i for i, s in enumerate(self.scores) if abs(s) >= value], {"threshold": value})
+        """The units with |score| >= ``value`` (their feature units only, and every error unit or none, with
+        ``errors`` ``keep`` or ``ablate``)."""
+        chosen = [i for i, s in enumerate(self.scores) if abs(s) >= value]
+        return self._with_selection(self._by_errors(chosen), {"threshold": value})
+
+    def top_fraction(self, fraction: float) -> Circuit:
+        """The best-scored ``fraction`` (in (0, 1]) of the feature units: ``max(1, int(fraction * n))`` of
+        the ``n`` feature units (of every unit when there are no error units). With ``errors="rank"`` the
+        error units ranked above the last of them join it (Sparse Feature Circuits' selection); ``keep``
+        adds every error unit, ``ablate`` none."""
+        check_top_fraction(fraction)
+        is_error = self.error_units()
+        n_features = len(is_error) - sum(is_error)
+        k = max(1, int(fraction * n_features)) if n_features else 0
+        chosen, found = [], 0
+        for unit in self.ranking():
+            if found == k:
+                break
+            if not is_error[unit]:
+                found += 1
+                chosen.append(unit)
+            elif self.errors == "rank":
+                chosen.append(unit)
+        return self._with_selection(self._by_errors(chosen), {"top_fraction": fraction})
+
+    # -- what it is made of -----------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Nodes in the circuit and among the candidates, by kind: ``features``/``n_features``,
+        ``errors``/``n_errors`` and ``components``/``n_components`` (heads, MLPs, or beside features the
+        embeddings and targets of a pruned attribution graph); with
+        ``edges``/``n_edges`` for an edge circuit."""
+        def kinds(ids: list[str]) -> tuple[int, int, int]:
+            errors = sum(is_error_id(node) for node in ids)
+            # "site:feature@pos" and "site:error@pos" are the ids with a colon, but for targets'
+            features = sum(":" in node and not node.startswith(("logit:", "target:")) for node in ids) - errors
+            return features, errors, len(ids) - features - errors
+
+        (features, errors, others), (n_f, n_e, n_o) = kinds(self.nodes), kinds(self.node_ids)
+        counts = {"features": features, "n_features": n_f, "errors": errors, "n_errors": n_e,
+                  "components": others, "n_components": n_o}
+        if self.level == "edges":
+            counts |= {"edges": len(self.edges), "n_edges": len(self.edge_ids)}
+        return counts
+
+    def summary_line(self) -> str:
+        """``features=<k>/<n> errors=<e>/<m> faithfulness=<f> completeness=<c>`` (``components=<k>/<n> ...``
+        for a circuit of heads and MLPs); the figures once :func:`featcircuits.evaluate` has run."""
+        c = self.counts()
+        if c["n_features"] + c["n_errors"]:
+            line = f"features={c['features']}/{c['n_features']} errors={c['errors']}/{c['n_errors']}"
+        else:
+            line = f"components={c['components']}/{c['n_components']}"
+        if "faithfulness" in self.evaluation:
+            line += (f" faithfulness={self.evaluation['faithfulness']:.4f} "
+                     f"completeness={self.evaluation['completeness']:.4f}")
+        return line
+
+    def summary(self) -> str:
+        """What the circuit is made of and how well it does, in a few lines; the last is :meth:`summary_line`.
+        Says so when error nodes carry most of the effect (see :func:`featcircuits.circuits.evaluation.
+        evaluate_circuit`: its features recover less than half with every error node ablated than kept)."""
+        c, ev = self.counts(), self.evaluation
+        if c["n_features"] + c["n_errors"]:
+            what = f"{c['features']} of {c['n_features']} feature nodes, {c['errors']} of {c['n_errors']} error nodes"
+            what += f", {c['components']} other nodes (embeddings, targets)" if c["components"] else ""
+        else:
+            what = f"{c['components']} of {c['n_components']} components"
+        if self.level == "edges":
+            what += f"; {c['edges']} of {c['n_edges']} edges"
+        lines = [f"{self.method} circuit over {self.level} (error nodes: {self.errors}; measured in the "
+                 f"{self.measured_in}): {len(self.nodes)} nodes: {what}"]
+        if "faithfulness" in ev:
+            lines.append(f"faithfulness {ev['faithfulness']:.3f}, completeness {ev['completeness']:.3f} (metric: "
+                         f"full model {ev['m_full']:.4g}, everything ablated {ev['m_empty']:.4g}; CPR {ev['cpr']:.3f}, "
+                         f"CMD {ev['cmd']:.3f})")
+        if ev.get("error_share") is not None:
+            lines.append(f"its features with every error node ablated: faithfulness "
+                         f"{ev['faithfulness_errors_ablated']:.3f}; with every error node kept: "
+                         f"{ev['faithfulness_errors_kept']:.3f} (error nodes carry {ev['error_share']:.0%} of that)")
+            if ev["error_share"] > MOST:
+                lines.append("WARNING: error nodes carry most of this circuit's effect: what it does is mostly "
+                             "what the dictionaries miss, not their features.")
+        lines.append(self.summary_line())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     # -- files --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        return self._as_dict(pairs_as_lists=True)
+
+    def _as_dict(self, pairs_as_lists: bool) -> dict[str, Any]:
+        """The saved fields; edges as ``[sender, receiver]`` lists, or left as tuples (JSON writes a tuple
+        as the same array, with no list made per edge)."""
         def clean(values):  # JSON has no inf/nan
             return None if values is None else [v if math.isfinite(v) else None for v in values]
+
+        def pairs(edges):
+            return [list(e) for e in edges] if pairs_as_lists else edges
 
         return {
             "format_version": FORMAT_VERSION, "method": self.method, "level": self.level,
             "node_ids": self.node_ids, "node_scores": clean(self.node_scores),
-            "edge_ids": [list(e) for e in self.edge_ids], "edge_scores": clean(self.edge_scores),
-            "nodes": self.nodes, "edges": [list(e) for e in self.edges],
+            "edge_ids": pairs(self.edge_ids), "edge_scores": clean(self.edge_scores),
+            "nodes": self.nodes, "edges": pairs(self.edges),
             "params": self.params, "evaluation": self.evaluation, "measured_in": self.measured_in,
         }
 
@@ -139,9 +283,12 @@ class Circuit:
                    data.get("measured_in") or _measured_in_of_old_file(data))
 
     def save(self, path: str | Path) -> None:
-        """Write JSON atomically (temporary file, then rename)."""
+        """Write JSON atomically (temporary file, then rename); indented up to ``INDENTED_UNITS`` units, compact
+        above (an indent takes Python's pure-Python encoder: 25 s for a million and a half edges)."""
+        indent = 1 if len(self.units) <= INDENTED_UNITS else None
+        text = json.dumps(self._as_dict(pairs_as_lists=False), indent=indent)
         with atomic_path(path) as temporary, open(temporary, "w") as file:
-            json.dump(self.to_dict(), file, indent=1)
+            file.write(text)
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 from .acdc_search import acdc, check_tau
-from .circuit import Circuit
+from .circuit import ERROR_MODES, Circuit, check_top_fraction
 from .components import ComponentGraph
+from .edge_memory import check_feature_edge_memory
 from .evaluation import evaluate_circuit
 from .feature_edges import FeatureEdgeGraph
 from .features import FeatureGraph
@@ -94,6 +95,10 @@ def find_circuit(
     graph: ComponentGraph | FeatureGraph | FeatureEdgeGraph | None = None,
     receivers: str = "linear",
     max_edges: int | None = None,
+    errors: str = "rank",
+    top_fraction: float | None = None,
+    memory_budget_gb: float = 4.0,
+    progress: bool = False,
 ) -> Circuit:
     """Find a circuit for ``task`` and return it scored and selected.
 
@@ -109,7 +114,8 @@ def find_circuit(
         tau: in [0, 1], a fraction of the gap ``|m(model) - m(all ablated)|``: ACDC removes a unit whose
             removal changes the metric by less than that; AtP/IG keep units whose estimated effect is at
             least that (unless ``top_k`` is given).
-        top_k: select the ``k`` best-scored units instead (AtP/IG).
+        top_k: select the ``k`` best-scored units instead (AtP/IG; with ``errors`` ``keep`` or ``ablate``,
+            the ``k`` best feature units).
         metric: ``logit_diff``, ``prob_diff``, or a distance from the clean model, ``kl`` or ``l2`` (ACDC
             and IG only: AtP's gradient of a distance is zero at the clean run), or a function (see
             :mod:`featcircuits.circuits.tasks`).
@@ -124,12 +130,31 @@ def find_circuit(
             :mod:`featcircuits.circuits.receivers`. ACDC uses it for its guesses and pre-filter.
         max_edges: feature edges only: keep the ``max_edges`` candidate edges with the largest |AtP|
             (the others stay in the model); default all edges with a non-zero weight.
+        errors: how error nodes (what the dictionaries miss) enter the circuit: ``rank`` (scored and
+            selected with the features, as Sparse Feature Circuits does), ``keep`` (every one in the
+            circuit; only features are selected) or ``ablate`` (none: a feature-only circuit). At
+            ``level="edges"`` the error units are the edges out of error nodes. ACDC with ``keep`` never
+            tries them; with ``ablate`` they start removed.
+        top_fraction: AtP/IG: select the best ``top_fraction`` (in (0, 1]) of the feature units instead of
+            a tau threshold (see :meth:`Circuit.top_fraction`).
+        memory_budget_gb: feature edges: refuse, before allocating, a search whose estimated peak exceeds
+            this, naming the largest ``max_edges`` that fits (:mod:`featcircuits.circuits.edge_memory`).
+        progress: show progress bars (the feature edges' weights, ACDC's walk).
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     if level not in ("nodes", "edges"):
         raise ValueError(f"level={level!r}; choose 'nodes' or 'edges'.")
     check_tau(tau)
+    if errors not in ERROR_MODES:
+        raise ValueError(f"errors={errors!r}; choose one of {ERROR_MODES}.")
+    if top_fraction is not None:
+        check_top_fraction(top_fraction)
+        if top_k is not None:
+            raise ValueError("Give top_k or top_fraction, not both.")
+        if method == "acdc":
+            raise ValueError("top_fraction selects the best AtP/IG scores; ACDC keeps what changes the metric by "
+                             "at least tau. Use method='atp' or 'ig' with top_fraction, or tau with ACDC.")
     if check_receivers(receivers) != "linear" and (level != "edges" or method == "ig"):
         raise ValueError(f"receivers={receivers!r} refines edge AtP; use it with level='edges' and method "
                          "'atp' or 'acdc'.")
@@ -158,6 +183,14 @@ def find_circuit(
     if max_edges is not None and isinstance(graph, FeatureEdgeGraph):
         raise ValueError("max_edges is applied when the feature edges are built, and this FeatureEdgeGraph is "
                          "built already; build it with FeatureEdgeGraph(nodes, max_edges=...) instead.")
+    if errors != "rank" and isinstance(graph, ComponentGraph):
+        raise ValueError(f"errors={errors!r} decides what happens to error nodes, which only circuits over "
+                         "dictionaries' features have; give dictionaries, or leave errors='rank' for heads and MLPs.")
+    # refused before the edges are built (from a FeatureGraph) or searched (a built FeatureEdgeGraph)
+    if level == "edges" and isinstance(graph, FeatureGraph):
+        check_feature_edge_memory(graph, memory_budget_gb, max_edges, batch_size, method)
+    elif level == "edges" and isinstance(graph, FeatureEdgeGraph):
+        check_feature_edge_memory(graph.nodes, memory_budget_gb, len(graph.edge_ids), batch_size, method, built=True)
     # each level narrows the graph to the kinds that have its metric and attribution
     if level == "nodes":
         if isinstance(graph, FeatureEdgeGraph):
@@ -165,7 +198,7 @@ def find_circuit(
         units, run, attribute = graph.node_ids, graph.node_metric, graph.node_attribution
     else:
         if isinstance(graph, FeatureGraph):
-            graph = FeatureEdgeGraph(graph, max_edges=max_edges)
+            graph = FeatureEdgeGraph(graph, max_edges=max_edges, progress=progress)
         units, run = graph.edge_ids, graph.edge_metric
         attribute = functools.partial(graph.edge_attribution, receivers=receivers)
     n_units = len(units)
@@ -173,7 +206,9 @@ def find_circuit(
     with torch.no_grad():
         ends = run(torch.stack([torch.ones(n_units), torch.zeros(n_units)])).cpu()
     gap = float((ends[0] - ends[1]).abs())
-    params: dict[str, Any] = {"ablation": graph.ablation, "tau": tau, "metric": getattr(graph.metric_fn, "__name__", "")}
+    params: dict[str, Any] = {"ablation": graph.ablation, "tau": tau, "metric": getattr(graph.metric_fn, "__name__", ""),
+                              "errors": errors}
+    is_error = torch.tensor([":error" in (u if level == "nodes" else u[0]) for u in units], dtype=torch.bool)
     if receivers != "linear":
         params["receivers"] = receivers
     if method in ("atp", "ig"):
@@ -181,35 +216,49 @@ def find_circuit(
         if method == "ig":
             params["steps"] = steps
         if top_k is not None:
-            chosen = scores.abs().argsort(descending=True)[:top_k]
             params["top_k"] = top_k
-        else:
-            chosen = (scores.abs() >= tau * gap).nonzero()[:, 0]
+        elif top_fraction is not None:
+            params["top_fraction"] = top_fraction
+        chosen = None
     else:
-        initial = None
         # AtP estimates guide the speculative chain (fewer forwards, same circuit) and the pre-filter; under a
         # distance metric AtP's are all 0, so integrated gradients (which leave the clean run) guide instead.
         estimate = attribute(steps=max(steps, 2) if distance else 1).detach().cpu().abs()
+        # error units: with "keep" never tried (always in), with "ablate" removed from the start
+        initial = ~is_error if errors == "ablate" else torch.ones(n_units, dtype=torch.bool)
         if prefilter is not None:
-            initial = torch.zeros(n_units, dtype=torch.bool)
-            initial[estimate.argsort(descending=True)[:prefilter]] = True
+            tried = torch.zeros(n_units, dtype=torch.bool)
+            ranked = estimate.argsort(descending=True)
+            tried[(ranked if errors == "rank" else ranked[~is_error[ranked]])[:prefilter]] = True
+            initial &= tried | (is_error if errors == "keep" else torch.zeros_like(tried))
             params["prefilter"] = prefilter
-        result = acdc(run, list(reversed(range(n_units))), n_units, tau, batch_size=batch_size,
+        error_list = is_error.tolist()  # (a list: iterating a tensor makes a tensor per unit)
+        order = [unit for unit in reversed(range(n_units)) if errors != "keep" or not error_list[unit]]
+        result = acdc(run, order, n_units, tau, batch_size=batch_size,
                       initial_keep=initial, reference_gap=gap, predicted_keep=estimate >= tau * gap,
                       # edges into nodes that left the circuit are free only if every edge is a candidate and
                       # no activation couples features (see FeatureEdgeGraph.free_removals)
-                      edges=graph.edge_ids if level == "edges" and getattr(graph, "free_removals", True) else None)
+                      edges=graph.edge_ids if level == "edges" and getattr(graph, "free_removals", True) else None,
+                      progress=progress, unit_name=level[:-1])
         scores = result.scores.clone()
-        if initial is not None:
-            scores[~initial] = 0.0  # never tried: the pre-filter judged them unimportant
-        chosen = result.keep.nonzero()[:, 0]
+        scores[~initial] = 0.0  # never tried: removed from the start (the pre-filter's judgement, or ablated errors)
+        chosen = result.keep.nonzero()[:, 0].tolist()
         params["batch_size"] = batch_size
     params["forwards"] = graph.forwards - forwards_before
-    score_list = [float(s) for s in scores]
+    score_list = scores.float().tolist()
     circuit = Circuit(method, level, list(graph.node_ids), score_list if level == "nodes" else None,
                       list(graph.edge_ids), score_list if level == "edges" else None, params=params,
                       measured_in=graph.measured_in)
-    circuit = circuit._with_selection(sorted(chosen.tolist()), {"tau": tau} if top_k is None else {"top_k": top_k})
+    circuit.params.update(params)
+    if chosen is not None:  # ACDC's
+        circuit = circuit._with_selection(chosen, {"tau": tau})
+    elif top_k is not None:
+        circuit = circuit.top_k(top_k)
+    elif top_fraction is not None:
+        circuit = circuit.top_fraction(top_fraction)
+    else:
+        circuit = circuit._with_selection(circuit._by_errors([i for i, s in enumerate(score_list) if abs(s) >= tau * gap]),
+                                          {"tau": tau})
     circuit.params.update(params)
     circuit.graph = graph  # not saved; lets evaluate() reuse the graph
     return circuit

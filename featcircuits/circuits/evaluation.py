@@ -12,12 +12,13 @@ better; Miller et al. 2024).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .circuit import Circuit
+from .circuit import MOST, Circuit, is_error_id
 
 __all__ = ["evaluate_circuit", "roc_auc", "area_under"]
 
@@ -88,35 +89,51 @@ def evaluate_circuit(graph: Any, circuit: Circuit, sizes: Sequence[int] | None =
     """Measure ``circuit`` (its selection) and the top-k curve of its scores on ``graph``.
 
     Args:
-        graph: a :class:`ComponentGraph` or :class:`FeatureGraph` built for the task and ablation.
-        circuit: scored units; its ``selected`` set is the circuit reported on the last line.
+        graph: a :class:`ComponentGraph`, :class:`FeatureGraph` or :class:`FeatureEdgeGraph` built for the
+            task and ablation.
+        circuit: scored units; its ``selected`` set is the circuit reported on the last line. Its error mode
+            (``circuit.errors``) holds in the sweep too: with ``keep`` every error unit is in every swept
+            circuit, with ``ablate`` in none, and the sizes count feature units.
         sizes: circuit sizes (numbers of units) for the sweep; default 0, n and a log grid between.
 
     Returns a dict: ``faithfulness``, ``completeness``, ``size`` for the selected circuit; ``curve``
     (``sizes``, ``fractions``, ``faithfulness``, ``completeness``), ``cpr``, ``cmd``, ``m_full``,
-    ``m_empty``. The dict is also stored in ``circuit.evaluation``.
+    ``m_empty``. For a circuit with error units, also how much of its effect they carry: the faithfulness
+    of its feature units with every error unit kept (``faithfulness_errors_kept``) and with every one
+    ablated (``faithfulness_errors_ablated``), and ``error_share`` = (kept - ablated) / kept (None when
+    kept <= 0); a share above one half (error nodes carry most of the effect) is warned about. The dict is
+    also stored in ``circuit.evaluation``.
     """
     graph_units = graph.node_ids if circuit.level == "nodes" else graph.edge_ids
     run = graph.node_metric if circuit.level == "nodes" else graph.edge_metric
     scores, selected = _on_graph_units(graph, circuit, list(graph_units))
     units = list(graph_units)
     n_units = len(units)
-    sizes = sorted({int(s) for s in (sizes if sizes is not None else _default_sizes(n_units))})
-    bad = [s for s in sizes if not 0 <= s <= n_units]
+    is_error = torch.tensor([is_error_id(u if circuit.level == "nodes" else u[0]) for u in units], dtype=torch.bool)
+    candidates = ~is_error if circuit.errors != "rank" else torch.ones(n_units, dtype=torch.bool)
+    n_candidates = int(candidates.sum())
+    sizes = sorted({int(s) for s in (sizes if sizes is not None else _default_sizes(n_candidates))})
+    bad = [s for s in sizes if not 0 <= s <= n_candidates]
     if bad:
-        raise ValueError(f"Circuit sizes {bad} are outside [0, {n_units}] (the number of {circuit.level}).")
-    order = torch.tensor(sorted(range(n_units), key=lambda i: -abs(scores[i]) if not math.isnan(scores[i]) else 0.0),
-                         dtype=torch.long)
-    index = {unit: i for i, unit in enumerate(units)}
-    chosen = torch.zeros(n_units)
-    chosen[[index[u] for u in selected]] = 1.0
-    masks = [torch.ones(n_units), torch.zeros(n_units), chosen, 1.0 - chosen]
+        what = circuit.level if circuit.errors == "rank" else f"feature {circuit.level} (errors={circuit.errors!r})"
+        raise ValueError(f"Circuit sizes {bad} are outside [0, {n_candidates}] (the number of {what}).")
+    magnitude = torch.tensor(scores, dtype=torch.float64).abs().nan_to_num(nan=0.0)  # inf (never tried) first
+    order = torch.argsort(magnitude, descending=True, stable=True)
+    order = order[candidates[order]]  # the sweep ranks the candidates only
+    chosen = _membership(units, selected)
+    forced = is_error.float() if circuit.errors == "keep" else torch.zeros(n_units)
+    features_in = chosen * (~is_error).float()
+    masks: list[Callable[[], torch.Tensor]] = [
+        lambda: torch.ones(n_units), lambda: torch.zeros(n_units), lambda: chosen, lambda: 1.0 - chosen]
+    if bool(is_error.any()):  # the circuit's features with every error unit kept, and with none
+        masks += [lambda: torch.maximum(features_in, is_error.float()), lambda: features_in]
     for size in sizes:
-        mask = torch.zeros(n_units)
-        mask[order[:size]] = 1.0
-        masks += [mask, 1.0 - mask]
-    with torch.no_grad():
-        values = run(torch.stack(masks)).double().cpu()
+        def swept(size: int = size) -> torch.Tensor:
+            mask = forced.clone()
+            mask[order[:size]] = 1.0
+            return mask
+        masks += [swept, lambda swept=swept: 1.0 - swept()]
+    values = _run_masks(run, masks, n_units, getattr(graph, "max_copies", 64))
     m_full, m_empty = float(values[0]), float(values[1])
     gap = m_full - m_empty
     if abs(gap) < 1e-9:
@@ -125,15 +142,46 @@ def evaluate_circuit(graph: Any, circuit: Circuit, sizes: Sequence[int] | None =
             "faithfulness is undefined. Use a task/ablation where ablating everything changes the metric."
         )
     faith = ((values - m_empty) / gap).tolist()
-    curve_f, curve_c = faith[4::2], faith[5::2]
-    fractions = [s / max(n_units, 1) for s in sizes]
+    first = 6 if bool(is_error.any()) else 4
+    curve_f, curve_c = faith[first::2], faith[first + 1::2]
+    fractions = [s / max(n_candidates, 1) for s in sizes]
     result = {
-        "faithfulness": faith[2], "completeness": faith[3], "size": len(selected),
+        "faithfulness": faith[2], "completeness": faith[3], "size": len(selected), "errors": circuit.errors,
         "measured_in": graph.measured_in,
         "n_units": n_units, "m_full": m_full, "m_empty": m_empty,
         "curve": {"sizes": sizes, "fractions": fractions, "faithfulness": curve_f, "completeness": curve_c},
         "cpr": area_under(fractions, curve_f),
         "cmd": area_under(fractions, [abs(1 - f) for f in curve_f]),
     }
+    if first == 6:
+        kept, ablated = faith[4], faith[5]
+        share = (kept - ablated) / kept if kept > 0 and math.isfinite(kept) else None
+        result |= {"faithfulness_errors_kept": kept, "faithfulness_errors_ablated": ablated, "error_share": share}
+        if share is not None and share > MOST:
+            warnings.warn(f"Error nodes carry most of this {circuit.method} circuit's effect: its features recover "
+                          f"faithfulness {ablated:.3f} with every error node ablated and {kept:.3f} with every one "
+                          f"kept ({share:.0%} is the error nodes'). Its behaviour is mostly what the dictionaries "
+                          "miss; see Circuit.summary().", stacklevel=2)
     circuit.evaluation = result
     return result
+
+
+def _membership(units: list, selected: list) -> torch.Tensor:
+    """``[n_units]`` 1.0 where the unit is selected (a set lookup per unit: no index over every unit)."""
+    chosen = set(selected)
+    return torch.tensor([unit in chosen for unit in units], dtype=torch.float32)
+
+
+def _run_masks(run: Callable[[torch.Tensor], torch.Tensor], masks: list[Callable[[], torch.Tensor]],
+               n_units: int, chunk: int) -> torch.Tensor:
+    """The metric of each mask ``[len(masks)]``, built ``chunk`` at a time: never every mask at once."""
+    values = []
+    with torch.no_grad():
+        for start in range(0, len(masks), chunk):
+            part = masks[start:start + chunk]
+            batch = torch.empty(len(part), n_units)
+            for row, make in enumerate(part):
+                batch[row] = make()
+            values.append(run(batch).double().cpu())
+            del batch
+    return torch.cat(values)

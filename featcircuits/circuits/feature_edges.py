@@ -19,6 +19,7 @@ in the linear graph, which has no place for them. Removing every edge out of ``u
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..nodes import Node
 from ..patching.ablation import interpolation_alphas
@@ -46,6 +47,8 @@ class FeatureEdgeGraph:
         chunk: receivers whose weights one batched backward pass computes.
         engine: how edge weights are taken (:class:`featcircuits.patching.direct_effects.DirectEffects`):
             ``"linear"`` (the frozen model's transpose, as ``build_graph``), ``"autograd"``, or ``"auto"``.
+        progress: show a bar over the backward passes that build the weights. Their memory is estimated
+            (and refused over a budget) by :func:`featcircuits.circuits.edge_memory.check_feature_edge_memory`.
 
     Attributes:
         edge_ids: ``(sender node id, receiver node id or "logits")`` in topological order of receivers.
@@ -57,7 +60,7 @@ class FeatureEdgeGraph:
     measured_in = "frozen local replacement"  # the model its ablations run in (Circuit.measured_in)
 
     def __init__(self, nodes: FeatureGraph, max_edges: int | None = None, chunk: int = 64,
-                 engine: str = "auto") -> None:
+                 engine: str = "auto", progress: bool = False) -> None:
         if nodes.positions != "each":
             raise ValueError("Feature edges connect nodes at positions; build the FeatureGraph with "
                              "positions='each' (positions='sum' has no per-position edges).")
@@ -83,7 +86,8 @@ class FeatureEdgeGraph:
         # the linear graph's edge weights, per prompt: the frozen model's transpose where it runs the model
         self._effects = [DirectEffects(self.rm, clean, engine) for clean in self._clean_runs]
         self.engine = self._effects[0].engine
-        self._collect_edges(max_edges)
+        self._collect_edges(max_edges, progress)
+        self._effects = []  # only the weights needed them
         # ACDC may remove an edge into a feature that feeds nothing kept without measuring it only if no
         # other feature reads that feature's pre-activation: not under TopK, whose top k depend on every one
         self.free_removals = self.complete and all(
@@ -117,10 +121,8 @@ class FeatureEdgeGraph:
         values = self.nodes.values[index]
         n_pos = self._clean_runs[index].n_pos
         delta = torch.zeros(len(self.node_ids))
-        errors = {}
-        for key, (clean, ablated) in values.items():
-            if key.startswith("error:"):
-                errors[key.split(":", 1)[1]] = (ablated - clean).detach()
+        errors = {key.split(":", 1)[1]: (ablated - clean).detach() for key, (clean, ablated) in values.items()
+                  if key.startswith("error:")}
         for key, _, start, pos, feats in self.nodes._site_units:
             if key.startswith("feat:"):
                 clean, ablated = values[key]
@@ -137,12 +139,9 @@ class FeatureEdgeGraph:
         stream at dimensions ``final_dims``) of every node: ``[rows, n_nodes]``, per unit of a feature's
         activation, and for an error node its whole ablation (ablated minus clean error term)."""
         clean = self._clean_runs[index]
-        if receivers is None:
-            assert final_dims is not None, "rows of the final residual need final_dims"
-            rows = len(final_dims)
-        else:
-            rows = len(receivers)
-        weights = torch.zeros(rows, len(self.node_ids))
+        rows = receivers if receivers is not None else final_dims
+        assert rows is not None, "rows of the final residual need final_dims"
+        weights = torch.zeros(len(rows), len(self.node_ids))
         if receivers is not None and not (self._pos[receivers] < clean.n_pos).any():
             return weights  # every receiver lies past this prompt's end
         if receivers is None:
@@ -211,62 +210,85 @@ class FeatureEdgeGraph:
         last[:, index] = last_logits
         return self.metric_fn(self.task, last, self.clean_last)
 
-    def _collect_edges(self, max_edges: int | None) -> None:
+    def _collect_edges(self, max_edges: int | None, progress: bool) -> None:
         """Candidate edges (non-zero weight in some prompt), their per-prompt weights and AtP scores."""
         n_prompts = len(self.task)
+        d_model = self._clean_runs[0].final.shape[-1]
+        n_chunks = -(-len(self._receivers) // self._chunk) + -(-d_model // self._chunk)
+        bar = tqdm(total=n_prompts * (n_chunks + 1), desc=f"feature edge weights ({len(self.node_ids)} nodes)",
+                   unit="pass", disable=not progress)
         gradients = [self._metric_gradients(i, self._ranking_steps) for i in range(n_prompts)]
+        bar.update(n_prompts)
         # a feature's weight is per unit of activation, an error's is its whole ablation
         per_unit = torch.stack([self._sender_delta(i)[0] for i in range(n_prompts)]) + self._is_error.float()
-        # per receiver chunk, edges into features; weight [edges, prompts]
-        senders_in: list[torch.Tensor] = []
-        receivers_in: list[torch.Tensor] = []
-        scores_in: list[torch.Tensor] = []
-        weights_in: list[torch.Tensor] = []
+        # per receiver chunk, edges into features: senders, receivers, scores [edges], weights [edges, prompts];
+        # chunks come in receiver order and nonzero() walks rows then senders, so the pools stay sorted by
+        # (receiver, sender): the topological order, with no sort
+        pools: tuple[list[torch.Tensor], ...] = ([], [], [], [])
         self.complete = True
 
+        def pooled() -> int:
+            return sum(len(x) for x in pools[2])
+
         def keep_best(k: int) -> None:
-            best = torch.cat(scores_in).abs().topk(min(k, sum(len(x) for x in scores_in))).indices
-            for pool in (senders_in, receivers_in, scores_in, weights_in):
-                pool[:] = [torch.cat(pool)[best]]
+            best = torch.cat(pools[2]).abs().topk(min(k, pooled())).indices.sort().values  # sorted: order kept
+            for pool in pools:
+                joined = torch.cat(pool)
+                pool[:] = [joined[best]]
             self.complete = False
 
         for chunk in self._receivers.split(self._chunk):
             w = torch.stack([self._jacobian_rows(i, chunk) for i in range(n_prompts)])  # [prompts, rows, nodes]
-            grads = torch.stack([g[0][chunk] for g in gradients])[:, :, None]
+            bar.update(n_prompts)
             rows, senders = (w != 0).any(0).nonzero(as_tuple=True)
-            senders_in.append(senders)
-            receivers_in.append(chunk[rows])
-            scores_in.append((w * per_unit[:, None, :] * grads).sum(0)[rows, senders])
-            weights_in.append(w[:, rows, senders].T)
-            if max_edges is not None and sum(len(x) for x in scores_in) > 2 * max_edges:
+            weight = w[:, rows, senders]  # [prompts, edges]
+            del w
+            grads = torch.stack([g[0][chunk[rows]] for g in gradients])  # at each edge's receiver
+            for pool, part in zip(pools, (senders, chunk[rows], (weight * per_unit[:, senders] * grads).sum(0),
+                                          weight.T), strict=True):
+                pool.append(part)
+            if max_edges is not None and pooled() > 2 * max_edges:
                 keep_best(max_edges)
         # edges into the logits: rows are the last position's final residual dimensions
-        dims = torch.arange(self._clean_runs[0].final.shape[-1]).split(self._chunk)
+        dims = torch.arange(d_model).split(self._chunk)
         w = torch.stack([torch.cat([self._jacobian_rows(i, None, d) for d in dims])
                          for i in range(n_prompts)])  # [prompts, d_model, nodes]
-        grads = torch.stack([g[1] for g in gradients])[:, :, None]
+        bar.update(n_prompts * len(dims))
+        bar.close()
+        grads = torch.stack([g[1] for g in gradients])  # [prompts, d_model]
         logit_senders = (w != 0).any(0).any(0).nonzero()[:, 0]
-        logit_scores = (w * per_unit[:, None, :] * grads).sum((0, 1))[logit_senders]
+        logit_scores = (torch.bmm(grads[:, None, :], w)[:, 0] * per_unit).sum(0)[logit_senders]
         logit_weights = w[:, :, logit_senders].permute(2, 0, 1)  # [edges, prompts, d_model]
-        sender, receiver = torch.cat(senders_in), torch.cat(receivers_in)
-        score, weight = torch.cat(scores_in), torch.cat(weights_in)
+        del w
+
+        def joined(pool: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+            out = torch.cat(pool) if pool else empty
+            pool.clear()  # the pieces go as soon as they are joined
+            return out
+
+        sender, receiver = (joined(pool, torch.zeros(0, dtype=torch.long)) for pool in pools[:2])
+        score, weight = joined(pools[2], torch.zeros(0)), joined(pools[3], torch.zeros(0, n_prompts))
         if max_edges is not None and len(score) + len(logit_scores) > max_edges:
-            # exactly max_edges, ties broken by topk
+            # exactly max_edges, ties broken by topk; sorted indices keep the order
             best = torch.cat([score, logit_scores]).abs().topk(max_edges).indices.sort().values
             into_features, into_logits = best[best < len(score)], best[best >= len(score)] - len(score)
             sender, receiver, score, weight = (x[into_features] for x in (sender, receiver, score, weight))
             logit_senders, logit_scores, logit_weights = (x[into_logits] for x in
                                                           (logit_senders, logit_scores, logit_weights))
             self.complete = False
-        # topological order of receivers (node order is site-major), the logits last
-        order = torch.argsort(receiver * (len(self.node_ids) + 1) + sender)
-        self._edge_sender = torch.cat([sender[order], logit_senders])
-        self._edge_receiver = torch.cat([receiver[order], torch.full_like(logit_senders, -1)])
-        self._feature_weights, self._logit_weights = weight[order], logit_weights
-        self._ranking_scores = torch.cat([score[order], logit_scores])  # AtP, or AtP-IG under a distance
-        self.n_feature_edges = len(order)
-        receiver_site = self._site[self._edge_receiver[:len(order)]]
-        self._edges_into = {i: (receiver_site == i).nonzero()[:, 0] for i in self._site_index.values()}
+        # receivers in topological order (node order is site-major), the logits last
+        self._edge_sender = torch.cat([sender, logit_senders])
+        self._edge_receiver = torch.cat([receiver, torch.full_like(logit_senders, -1)])
+        self._feature_weights, self._logit_weights = weight, logit_weights
+        self._ranking_scores = torch.cat([score, logit_scores])  # AtP, or AtP-IG under a distance
+        self.n_feature_edges = len(score)
+        del sender, score, weight
+        # the edges into each site's features: one run of the receiver-sorted edges
+        self._edges_into = {}
+        for site_index, site_nodes in self._site_nodes.items():
+            if len(site_nodes):
+                ends = torch.searchsorted(receiver, torch.stack([site_nodes.min(), site_nodes.max() + 1]))
+                self._edges_into[site_index] = slice(int(ends[0]), int(ends[1]))
         ids = self.node_ids
         self.edge_ids: list[tuple[str, str]] = [
             (ids[s], ids[r] if r >= 0 else LOGITS)
@@ -282,35 +304,36 @@ class FeatureEdgeGraph:
 
     @torch.no_grad()
     def _edge_metric_chunk(self, keep: torch.Tensor) -> torch.Tensor:
-        removed = 1.0 - keep
-        last = [self._last_logits(index, removed) for index in range(len(self.task))]
+        last = [self._last_logits(index, keep) for index in range(len(self.task))]
         return self.metric_fn(self.task, torch.stack(last, dim=1), self.clean_last).cpu()
 
-    def _last_logits(self, index: int, removed: torch.Tensor) -> torch.Tensor:
-        """Prompt ``index``'s last logits ``[copies, vocab]`` with ``removed [copies, n_edges]`` edges gone."""
+    def _last_logits(self, index: int, keep: torch.Tensor) -> torch.Tensor:
+        """Prompt ``index``'s last logits ``[copies, vocab]`` with the edges ``keep [copies, n_edges]`` marks 0
+        removed."""
         clean = self._clean_runs[index]
-        copies, n_f, device = removed.shape[0], self.n_feature_edges, clean.final.device
-        sender, receiver = self._edge_sender, self._edge_receiver[:n_f]
+        copies, n_f, device = keep.shape[0], self.n_feature_edges, clean.final.device
+        sender, receiver = self._edge_sender, self._edge_receiver
         ablated = self._node_values(index, 1)
         current = self._node_values(index, 0).repeat(copies, 1)  # every node's value in each pattern
 
-        def change(edges: slice | torch.Tensor) -> torch.Tensor:
-            # per removed edge, the sender's ablated minus current value (an error edge's weight is whole)
+        def change(edges: slice) -> torch.Tensor:
+            # per removed edge, the sender's ablated minus current value (an error edge's weight is whole):
+            # [copies, edges], built in place on one run of edges (peak: two [copies, edges] tensors)
             s = sender[edges]
-            delta = torch.where(self._is_error[s], torch.ones(()), ablated[s] - current[:, s])
-            return removed[:, edges] * delta
+            delta = ablated[s] - current[:, s]
+            delta.masked_fill_(self._is_error[s], 1.0)
+            return delta.mul_(1.0 - keep[:, edges])
 
         def features(name: str, x: torch.Tensor) -> torch.Tensor:
             site_index = self._site_index[name]
             d = self.rm.site(name).dictionary
             pre = d.pre_acts(x)
-            edges = self._edges_into[site_index]
-            r = receiver[edges]
-            inside = self._pos[r] < clean.n_pos
-            if inside.any():
-                edges, r = edges[inside], r[inside]
-                amount = change(edges) * self._feature_weights[edges, index]
-                flat = self._pos[r] * pre.shape[-1] + self._feat[r]
+            edges = self._edges_into.get(site_index)
+            if edges is not None and edges.stop > edges.start:
+                amount = change(edges).mul_(self._feature_weights[edges, index])
+                r = receiver[edges]
+                # a receiver past this prompt's end has weight 0 here; any index inside the prompt holds it
+                flat = self._pos[r].clamp(max=clean.n_pos - 1) * pre.shape[-1] + self._feat[r]
                 correction = torch.zeros(copies, pre.shape[1] * pre.shape[2]).index_add_(1, flat, amount)
                 pre = pre + correction.view_as(pre).to(device, pre.dtype)
             nodes = self._site_nodes[site_index]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TracrModel", "compile_tracr", "tracr_program", "TRACR_PROGRAMS"]
+__all__ = ["TracrModel", "compile_tracr", "tracr_program", "program_name", "tracr_name", "TRACR_PROGRAMS"]
 
 
 def _require_tracr():
@@ -69,12 +69,29 @@ TRACR_PROGRAMS: dict[str, tuple[set, int]] = {
 }
 
 
+def tracr_name(name: str) -> str:
+    """The name of ``name``'s builder in ``tracr.compiler.lib`` (``"hist"`` -> ``"make_hist"``; ``"shift_by"``
+    and ``"detect_pattern"`` are named so there already)."""
+    return name if name in ("shift_by", "detect_pattern") else f"make_{name}"
+
+
+def program_name(name: str) -> str:
+    """``name`` (ours, ``"hist"``, or tracr's own, ``"make_hist"``) as a key of :data:`TRACR_PROGRAMS`."""
+    if name in TRACR_PROGRAMS:
+        return name
+    ours = {tracr_name(key): key for key in TRACR_PROGRAMS}
+    if name in ours:
+        return ours[name]
+    raise ValueError(f"Unknown tracr program {name!r}; choose one of {sorted(TRACR_PROGRAMS)} or tracr's own names "
+                     f"for them ({', '.join(sorted(ours))}).")
+
+
 def tracr_program(name: str, max_seq_len: int | None = None) -> tuple[Any, set, int]:
-    """A program of tracr's lib by name, with its customary vocab and length: ``(program, vocab, n)``."""
+    """A program of tracr's lib by name (ours, ``"hist"``, or tracr's, ``"make_hist"``), with its customary
+    vocab and length: ``(program, vocab, n)``."""
+    name = program_name(name)
     _, lib, rasp = _require_tracr()
     programs = _programs()
-    if name not in programs:
-        raise ValueError(f"Unknown tracr program {name!r}; choose one of {sorted(programs)}.")
     vocab, default_len = TRACR_PROGRAMS[name]
     n = max_seq_len or default_len
     return programs[name](lib, rasp, n), vocab, n
