@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..dictionaries.io.common import atomic_path
+from ..nodes import parse_node_id
 
 if TYPE_CHECKING:  # the graph modules import this one
     from .components import ComponentGraph
@@ -190,9 +191,8 @@ class Circuit:
         embeddings and targets of a pruned attribution graph); with
         ``edges``/``n_edges`` for an edge circuit."""
         def kinds(ids: list[str]) -> tuple[int, int, int]:
-            errors = sum(is_error_id(node) for node in ids)
-            # "site:feature@pos" and "site:error@pos" are the ids with a colon, but for targets'
-            features = sum(":" in node and not node.startswith(("logit:", "target:")) for node in ids) - errors
+            parsed = [parse_node_id(node).kind for node in ids]
+            features, errors = parsed.count("feature"), parsed.count("error")
             return features, errors, len(ids) - features - errors
 
         (features, errors, others), (n_f, n_e, n_o) = kinds(self.nodes), kinds(self.node_ids)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     n_pairs = len(circuit.graph.task)
     print(f"circuit ({circuit.method}, task {result.task_name!r}, {n_pairs} pair{'s' * (n_pairs != 1)}, metric logit "
           f"diff {evaluation['m_full']:.3f} full / {evaluation['m_empty']:.3f} all ablated): "
-          f"{len(circuit.nodes)} of {len(circuit.node_ids)} nodes")
+          f"{_made_of(circuit.counts())}")
     print(f"  faithfulness {result.faithfulness:.3f}   (the circuit alone; 1 = recovers the full model)")
     print(f"  completeness {result.completeness:.3f}   (everything but the circuit; 0 = nothing outside matters)")
     print("top features (AtP score; tokens the decoder promotes through the unembedding; tokens it fires on):")
@@ -84,3 +84,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {result.report.resolve()}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _made_of(counts: dict[str, int]) -> str:
+    """The circuit's feature and error nodes apart, so that a circuit of error nodes says so."""
+    return (f"{counts['features']} of {counts['n_features']} feature nodes, "
+            f"{counts['errors']} of {counts['n_errors']} error nodes")

@@ -107,6 +107,7 @@ def write_report(out: Path, graph: Any, circuit: Any, dashboards: Any, model: An
     )
     preds = ", ".join(f"{esc(repr(t))} {p:.2f}" for t, p in predictions)
     lead = _explanation_html(out, files, explanation) if explained else ""
+    counts = circuit.counts()
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>featcircuits demo</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.2em .6em;text-align:left}}
 code{{background:#f3f3f3}}</style></head><body>
@@ -120,7 +121,7 @@ replacement score {scores.replacement_score:.3f}, completeness score {scores.com
 <a href="graph.html">Open the graph viewer</a>, or circuit-tracer's:
 <code>circuit-tracer start-server --graph_file_dir {esc(str(files["circuit_tracer"]))}</code>.</p>
 <h2>Circuit ({esc(circuit.method)}, task <i>{esc(task_name)}</i>)</h2>
-<p>{len(circuit.nodes)} of {len(circuit.node_ids)} nodes. Faithfulness {evaluation['faithfulness']:.3f}
+<p>{counts['features']} of {counts['n_features']} feature nodes and {counts['errors']} of {counts['n_errors']} error nodes. Faithfulness {evaluation['faithfulness']:.3f}
 (1 = the circuit alone recovers the task metric), completeness {evaluation['completeness']:.3f}
 (the rest alone; 0 = nothing outside the circuit matters). Metric: full model {evaluation['m_full']:.3f},
 all ablated {evaluation['m_empty']:.3f}. <a href="circuit.html">Open the circuit viewer</a>.</p>
