@@ -98,7 +98,9 @@ def child_featcircuits(job: dict[str, Any]) -> tuple[float, int]:
         hooks=[job["hook"]], model=job["model"], dataset=job["rows"], out=job["out"], architecture="topk",
         k=job["k"], d_sae=job["d_sae"], total_tokens=job["tokens"], batch_size=job["batch_size"], lr=job["lr"],
         context_size=CONTEXT, model_batch_size=job["batch_size"] // (CONTEXT - 1), eval_sequences=0,
-        auxk_coefficient=1 / 32, progress=False, device=job["device"], seed=job["seed"], overwrite=True,
+        # encoder rows start at norm 1/sqrt(3), the scale of PyTorch's default Linear init that sparsify starts
+        # from (the library default, 0.1, leaves a 300k-token run at lr 4e-4 too few steps to grow the encoder)
+        init_scale=3**-0.5, auxk_coefficient=1 / 32, progress=False, device=job["device"], seed=job["seed"], overwrite=True,
     )
     started = time.perf_counter()
     result = run_training(config)
@@ -111,7 +113,7 @@ def child_featcircuits(job: dict[str, Any]) -> tuple[float, int]:
 
 def child_sparsify(job: dict[str, Any]) -> tuple[float, int]:
     import datasets
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(job["hf_model"], dtype=torch.float32).to(job["device"]).eval()
@@ -159,7 +161,8 @@ def child_saelens(job: dict[str, Any]) -> tuple[float, int]:
     started = time.perf_counter()
     sae = LanguageModelSAETrainingRunner(config, override_dataset=dataset, override_model=model).run()
     seconds = time.perf_counter() - started
-    export(Path(job["weights"]), sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, True, job["k"])
+    W_enc, b_enc, W_dec, b_dec = (torch.as_tensor(getattr(sae, name)) for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    export(Path(job["weights"]), W_enc, b_enc, W_dec, b_dec, True, job["k"])
     return seconds, job["tokens"] // job["batch_size"] * job["batch_size"]
 
 
@@ -278,10 +281,10 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
         f"{fmt.format(low)}-{fmt.format(high)}"
 
 
-def run_comparison(args: argparse.Namespace, work: Path, job: dict[str, Any], label: str,
+def run_comparison(repeats: int, work: Path, job: dict[str, Any], label: str,
                    libraries: list[str]) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {library: [] for library in libraries}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for library in libraries:  # alternating, so load on the shared machine hits each library alike
             report = run_child(library, job, work, f"{label}-{library}-{repeat}")
             runs[library].append(report)
@@ -292,13 +295,14 @@ def run_comparison(args: argparse.Namespace, work: Path, job: dict[str, Any], la
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="End to end SAE training: featcircuits, sparsify and sae-lens.")
     parser.add_argument("--tokens", type=int, default=300_000, help="training tokens (e.g. 300000, 2000000)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each library")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small run for a smoke check (40k tokens, 1 repeat)")
     parser.add_argument("--gpt2", action="store_true", help="also tokens/s on a random GPT-2-small-shaped model")
     parser.add_argument("--gpt2-tokens", type=int, default=0, help="GPT-2 run tokens (0: 16k on CPU, 400k on CUDA)")
+    parser.add_argument("--gpt2-repeats", type=int, default=1, help="alternating GPT-2 runs of each library")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -329,7 +333,7 @@ def main() -> None:
         job = {"model": str(STORIES), "hf_model": str(STORIES), "rows": str(rows_path), "hook": hook, "k": 8,
                "d_sae": 512, "d_in": 64, "batch_size": batch_size, "lr": 4e-4, "tokens": args.tokens,
                "device": args.device, "threads": args.threads, "seed": args.seed, "bos": bos}
-        runs = run_comparison(args, work, job, "stories", libraries)
+        runs = run_comparison(args.repeats, work, job, "stories", libraries)
         hf_model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
         quality = {lib: evaluate(hf_model, 1, load_exported(runs[lib][-1]["weights"]), held_out, bos)
                    for lib in libraries}
@@ -347,7 +351,7 @@ def main() -> None:
                         "tokens": gpt2_tokens}
             print(f"GPT-2-small-shaped random model, blocks.6.hook_resid_pre: TopK k=32 d_sae=16384 "
                   f"batch={batch_size} tokens={gpt2_tokens:,}")
-            gpt2_runs = run_comparison(args, work, gpt2_job, "gpt2", libraries)
+            gpt2_runs = run_comparison(args.gpt2_repeats, work, gpt2_job, "gpt2", libraries)
     print_tables(args, runs, quality, gpt2_runs)
 
 
