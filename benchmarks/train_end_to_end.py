@@ -13,8 +13,11 @@ into a Hugging Face forward of the model (``(CE_zero - CE_sae) / (CE_zero - CE_c
 
 Settings (the same for all): stories260k, SAE on ``blocks.2.hook_resid_pre`` (sparsify: output of
 ``layers.1``), TopK k 8, 512 latents, batch 4096 tokens, Adam lr 4e-4 (betas 0.9/0.999), AuxK 1/32. Each
-library keeps its own schedule and initialisation. sae-lens runs TopK with ``use_sparse_activations`` on CPU
-(its fastest documented CPU setting; decoder-norm rescaling off, which that path needs).
+library keeps its own schedule and initialisation, except that featcircuits' encoder starts at row norm
+1/sqrt(3) (``init_scale``; its default 0.1 is too small for 73 steps at lr 4e-4) as sparsify's does. sparsify
+runs its Adam option (its default sign-SGD takes no Adam lr). sae-lens runs TopK with
+``use_sparse_activations`` on CPU (its fastest documented CPU setting) and decoder-norm rescaling off (which
+that path needs, and which leaves weights that read as a plain TopK SAE).
 
     python benchmarks/train_end_to_end.py                        # 300k tokens, 2 repeats
     python benchmarks/train_end_to_end.py --tokens 2000000 --repeats 1
@@ -120,10 +123,13 @@ def child_sparsify(job: dict[str, Any]) -> tuple[float, int]:
     rows_per_batch = job["batch_size"] // (CONTEXT - 1)
     n_rows = job["tokens"] // job["batch_size"] * rows_per_batch
     dataset = datasets.Dataset.from_parquet(job["rows"]).select(range(n_rows)).with_format("torch")
+    from sparsify.utils import get_layer_list
+
+    layers_name, _ = get_layer_list(model)  # "layers" (Llama), "h" (GPT-2)
     layer = int(job["hook"].split(".")[1]) - 1  # blocks.L.hook_resid_pre is the output of decoder layer L-1
     config = TrainConfig(
         SaeConfig(k=job["k"], num_latents=job["d_sae"]), batch_size=rows_per_batch, optimizer="adam", lr=job["lr"],
-        lr_warmup_steps=0, auxk_alpha=1 / 32, exclude_tokens=[job["bos"]], hookpoints=[f"layers.{layer}"],
+        lr_warmup_steps=0, auxk_alpha=1 / 32, exclude_tokens=[job["bos"]], hookpoints=[f"{layers_name}.{layer}"],
         log_to_wandb=False, save_every=10**9, save_dir=job["out"], init_seeds=[job["seed"]],
     )
     started = time.perf_counter()
@@ -147,7 +153,7 @@ def child_saelens(job: dict[str, Any]) -> tuple[float, int]:
     sparse = job["device"] == "cpu"  # sae-lens: sparse activations pay only in float32 on CPU
     config = LanguageModelSAERunnerConfig(
         sae=TopKTrainingSAEConfig(d_in=job["d_in"], d_sae=job["d_sae"], k=job["k"], use_sparse_activations=sparse,
-                                  rescale_acts_by_decoder_norm=not sparse, aux_loss_coefficient=1 / 32,
+                                  rescale_acts_by_decoder_norm=False, aux_loss_coefficient=1 / 32,
                                   apply_b_dec_to_input=True, dtype="float32", device=job["device"]),
         model_name="stories260k", hook_name=job["hook"], dataset_path="benchmark-rows", is_dataset_tokenized=True,
         streaming=False, context_size=CONTEXT, prepend_bos=False, exclude_special_tokens=[job["bos"]],
@@ -337,6 +343,7 @@ def main() -> None:
         hf_model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
         quality = {lib: evaluate(hf_model, 1, load_exported(runs[lib][-1]["weights"]), held_out, bos)
                    for lib in libraries}
+        print_stories_table(args, runs, quality)
         gpt2_runs: dict[str, list[dict[str, Any]]] = {}
         if args.gpt2:
             gpt2 = gpt2_shaped_model(work)
@@ -359,11 +366,12 @@ def n_rows_for(tokens: int, batch_size: int) -> int:
     return (tokens // batch_size + 2) * (batch_size // (CONTEXT - 1)) * 2
 
 
-def print_tables(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], quality: dict[str, dict[str, float]],
-                 gpt2_runs: dict[str, list[dict[str, Any]]]) -> None:
-    def rates(reports: list[dict[str, Any]]) -> list[float]:
-        return [r["tokens"] / r["seconds"] for r in reports]
+def rates(reports: list[dict[str, Any]]) -> list[float]:
+    return [r["tokens"] / r["seconds"] for r in reports]
 
+
+def print_stories_table(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
+                        quality: dict[str, dict[str, float]]) -> None:
     print(f"\nstories260k, {args.tokens:,} tokens, {args.repeats} alternating run(s) each "
           f"(load now {os.getloadavg()[0]:.2f}); quality of each library's last run on held-out text")
     print("| library | tokens/s | wall s | FVU | L0 | dead | CE loss recovered | peak RSS |")
@@ -373,6 +381,10 @@ def print_tables(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]
         print(f"| {library} | {spread(rates(reports))} | {spread([r['seconds'] for r in reports], '{:.1f}')} | "
               f"{q['fvu']:.3f} | {q['l0']:.1f} | {q['dead']:.1%} | {q['ce_recovered']:.3f} | "
               f"{spread([r['rss'] / 2**30 for r in reports], '{:.2f}')} GB |")
+
+
+def print_tables(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], quality: dict[str, dict[str, float]],
+                 gpt2_runs: dict[str, list[dict[str, Any]]]) -> None:
     if gpt2_runs:
         print("\nGPT-2-small-shaped random model (12 layers, d_model 768), TopK k=32, 16384 latents")
         print("| library | tokens/s | wall s | peak RSS |")
