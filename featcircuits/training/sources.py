@@ -9,17 +9,90 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["ModelSource", "StreamSource", "hook_layer"]
+__all__ = ["ModelSource", "StreamSource", "hook_layer", "fused_attention"]
 
 
 def hook_layer(hook: str) -> int | None:
     """Block index of ``blocks.L....`` hooks; None for hooks outside the blocks (embed, ln_final)."""
     match = re.match(r"blocks\.(\d+)\.", hook)
     return int(match.group(1)) if match else None
+
+
+def _fused_attention_supported(model: Any, hooks: list[str]) -> bool:
+    """Whether ``fused_attention`` reproduces ``model``'s attention: causal global attention over standard or
+    rotary positions with nothing else in the scores (the patching forward's own test), plain output
+    projection, and no requested hook inside the attention module (its pattern or per-head values)."""
+    from ..patching.attention import own_blocks_supported
+
+    cfg = model.cfg
+    return (own_blocks_supported(model) and not cfg.use_attn_result and not cfg.use_split_qkv_input
+            and not cfg.use_attn_in and not any(".attn." in hook for hook in hooks))
+
+
+def _fused_forward(attn: Any, original: Any) -> Any:
+    """``attn.forward`` with the scores, mask, softmax and mixing in one ``scaled_dot_product_attention``.
+
+    transformer_lens materialises ``[batch, head, pos, pos]`` scores and passes over them five times (mask,
+    softmax, NaN guard, pattern hook, mixing); on CPU at stories260k's shapes that is 70% of the model's
+    forward. Anything this does not cover (a key-value cache, padding or additive masks, per-head inputs)
+    goes to ``original``.
+    """
+    from ..patching.attention import rotate
+
+    cfg = attn.cfg
+
+    def forward(query_input: torch.Tensor, key_input: torch.Tensor, value_input: torch.Tensor,
+                past_kv_cache_entry: Any = None, additive_attention_mask: Any = None,
+                attention_mask: Any = None, position_bias: Any = None) -> torch.Tensor:
+        if (past_kv_cache_entry is not None or additive_attention_mask is not None or position_bias is not None
+                or query_input.dim() != 3 or (attention_mask is not None and not bool(attention_mask.all()))):
+            return original(query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
+                            additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
+                            position_bias=position_bias)
+        q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [batch, pos, head, d_head]
+        if cfg.positional_embedding_type == "rotary":
+            positions = torch.arange(q.shape[1], device=q.device)[:, None]
+            q, k = attn.hook_rot_q(rotate(attn, q, positions)), attn.hook_rot_k(rotate(attn, k, positions))
+        if k.shape[2] != q.shape[2]:  # grouped-query attention: query head h reads key/value head h // group
+            group = q.shape[2] // k.shape[2]
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        scale = 1.0 / float(attn.attn_scale) if cfg.use_attn_scale else 1.0
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2).to(q.dtype),
+                                           is_causal=True, scale=scale)  # [batch, head, pos, d_head]
+        z = attn.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        W_O = attn.W_O.reshape(-1, attn.W_O.shape[-1])  # [head * d_head, d_model]
+        return torch.addmm(attn.b_O, z.flatten(2).flatten(0, 1).to(W_O.dtype), W_O).view(*z.shape[:2], -1)
+
+    return forward
+
+
+@contextmanager
+def fused_attention(model: Any, hooks: list[str]) -> Iterator[bool]:
+    """Within the block, ``model``'s attention modules run fused (``_fused_forward``) where that gives the
+    same activations at ``hooks``; yields whether it does."""
+    if not _fused_attention_supported(model, hooks):
+        yield False
+        return
+    patched = []
+    for block in model.blocks:
+        attn = block.attn
+        patched.append((attn, attn.__dict__.get("forward")))
+        attn.forward = _fused_forward(attn, attn.forward)
+    try:
+        yield True
+    finally:
+        for attn, before in patched:
+            if before is None:
+                del attn.forward
+            else:
+                attn.forward = before
 
 
 class ModelSource:
@@ -92,12 +165,13 @@ class ModelSource:
             captured[hook.name] = acts.detach()
 
         device = next(self.model.parameters()).device
-        self.model.run_with_hooks(
-            batch.to(device),
-            fwd_hooks=[(hook, capture) for hook in self.hooks],
-            stop_at_layer=self.stop_at_layer,
-            return_type=None,
-        )
+        with fused_attention(self.model, self.hooks):
+            self.model.run_with_hooks(
+                batch.to(device),
+                fwd_hooks=[(hook, capture) for hook in self.hooks],
+                stop_at_layer=self.stop_at_layer,
+                return_type=None,
+            )
         # per-head hooks [batch, pos, head, d_head] -> concatenated heads
         return {hook: acts.flatten(2) if acts.dim() == 4 else acts for hook, acts in captured.items()}
 
