@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["normalize_adjacency", "node_influence", "edge_influence"]
+__all__ = ["normalize_adjacency", "node_influence", "edge_influence", "partial_influence"]
 
 
 def normalize_adjacency(adjacency: torch.Tensor) -> torch.Tensor:
@@ -43,3 +43,38 @@ def edge_influence(normalized: torch.Tensor, target_weights: torch.Tensor) -> to
     """``[n, n]`` influence of each edge: normalised weight times the influence of its target node."""
     influence = node_influence(normalized, target_weights) + target_weights.to(normalized.dtype)
     return normalized * influence[:, None]
+
+
+def partial_influence(rows: torch.Tensor, row_node: torch.Tensor, target_weights: torch.Tensor,
+                      chunk_entries: int = 1 << 24) -> torch.Tensor:
+    """``[n_cols]`` influence on the targets of every column, from the rows computed so far.
+
+    Args:
+        rows: ``[n_rows, n_cols]`` adjacency rows, the target rows first (in ``target_weights`` order).
+        row_node: ``[n_rows]`` the column of each row's own node (``-1`` for targets: no column).
+        target_weights: ``[n_targets]``.
+
+    The rows are normalised as :func:`normalize_adjacency` does, but chunk by chunk of at most
+    ``chunk_entries`` entries, so no copy of the (possibly many-GiB) rows is ever held.
+    """
+    n_rows, n_cols = rows.shape
+    step = max(1, chunk_entries // max(1, n_cols))
+    inverse_sums = torch.empty(n_rows, device=rows.device)
+    for lo in range(0, n_rows, step):
+        inverse_sums[lo:lo + step] = 1.0 / rows[lo:lo + step].abs().sum(dim=1).clamp(min=1e-10)
+    current = torch.zeros(n_rows, device=rows.device)
+    current[: target_weights.numel()] = target_weights.to(current.dtype)
+    influence = torch.zeros(n_cols, device=rows.device)
+    has_row = row_node >= 0
+    for _ in range(n_rows + 1):  # a DAG: at most one step per row before the series ends
+        scaled = current * inverse_sums
+        column_values = torch.zeros(n_cols, device=rows.device)
+        for lo in (scaled.nonzero().squeeze(1) // step).unique().tolist():  # chunks with a non-zero weight
+            chunk = slice(lo * step, (lo + 1) * step)
+            column_values += scaled[chunk] @ rows[chunk].abs()
+        if not column_values.any():
+            break
+        influence += column_values
+        current = torch.zeros_like(current)
+        current[has_row] = column_values[row_node[has_row]]
+    return influence

@@ -22,6 +22,9 @@ inputs are read at ``hook_resid_*``, ``ln1/ln2.hook_normalized``, ``hook_mlp_in`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 
 # from their defining modules: transformer_lens.components re-exports them without declaring them public
@@ -32,7 +35,21 @@ from transformer_lens.components.rms_norm_pre import RMSNormPre
 
 from .replacement import CleanRun, ReplacementModel
 
-__all__ = ["LinearBackward", "unsupported_reason"]
+__all__ = ["LinearBackward", "SparseSeed", "unsupported_reason"]
+
+# receives (site index, gradient [batch, n_pos, d_model] at the site's output)
+Consumer = Callable[[int, torch.Tensor], None]
+
+
+class SparseSeed(NamedTuple):
+    """A seed that is non-zero at one position per seeded row: ``vectors[i]`` ``[m, d_in]`` goes to batch row
+    ``rows[i]`` at position ``pos[i]`` of a ``[batch, n_pos, d_in]`` gradient (a feature's encoder direction
+    at its own position), so no dense ``[batch, n_pos, d_in]`` tensor per site is built."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    vectors: torch.Tensor
+    batch: int
 
 _NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
 _READ_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
@@ -73,13 +90,18 @@ class LinearBackward:
     Args:
         rm: the replacement model (see :func:`unsupported_reason` for what it may contain).
         clean: its :class:`CleanRun` on the prompt (patterns ``[1, n_heads, pos, pos]``, scales ``[1, pos, 1]``).
+        dtype: the gradients' dtype (default: the model's); e.g. float32 for a bf16 model. The transposed
+            weights are copies in this dtype, so the model's own weights are not needed afterwards (they
+            may be offloaded while gradients are taken).
     """
 
-    def __init__(self, rm: ReplacementModel, clean: CleanRun) -> None:
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, dtype: torch.dtype | None = None) -> None:
         reason = unsupported_reason(rm)
         if reason is not None:
             raise ValueError(f"LinearBackward cannot run this model: {reason}.")
         self.rm, self.clean = rm, clean
+        self.dtype = dtype = dtype or rm.cfg.dtype
+        self._n_pos = clean.n_pos  # positions of the current grads() call
         self.n_layers = rm.cfg.n_layers
         self.layers = []
         for layer, block in enumerate(rm.model.blocks):
@@ -87,10 +109,12 @@ class LinearBackward:
             n_heads, d_model, d_head = attn.W_V.shape
             self.layers.append({
                 # [d_model, n_heads * d_head] and [n_heads * d_head, d_model], transposed for the backward
-                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.contiguous(),
-                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.contiguous(),
+                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.to(dtype, copy=True).contiguous(),
+                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.to(
+                    dtype, copy=True).contiguous(),
                 # pattern[h, q, k] transposed to [h, k, q]: the value gradient sums over queries
-                "pattern_T": clean.patterns[f"blocks.{layer}.attn.hook_pattern"][0].transpose(1, 2).contiguous(),
+                "pattern_T": clean.patterns[f"blocks.{layer}.attn.hook_pattern"][0].transpose(1, 2).to(
+                    dtype, copy=True).contiguous(),
                 "n_heads": n_heads, "d_head": d_head,
                 "ln1": self._norm(block.ln1, f"blocks.{layer}.ln1.hook_scale"),
                 "ln2": self._norm(block.ln2, f"blocks.{layer}.ln2.hook_scale"),
@@ -104,7 +128,7 @@ class LinearBackward:
             self.events.setdefault(site.hook_in, []).append(("read", index))
             self.events.setdefault(site.hook_out, []).append(("write", index))
         self.skip_T = {
-            index: site.dictionary.W_skip.detach().T for index, site in enumerate(rm.sites)
+            index: site.dictionary.W_skip.detach().T.to(dtype, copy=True) for index, site in enumerate(rm.sites)
             if site.dictionary is not None and site.dictionary.W_skip is not None
         }
 
@@ -114,8 +138,8 @@ class LinearBackward:
             return None
         return {
             "centered": isinstance(module, (LayerNorm, LayerNormPre)),
-            "inv_scale": 1.0 / self.clean.scales[scale_hook][0],
-            "w": module.w.detach() if isinstance(module, (LayerNorm, RMSNorm)) else None,
+            "inv_scale": 1.0 / self.clean.scales[scale_hook][0].to(self.dtype),
+            "w": module.w.detach().to(self.dtype, copy=True) if isinstance(module, (LayerNorm, RMSNorm)) else None,
         }
 
     @staticmethod
@@ -140,34 +164,49 @@ class LinearBackward:
         grad_v = grad_v.view(heads, n_pos, batch, d_head).permute(2, 1, 0, 3)  # [b, k, h, dh]
         return grad_v.reshape(batch, n_pos, heads * d_head) @ layer["W_V_T"]
 
-    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: dict[int, torch.Tensor],
-              out: dict[int, torch.Tensor | None], skip: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """Walk one hook's site events backwards: a write records and cuts, a read adds its seed."""
+    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: dict[int, torch.Tensor | SparseSeed],
+              out: dict[int, torch.Tensor | None] | Consumer, skip: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Walk one hook's site events backwards: a write records (or hands on) and cuts, a read adds its seed."""
         for kind, index in reversed(self.events.get(hook, ())):
             if kind == "write":
-                out[index] = grad
+                if isinstance(out, dict):
+                    out[index] = grad
+                elif grad is not None:
+                    out(index, grad)
                 if grad is not None and index in self.skip_T:
                     skip[index] = grad @ self.skip_T[index]  # the skip path reads the site's input
                 grad = None
             else:
                 for extra in (seeds.get(index), skip.pop(index, None)):
-                    if extra is not None:
+                    if isinstance(extra, SparseSeed):
+                        if grad is None:
+                            grad = extra.vectors.new_zeros(extra.batch, self._n_pos, extra.vectors.shape[-1])
+                        else:  # a copy: the consumer or the caller may still hold the tensor
+                            grad = grad.clone()
+                        grad.index_put_((extra.rows, extra.pos), extra.vectors, accumulate=True)
+                    elif extra is not None:
                         grad = extra if grad is None else grad + extra
         return grad
 
-    def grads(self, seeds: dict[int, torch.Tensor], final_seed: torch.Tensor | None,
-              n_pos: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    def grads(self, seeds: dict[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
+              n_pos: int, consume: Consumer | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Gradients of the seeded targets at every site output and at the embeddings.
 
         Args:
-            seeds: per site index, ``[batch, n_pos, d_in]``: the gradient placed at the site's input.
+            seeds: per site index, ``[batch, n_pos, d_in]`` (or a :class:`SparseSeed`): the gradient placed
+                at the site's input.
             final_seed: ``[batch, n_pos, d_model]`` at the unembedding input (after ``ln_final``), or None.
             n_pos: positions to keep: every seed lies before ``n_pos`` (later ones get no gradient).
+            consume: called as ``consume(site index, grad)`` the moment a site's gradient is known (top
+                site first), instead of returning them all: only a few ``[batch, n_pos, d_model]`` tensors
+                are then alive at once, not one per site.
 
         Returns:
-            per site ``[batch, n_pos, d_model]`` (None where no seed reaches it) and the same at the embeddings.
+            per site ``[batch, n_pos, d_model]`` (None where no seed reaches it, and every entry None with
+            ``consume``) and the same at the embeddings.
         """
-        out: dict[int, torch.Tensor | None] = {}
+        out: dict[int, torch.Tensor | None] | Consumer = {} if consume is None else consume
+        self._n_pos = n_pos
         skip: dict[int, torch.Tensor] = {}
         grad = None
         if final_seed is not None:
@@ -197,4 +236,6 @@ class LinearBackward:
                 through = self._through_norm(normalized, params["ln1"], n_pos, weighted=False)
                 grad = through if grad is None else grad + through
             grad = self._hook(prefix + "hook_resid_pre", grad, seeds, out, skip)
-        return [out.get(index) for index in range(len(self.rm.sites))], grad
+        site_grads = [out.get(index) for index in range(len(self.rm.sites))] if isinstance(out, dict) else \
+            [None] * len(self.rm.sites)
+        return site_grads, grad
