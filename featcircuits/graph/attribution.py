@@ -153,6 +153,7 @@ def build_graph(
     if row_buffer is not None:  # capped: gather the kept columns of the kept rows, chunk by chunk
         adjacency = _gather_kept(row_buffer, row_node, selected, n_targets, n_active)
         del row_buffer
+    assert adjacency is not None  # either the rows were the adjacency or it was gathered from them
 
     n_sites = len(rm.sites)
     positions = torch.arange(n_pos, device=device)
@@ -265,6 +266,10 @@ def _compute_rows(computer: RowComputer, resolved: list[Target], target_pos: tor
                                           INFLUENCE_CHUNK_ENTRIES)[:n_active]
             ranked = influence.argsort(descending=True)
             order = ranked[~visited[ranked]][: min(update_interval * batch, n_targets + n_keep - filled)]
+            # Which features a queue holds is the ranking's choice; their order within it is free (rows are
+            # put in node order at the end). By position, each batch spans fewer positions: the backward
+            # pass only runs up to a batch's last seeded position.
+            order = order[torch.argsort(computer.feature_pos[order], stable=True)]
         for lo in range(0, order.numel(), batch):
             features = order[lo:lo + batch]
             k = features.numel()

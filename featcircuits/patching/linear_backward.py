@@ -22,7 +22,7 @@ inputs are read at ``hook_resid_*``, ``ln1/ln2.hook_normalized``, ``hook_mlp_in`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -164,7 +164,7 @@ class LinearBackward:
         grad_v = grad_v.view(heads, n_pos, batch, d_head).permute(2, 1, 0, 3)  # [b, k, h, dh]
         return grad_v.reshape(batch, n_pos, heads * d_head) @ layer["W_V_T"]
 
-    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: dict[int, torch.Tensor | SparseSeed],
+    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: Mapping[int, torch.Tensor | SparseSeed],
               out: dict[int, torch.Tensor | None] | Consumer, skip: dict[int, torch.Tensor]) -> torch.Tensor | None:
         """Walk one hook's site events backwards: a write records (or hands on) and cuts, a read adds its seed."""
         for kind, index in reversed(self.events.get(hook, ())):
@@ -188,7 +188,7 @@ class LinearBackward:
                         grad = extra if grad is None else grad + extra
         return grad
 
-    def grads(self, seeds: dict[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
+    def grads(self, seeds: Mapping[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
               n_pos: int, consume: Consumer | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Gradients of the seeded targets at every site output and at the embeddings.
 
