@@ -23,9 +23,12 @@ embedding alone (``W_E[token]``, taken at ``hook_embed``), featcircuits' is the 
 part of each embedding edge is measured by intervention (a frozen forward with the position embedding
 removed at one position per batch row) and taken off featcircuits' edge before comparing.
 
-``--gemma64``: featcircuits alone on a 64-token Gemma-2-2B-shaped prompt at ``max_feature_nodes=8192``,
-stopped after ``--gemma64-seconds`` (every buffer is allocated at the start; the run's peak RSS is read
-then) with the time of the whole run extrapolated from the rows done.
+``--gemma64``: featcircuits alone on a 64-token Gemma-2-2B-shaped prompt at ``max_feature_nodes=8192``
+(model and transcoders in ``--gemma64-dtype``, bf16 by default; attribution in fp32), stopped after
+``--gemma64-seconds``: the rows and the decoder layout are allocated before the first row, so the peak RSS
+read then holds them; only the final adjacency over the kept nodes (``[n_final, n_final]`` fp32, 0.4 GB)
+comes later. The time of the whole run is extrapolated from the rows done. The short Gemma-shaped
+comparison then runs on the same model (the first tokens of the same prompt).
 
 Usage (from the repository root, featcircuits' environment):
 
@@ -110,7 +113,7 @@ def prepare(work: Path, shape: str, n_pos: int, per_token: int, seed: int, devic
     (work / "tokens.json").write_text(json.dumps(tokens.tolist()))
 
 
-def featcircuits_side(work: Path, shape: str, n_keep: int, batch: int, device: str, dtype: str,
+def featcircuits_side(work: Path, shape: str, n_pos: int, n_keep: int, batch: int, device: str, dtype: str,
                       seconds: float | None) -> None:
     """build_graph on the prepared files; writes fc_graph.* and prints a JSON report. In its own process."""
     import signal
@@ -126,10 +129,10 @@ def featcircuits_side(work: Path, shape: str, n_keep: int, batch: int, device: s
     model = load_model(fields, device=device, dtype=getattr(torch, dtype))
     model.load_state_dict({k: v.to(getattr(torch, dtype)) for k, v in load_file(str(work / "model.safetensors")).items()},
                           strict=False)
-    dictionaries = [load_dictionary(work / "native" / f"layer_{layer}", device=device)
+    dictionaries = [load_dictionary(work / "native" / f"layer_{layer}", device=device).to(getattr(torch, dtype))
                     for layer in range(model.cfg.n_layers)]
     rm = ReplacementModel(model, dictionaries)
-    tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))
+    tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))[:n_pos]
     counted = {"rows": 0, "first": None}
 
     class Counting(attribution.RowComputer):  # rows done, for a run stopped early (--gemma64)
@@ -199,7 +202,7 @@ def position_part(graph):
     return -(values[1:] - values[:1]).T  # [receivers, n_pos]
 
 
-def circuit_tracer_side(work: Path, n_keep: int, batch: int) -> None:
+def circuit_tracer_side(work: Path, n_pos: int, n_keep: int, batch: int) -> None:
     """Runs in circuit-tracer's venv; imports no featcircuits."""
     import importlib.metadata
 
@@ -223,7 +226,7 @@ def circuit_tracer_side(work: Path, n_keep: int, batch: int) -> None:
     config["transcoders"] = [str(work / "ct" / f) for f in config["transcoders"]]
     model._configure_replacement_model(load_transcoders(config, device=torch.device("cpu"),
                                                         lazy_decoder=os.environ.get("CT_LAZY", "1") == "1"))
-    tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))
+    tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))[:n_pos]
     attribute(tokens[:4], model, batch_size=8, max_feature_nodes=16)  # warm-up
     before = peak_rss_gb()
     start = time.perf_counter()
@@ -304,6 +307,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short prompts and small caps")
     parser.add_argument("--gemma64", action="store_true", help="also the 64-token Gemma-2-2B-shaped run")
     parser.add_argument("--gemma64-seconds", type=float, default=600)
+    parser.add_argument("--gemma64-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="the 64-token run's model and transcoder dtype (attribution is fp32)")
     parser.add_argument("--gemma-d-mlp", type=int, default=2304)
     parser.add_argument("--n-pos", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n-keep", type=int, default=None, help=argparse.SUPPRESS)
@@ -318,9 +323,10 @@ def main() -> None:
         if args.step == "prepare":
             prepare(args.work, args.shape, args.n_pos, args.per_token, 0, "cpu")
         elif args.step == "fc":
-            featcircuits_side(args.work, args.shape, args.n_keep, args.batch, args.device, args.dtype, args.seconds)
+            featcircuits_side(args.work, args.shape, args.n_pos, args.n_keep, args.batch, args.device, args.dtype,
+                              args.seconds)
         else:
-            circuit_tracer_side(args.work, args.n_keep, args.batch)
+            circuit_tracer_side(args.work, args.n_pos, args.n_keep, args.batch)
         return
     if args.device == "cuda":
         import torch
@@ -331,16 +337,22 @@ def main() -> None:
           f"dtype={args.dtype} per_token={args.per_token}")
     speedups, diffs, ratios = [], [], []
     plan = [(shape, *(QUICK if args.quick else RUNS)[shape]) for shape in args.shapes.split(",")]
-    if args.gemma64:
-        plan.append(("gemma", 64, 8192, 128))
+    if args.gemma64:  # first: its longer prompt calibrates the shared model's biases
+        plan.insert(0, ("gemma", 64, 8192, 128))
+    prepared: dict[str, Path] = {}
     for shape, n_pos, n_keep, batch in plan:
         stopped = shape == "gemma" and n_pos == 64
-        work = Path(tempfile.mkdtemp(prefix=f"featcircuits-scale-{shape}-", dir=args.work))
-        common = ["--work", str(work), "--shape", shape, "--threads", str(args.threads),
-                  "--gemma-d-mlp", str(args.gemma_d_mlp)]
-        run_child(["prepare", *common, "--n-pos", str(n_pos), "--per-token", str(args.per_token)])
+        common = ["--shape", shape, "--threads", str(args.threads), "--gemma-d-mlp", str(args.gemma_d_mlp)]
+        if shape not in prepared:  # one model per shape; the 64-token run and the short one share it
+            prepared[shape] = Path(tempfile.mkdtemp(prefix=f"featcircuits-scale-{shape}-", dir=args.work))
+            longest = max(n for s, n, _, _ in plan if s == shape)
+            run_child(["prepare", "--work", str(prepared[shape]), *common, "--n-pos", str(longest),
+                       "--per-token", str(args.per_token)])
+        work = prepared[shape]
+        common += ["--work", str(work), "--n-pos", str(n_pos)]
         cap = ["--n-keep", str(n_keep), "--batch", str(batch)]
-        fc = run_child(["fc", *common, *cap, "--device", args.device, "--dtype", args.dtype,
+        fc = run_child(["fc", *common, *cap, "--device", args.device,
+                        "--dtype", args.gemma64_dtype if stopped else args.dtype,
                         *(["--seconds", str(args.gemma64_seconds)] if stopped else [])])
         label = f"{shape}: {n_pos} tokens, max_feature_nodes={n_keep}, batch {batch}"
         if stopped:

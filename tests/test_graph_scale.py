@@ -101,9 +101,13 @@ def test_chunked_partial_influence_matches_the_dense_series():
         step = current @ normalized
         expected += step
         current = torch.where(row_node >= 0, step[row_node.clamp(min=0)], torch.zeros(n_rows))
+    # rows of a node only read lower nodes, so the node index orders them: targets highest
+    level = torch.where(row_node >= 0, row_node, torch.full_like(row_node, n_cols))
     for chunk in (1, 7, 10**6):  # one row per chunk, a few rows, everything at once
         torch.testing.assert_close(partial_influence(rows, row_node, weights, chunk_entries=chunk * n_cols),
                                    expected)
+        torch.testing.assert_close(partial_influence(rows, row_node, weights, chunk_entries=chunk * n_cols,
+                                                     row_level=level), expected)
 
 
 def test_offload_to_cpu_gives_the_same_graph_and_puts_weights_back(gpt2_graph):

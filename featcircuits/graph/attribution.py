@@ -262,8 +262,10 @@ def _compute_rows(computer: RowComputer, resolved: list[Target], target_pos: tor
         if row_buffer is None:  # every feature is kept: in column order
             order = torch.arange(n_active, device=device)[filled - n_targets:]
         else:  # most influential unvisited features first, re-ranked every few batches
+            row_level = torch.where(row_node[:filled] >= 0, computer.feature_site[row_node[:filled].clamp(min=0)],
+                                    len(computer.rm.sites))  # targets above every site
             influence = partial_influence(row_buffer[:filled], row_node[:filled], weights,
-                                          INFLUENCE_CHUNK_ENTRIES)[:n_active]
+                                          INFLUENCE_CHUNK_ENTRIES, row_level)[:n_active]
             ranked = influence.argsort(descending=True)
             order = ranked[~visited[ranked]][: min(update_interval * batch, n_targets + n_keep - filled)]
             # Which features a queue holds is the ranking's choice; their order within it is free (rows are
