@@ -274,6 +274,9 @@ def _compute_rows(computer: RowComputer, resolved: list[Target], target_pos: tor
             order = order[torch.argsort(computer.feature_pos[order], stable=True)]
         for lo in range(0, order.numel(), batch):
             features = order[lo:lo + batch]
+            if row_buffer is not None:  # (full graphs: rows land in node order, and a batch spans a site or two)
+                # highest site first: the backward walk then carries only the rows seeded so far
+                features = features[torch.argsort(computer.feature_site[features], descending=True, stable=True)]
             k = features.numel()
             seeds, seeded_pos = computer.feature_seeds(features)
             row = filled - n_targets

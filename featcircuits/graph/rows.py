@@ -141,7 +141,8 @@ class RowComputer:
     def _contract(self, index: int, grad: torch.Tensor, rows: torch.Tensor, n_pos: int) -> None:
         """Rows ``[k, n_cols]`` += what site ``index`` (the embeddings for ``n_sites``) sends: its error /
         embedding column per position, then its features' columns, from the gradient ``[k, n_pos, d_model]``."""
-        k = grad.shape[0]
+        k = grad.shape[0]  # the linear engine may hand on only the first (live) rows; the others stay zero
+        rows = rows[:k]
         start = self.n_active + index * self.clean.n_pos
         rows[:, start:start + n_pos] = torch.einsum("kpd,pd->kp", grad, self.sources[index][:n_pos])
         layout = self.site_layouts.get(index)
@@ -160,7 +161,8 @@ class RowComputer:
     def feature_seeds(self, features: torch.Tensor) -> tuple[dict[int, torch.Tensor | SparseSeed], int]:
         """Encoder directions of ``features`` (indices into the active list) at their sites' inputs, per
         site index (one vector per seeded row, at its feature's position), and the number of positions they
-        span (last position + 1). The encoder columns are gathered where the dictionary's weights are."""
+        span (last position + 1). The encoder columns are gathered where the dictionary's weights are.
+        Features ordered by site, highest first, let the linear engine carry only the rows seeded so far."""
         seeds: dict[int, torch.Tensor | SparseSeed] = {}
         k = features.numel()
         row = torch.arange(k, device=features.device)
@@ -171,5 +173,6 @@ class RowComputer:
             chosen = features[member]
             columns = d.W_enc.detach()[:, self.feature_id[chosen].to(d.W_enc.device)]
             vectors = (d.cfg.norm_scale * columns.T).to(self.device, self.dtype)
-            seeds[index] = SparseSeed(row[member], self.feature_pos[chosen], vectors, k)
+            rows = row[member]
+            seeds[index] = SparseSeed(rows, self.feature_pos[chosen], vectors, k, int(rows.max()) + 1)
         return seeds, int(self.feature_pos[features].max()) + 1

@@ -44,12 +44,30 @@ Consumer = Callable[[int, torch.Tensor], None]
 class SparseSeed(NamedTuple):
     """A seed that is non-zero at one position per seeded row: ``vectors[i]`` ``[m, d_in]`` goes to batch row
     ``rows[i]`` at position ``pos[i]`` of a ``[batch, n_pos, d_in]`` gradient (a feature's encoder direction
-    at its own position), so no dense ``[batch, n_pos, d_in]`` tensor per site is built."""
+    at its own position), so no dense ``[batch, n_pos, d_in]`` tensor per site is built.
+
+    ``extent`` is ``max(rows) + 1``. Rows are live from their seed down: with a batch's rows ordered by seed
+    site, highest first, the walk carries only the prefix of rows seeded so far, and the gradients it hands
+    on (and returns) may have fewer than ``batch`` rows: the missing ones are zero."""
 
     rows: torch.Tensor
     pos: torch.Tensor
     vectors: torch.Tensor
     batch: int
+    extent: int
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` for gradients whose leading (row) axes may differ: the shorter one is a zero-padded prefix."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.shape[0] < b.shape[0]:
+        a, b = b, a
+    if a.shape[0] == b.shape[0]:
+        return a + b
+    total = a.clone()
+    total[: b.shape[0]] += b
+    return total
 
 _NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
 _READ_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
@@ -82,6 +100,13 @@ def unsupported_reason(rm: ReplacementModel) -> str | None:
         if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in _READ_HOOKS:
             return f"site {site.name} reads {site.hook_in}"
     return None
+
+
+def _full(grad: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A gradient with every one of the ``batch`` rows (the rows not yet live are zero)."""
+    if grad is None or grad.shape[0] >= batch:
+        return grad
+    return torch.cat([grad, grad.new_zeros(batch - grad.shape[0], *grad.shape[1:])])
 
 
 class LinearBackward:
@@ -179,13 +204,18 @@ class LinearBackward:
             else:
                 for extra in (seeds.get(index), skip.pop(index, None)):
                     if isinstance(extra, SparseSeed):
-                        if grad is None:
-                            grad = extra.vectors.new_zeros(extra.batch, self._n_pos, extra.vectors.shape[-1])
+                        live = 0 if grad is None else grad.shape[0]
+                        width = extra.vectors.shape[-1]
+                        if grad is None or live < extra.extent:  # rows seeded here join the walk
+                            grown = extra.vectors.new_zeros(max(live, extra.extent), self._n_pos, width)
+                            if grad is not None:
+                                grown[:live] = grad
+                            grad = grown
                         else:  # a copy: the consumer or the caller may still hold the tensor
                             grad = grad.clone()
                         grad.index_put_((extra.rows, extra.pos), extra.vectors, accumulate=True)
                     elif extra is not None:
-                        grad = extra if grad is None else grad + extra
+                        grad = _plus(grad, extra)
         return grad
 
     def grads(self, seeds: Mapping[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
@@ -203,7 +233,8 @@ class LinearBackward:
 
         Returns:
             per site ``[batch, n_pos, d_model]`` (None where no seed reaches it, and every entry None with
-            ``consume``) and the same at the embeddings.
+            ``consume``) and the same at the embeddings. With ``consume``, the gradients handed on and the
+            embeddings' may hold only the first rows (see :class:`SparseSeed`); the others are zero.
         """
         out: dict[int, torch.Tensor | None] | Consumer = {} if consume is None else consume
         self._n_pos = n_pos
@@ -219,7 +250,7 @@ class LinearBackward:
             normalized = self._hook(prefix + "ln2.hook_normalized", None, seeds, out, skip)
             if normalized is not None:
                 through = self._through_norm(normalized, params["ln2"], n_pos, weighted=False)
-                grad = through if grad is None else grad + through
+                grad = _plus(grad, through)
             grad = self._hook(prefix + "hook_mlp_in", grad, seeds, out, skip)
             grad = self._hook(prefix + "hook_resid_mid", grad, seeds, out, skip)
             attn_grad = self._hook(prefix + "hook_attn_out", grad, seeds, out, skip)
@@ -229,13 +260,16 @@ class LinearBackward:
                 norm = params["ln1"]
                 normalized = attn_in * norm["w"] if norm is not None and norm["w"] is not None else attn_in
                 if norm is None:  # no normalisation: the attention input is the residual stream
-                    grad = normalized if grad is None else grad + normalized
+                    grad = _plus(grad, normalized)
                     normalized = None
             normalized = self._hook(prefix + "ln1.hook_normalized", normalized, seeds, out, skip)
             if normalized is not None:
                 through = self._through_norm(normalized, params["ln1"], n_pos, weighted=False)
-                grad = through if grad is None else grad + through
+                grad = _plus(grad, through)
             grad = self._hook(prefix + "hook_resid_pre", grad, seeds, out, skip)
-        site_grads = [out.get(index) for index in range(len(self.rm.sites))] if isinstance(out, dict) else \
-            [None] * len(self.rm.sites)
-        return site_grads, grad
+        if not isinstance(out, dict):
+            return [None] * len(self.rm.sites), grad
+        batch = max([seed.batch if isinstance(seed, SparseSeed) else seed.shape[0] for seed in seeds.values()]
+                    + ([final_seed.shape[0]] if final_seed is not None else []), default=0)
+        site_grads = [_full(out.get(index), batch) for index in range(len(self.rm.sites))]
+        return site_grads, _full(grad, batch)
