@@ -24,11 +24,11 @@ part of each embedding edge is measured by intervention (a frozen forward with t
 removed at one position per batch row) and taken off featcircuits' edge before comparing.
 
 ``--gemma64``: featcircuits alone on a 64-token Gemma-2-2B-shaped prompt at ``max_feature_nodes=8192``
-(model and transcoders in ``--gemma64-dtype``, bf16 by default; attribution in fp32), stopped after
-``--gemma64-seconds``: the rows and the decoder layout are allocated before the first row, so the peak RSS
-read then holds them; only the final adjacency over the kept nodes (``[n_final, n_final]`` fp32, 0.4 GB)
-comes later. The time of the whole run is extrapolated from the rows done. The short Gemma-shaped
-comparison then runs on the same model (the first tokens of the same prompt).
+(model and transcoders made in the child process, in ``--gemma64-dtype``, bf16 by default; attribution in
+fp32), stopped after ``--gemma64-seconds``: the rows and the decoder layout are allocated before the first
+row, so the peak RSS read then holds them; only the final adjacency over the kept nodes (``[n_final,
+n_final]`` fp32, 0.4 GB) comes later, and is printed with the estimate. The time of the whole run is
+extrapolated from the rows done.
 
 Usage (from the repository root, featcircuits' environment):
 
@@ -76,16 +76,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
-def prepare(work: Path, shape: str, n_pos: int, per_token: int, seed: int, device: str) -> None:
-    """Random model and transcoders (native files, then circuit-tracer's), the prompt; in its own process."""
+def random_setup(shape: str, n_pos: int, per_token: int, seed: int, device: str, dtype: str = "float32"):
+    """The random model ``[fields, model, tokens]`` and then, one at a time, each layer's transcoder with the
+    encoder bias that leaves about ``per_token`` features active per token at that layer (a generator, so
+    that only one transcoder need be in memory at a time in float32)."""
     import torch
-    from safetensors.torch import save_file
 
-    from featcircuits import Dictionary, DictionaryConfig, load_model, save_dictionary
-    from featcircuits.cli import main as cli
+    from featcircuits import load_model
+    from featcircuits.dictionaries import Dictionary, DictionaryConfig
 
     fields = dict(SHAPES[shape])
-    model = load_model(fields, seed=seed, device=device)
+    model = load_model(fields, seed=seed, device=device, dtype=getattr(torch, dtype))
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, VOCAB, (n_pos,), generator=generator)
     tokens[0] = 1  # BOS of the stories260k tokenizer
@@ -94,35 +95,95 @@ def prepare(work: Path, shape: str, n_pos: int, per_token: int, seed: int, devic
              for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         model.run_with_hooks(tokens[None].to(device), fwd_hooks=hooks)
+    yield fields, model, tokens
     for layer in range(model.cfg.n_layers):
         cfg = DictionaryConfig(d_in=model.cfg.d_model, d_sae=D_SAE[shape], kind="transcoder", layer=layer,
                                model_name=f"random-{shape}", hook_in=f"blocks.{layer}.ln2.hook_normalized",
                                hook_out=f"blocks.{layer}.hook_mlp_out")
         dictionary = Dictionary.from_config(cfg).to(device)
         with torch.no_grad():  # the bias that leaves about per_token features active per token at this layer
-            pre = inputs[layer] @ dictionary.W_enc
+            pre = inputs[layer].float() @ dictionary.W_enc
             cut = pre.flatten().kthvalue(pre.numel() - per_token * n_pos).values
             dictionary.b_enc.fill_(-float(cut))
             dictionary.b_dec.normal_(0, 0.05)
-        save_dictionary(dictionary.cpu(), work / "native" / f"layer_{layer}")
-        del dictionary
-    if cli(["convert", str(work / "native"), str(work / "ct"), "--to", "circuit-tracer"]) != 0:
-        sys.exit("featcircuits convert --to circuit-tracer failed")
+        yield dictionary.to(getattr(torch, dtype))
+
+
+def prepare(work: Path, shape: str, n_pos: int, per_token: int, seed: int, device: str) -> None:
+    """Random model and transcoders (native files, then circuit-tracer's), the prompt; in its own process."""
+    from safetensors.torch import save_file
+
+    from featcircuits.cli import main as cli
+    from featcircuits.dictionaries import save_dictionary
+
+    setup = random_setup(shape, n_pos, per_token, seed, device)
+    fields, model, tokens = next(setup)
     (work / "model_config.json").write_text(json.dumps(fields))
     save_file({k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}, str(work / "model.safetensors"))
     (work / "tokens.json").write_text(json.dumps(tokens.tolist()))
+    for layer, dictionary in enumerate(setup):
+        save_dictionary(dictionary.cpu(), work / "native" / f"layer_{layer}")
+    del model  # before the conversion, which reads every transcoder
+    if cli(["convert", str(work / "native"), str(work / "ct"), "--to", "circuit-tracer"]) != 0:
+        sys.exit("featcircuits convert --to circuit-tracer failed")
 
 
-def featcircuits_side(work: Path, shape: str, n_pos: int, n_keep: int, batch: int, device: str, dtype: str,
-                      seconds: float | None) -> None:
-    """build_graph on the prepared files; writes fc_graph.* and prints a JSON report. In its own process."""
+def featcircuits_in_memory(shape: str, n_pos: int, n_keep: int, batch: int, per_token: int, dtype: str,
+                           seconds: float) -> None:
+    """The 64-token run: model and transcoders made in this process (in ``dtype``; no files), build_graph
+    stopped after ``seconds``; prints rows done, peak RSS and timings as JSON."""
     import signal
 
+    import featcircuits.graph.attribution as attribution
+    from featcircuits.graph import ReplacementModel, build_graph
+
+    setup = random_setup(shape, n_pos, per_token, 0, "cpu", dtype)
+    _, model, tokens = next(setup)
+    rm = ReplacementModel(model, list(setup))
+    counted = {"rows": 0, "first": None}
+
+    class Counting(attribution.RowComputer):  # rows done, for a run stopped early
+        def rows(self, seeds, final_seed, n_pos, rows):
+            super().rows(seeds, final_seed, n_pos, rows)
+            counted["rows"] += rows.shape[0]
+            if counted["first"] is None:
+                counted["first"] = time.perf_counter()
+
+    attribution.RowComputer = Counting  # type: ignore[misc]
+    before = peak_rss_gb()
+
+    def stop(signum, frame):
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(int(seconds))
+    start = time.perf_counter()
+    try:
+        graph = build_graph(rm, prompt=tokens, max_feature_nodes=n_keep, batch_size=batch, progress=True,
+                            memory_budget_gb=1e9)
+        done = {"seconds": time.perf_counter() - start, "active": graph.n_active_features}
+    except TimeoutError:
+        done = {"stopped_after_s": time.perf_counter() - start}
+    from featcircuits.graph.memory import estimate_graph_memory
+    from featcircuits.graph.rows import layout_entries
+
+    clean = rm.clean_run(tokens)
+    sites, positions = attribution._active_features(rm, clean)[:2]
+    n_active = int(sites.numel())
+    estimate = estimate_graph_memory(rm, n_pos, n_active, n_keep, 10, batch, "linear",
+                                     layout_vectors=layout_entries(sites, positions, len(rm.sites), n_pos))
+    print(json.dumps({**done, "rows_done": counted["rows"], "peak_rss_gb": peak_rss_gb(), "rss_before_gb": before,
+                      "first_row_s": (counted["first"] or start) - start, "n_active": n_active,
+                      "estimate_gb": estimate["total"] / 2**30, "adjacency_gb": estimate["adjacency"] / 2**30}))
+
+
+def featcircuits_side(work: Path, n_pos: int, n_keep: int, batch: int, device: str, dtype: str) -> None:
+    """build_graph on the prepared files; writes fc_graph.* and prints a JSON report. In its own process."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    import featcircuits.graph.attribution as attribution
-    from featcircuits import load_dictionary, load_model
+    from featcircuits import load_model
+    from featcircuits.dictionaries import load_dictionary
     from featcircuits.graph import ReplacementModel, build_graph
 
     fields = json.loads((work / "model_config.json").read_text())
@@ -133,40 +194,17 @@ def featcircuits_side(work: Path, shape: str, n_pos: int, n_keep: int, batch: in
                     for layer in range(model.cfg.n_layers)]
     rm = ReplacementModel(model, dictionaries)
     tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))[:n_pos]
-    counted = {"rows": 0, "first": None}
-
-    class Counting(attribution.RowComputer):  # rows done, for a run stopped early (--gemma64)
-        def rows(self, seeds, final_seed, n_pos, rows):
-            super().rows(seeds, final_seed, n_pos, rows)
-            counted["rows"] += rows.shape[0]
-            if counted["first"] is None:
-                counted["first"] = time.perf_counter()
-
-    attribution.RowComputer = Counting  # type: ignore[misc]
     build_graph(rm, prompt=tokens[:4], max_feature_nodes=16, batch_size=8, progress=False)  # warm-up
-    counted.update(rows=0, first=None)
-    weights_gb = peak_rss_gb()
-    if seconds is not None:
-        def stop(signum, frame):
-            raise TimeoutError
-        signal.signal(signal.SIGALRM, stop)
-        signal.alarm(int(seconds))
+    before = peak_rss_gb()
     start = time.perf_counter()
-    try:
-        graph = build_graph(rm, prompt=tokens, max_feature_nodes=n_keep, batch_size=batch, progress=seconds is not None,
-                            memory_budget_gb=1e9)
-    except TimeoutError:
-        elapsed = time.perf_counter() - start
-        print(json.dumps({"stopped_after_s": elapsed, "rows_done": counted["rows"], "peak_rss_gb": peak_rss_gb(),
-                          "rss_before_gb": weights_gb, "first_row_s": (counted["first"] or start) - start,
-                          "active": None}))
-        return
+    graph = build_graph(rm, prompt=tokens, max_feature_nodes=n_keep, batch_size=batch, progress=False,
+                        memory_budget_gb=1e9)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     graph.save(work / "fc_graph")
     save_file({"position_part": position_part(graph).contiguous().cpu()}, str(work / "fc_position.safetensors"))
-    print(json.dumps({"seconds": elapsed, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": weights_gb,
+    print(json.dumps({"seconds": elapsed, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": before,
                       "n_features": graph.n_features, "active": graph.n_active_features,
                       "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}))
 
@@ -293,7 +331,7 @@ def run_child(args: list[str], python: str = sys.executable, threads: int = 1) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("step", nargs="?", choices=["prepare", "fc", "ct"], help=argparse.SUPPRESS)
+    parser.add_argument("step", nargs="?", choices=["prepare", "fc", "fc64", "ct"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--shape", default="small", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="small,gpt2,gemma", help="comma-separated: small, gpt2, gemma")
@@ -323,8 +361,10 @@ def main() -> None:
         if args.step == "prepare":
             prepare(args.work, args.shape, args.n_pos, args.per_token, 0, "cpu")
         elif args.step == "fc":
-            featcircuits_side(args.work, args.shape, args.n_pos, args.n_keep, args.batch, args.device, args.dtype,
-                              args.seconds)
+            featcircuits_side(args.work, args.n_pos, args.n_keep, args.batch, args.device, args.dtype)
+        elif args.step == "fc64":
+            featcircuits_in_memory(args.shape, args.n_pos, args.n_keep, args.batch, args.per_token, args.dtype,
+                                   args.seconds)
         else:
             circuit_tracer_side(args.work, args.n_pos, args.n_keep, args.batch)
         return
@@ -336,32 +376,33 @@ def main() -> None:
     print(f"uptime: {os.popen('uptime').read().strip()}; threads={args.threads} device={args.device} "
           f"dtype={args.dtype} per_token={args.per_token}")
     speedups, diffs, ratios = [], [], []
-    plan = [(shape, *(QUICK if args.quick else RUNS)[shape]) for shape in args.shapes.split(",")]
-    if args.gemma64:  # first: its longer prompt calibrates the shared model's biases
-        plan.insert(0, ("gemma", 64, 8192, 128))
-    prepared: dict[str, Path] = {}
-    for shape, n_pos, n_keep, batch in plan:
-        stopped = shape == "gemma" and n_pos == 64
-        common = ["--shape", shape, "--threads", str(args.threads), "--gemma-d-mlp", str(args.gemma_d_mlp)]
-        if shape not in prepared:  # one model per shape; the 64-token run and the short one share it
-            prepared[shape] = Path(tempfile.mkdtemp(prefix=f"featcircuits-scale-{shape}-", dir=args.work))
-            longest = max(n for s, n, _, _ in plan if s == shape)
-            run_child(["prepare", "--work", str(prepared[shape]), *common, "--n-pos", str(longest),
-                       "--per-token", str(args.per_token)])
-        work = prepared[shape]
-        common += ["--work", str(work), "--n-pos", str(n_pos)]
-        cap = ["--n-keep", str(n_keep), "--batch", str(batch)]
-        fc = run_child(["fc", *common, *cap, "--device", args.device,
-                        "--dtype", args.gemma64_dtype if stopped else args.dtype,
-                        *(["--seconds", str(args.gemma64_seconds)] if stopped else [])])
-        label = f"{shape}: {n_pos} tokens, max_feature_nodes={n_keep}, batch {batch}"
-        if stopped:
-            rows, total = fc["rows_done"], n_keep + 10
+    if args.gemma64:  # featcircuits alone, model and transcoders made in the child (no files)
+        n_pos, n_keep, batch = 64, 8192, 128
+        fc = run_child(["fc64", "--shape", "gemma", "--threads", str(args.threads), "--gemma-d-mlp",
+                        str(args.gemma_d_mlp), "--n-pos", str(n_pos), "--n-keep", str(n_keep), "--batch", str(batch),
+                        "--per-token", str(args.per_token), "--dtype", args.gemma64_dtype,
+                        "--seconds", str(args.gemma64_seconds)])
+        label = f"gemma: {n_pos} tokens, max_feature_nodes={n_keep}, batch {batch}, {args.gemma64_dtype} weights"
+        if "seconds" in fc:
+            print(f"{label}: featcircuits {fc['seconds']:.0f}s, peak RSS {fc['peak_rss_gb']:.2f} GB "
+                  f"({fc['n_active']} active features)")
+        else:
+            rows = fc["rows_done"]
             per_row = (fc["stopped_after_s"] - fc["first_row_s"]) / max(1, rows)
-            print(f"{label}: featcircuits stopped after {fc['stopped_after_s']:.0f}s, {rows} rows done; peak RSS "
-                  f"{fc['peak_rss_gb']:.2f} GB (model and transcoders {fc['rss_before_gb']:.2f} GB); whole run "
-                  f"~{fc['first_row_s'] + per_row * total:.0f}s extrapolated; uptime {os.popen('uptime').read().strip()}")
-            continue
+            print(f"{label}: featcircuits stopped after {fc['stopped_after_s']:.0f}s with {rows} of {n_keep + 10} rows "
+                  f"({fc['n_active']} active features); peak RSS {fc['peak_rss_gb']:.2f} GB (model and transcoders "
+                  f"{fc['rss_before_gb']:.2f} GB), estimate {fc['estimate_gb']:.2f} GB of which the final adjacency "
+                  f"{fc['adjacency_gb']:.2f} GB comes after the rows; whole run ~{fc['first_row_s'] + per_row * (n_keep + 10):.0f}s "
+                  f"extrapolated ({fc['first_row_s']:.0f}s to the first row); uptime {os.popen('uptime').read().strip()}")
+    plan = [(shape, *(QUICK if args.quick else RUNS)[shape]) for shape in args.shapes.split(",") if shape]
+    for shape, n_pos, n_keep, batch in plan:
+        work = Path(tempfile.mkdtemp(prefix=f"featcircuits-scale-{shape}-", dir=args.work))
+        common = ["--shape", shape, "--threads", str(args.threads), "--gemma-d-mlp", str(args.gemma_d_mlp),
+                  "--work", str(work), "--n-pos", str(n_pos)]
+        run_child(["prepare", *common, "--per-token", str(args.per_token)])
+        cap = ["--n-keep", str(n_keep), "--batch", str(batch)]
+        fc = run_child(["fc", *common, *cap, "--device", args.device, "--dtype", args.dtype])
+        label = f"{shape}: {n_pos} tokens, max_feature_nodes={n_keep}, batch {batch}"
         print(f"{label}: featcircuits {fc['seconds']:.2f}s, peak RSS {fc['peak_rss_gb']:.2f} GB "
               f"({fc['n_features']} of {fc['active']} active features)"
               + (f", CUDA peak {fc['cuda_peak_gb']:.2f} GB" if fc.get("cuda_peak_gb") is not None else ""))
