@@ -222,22 +222,23 @@ def position_part(graph):
     receivers = ((keys[:, 0] == FEATURE) | (keys[:, 0] == TARGET)).nonzero().squeeze(1)
     n_pos = clean.n_pos
     if rm.cfg.positional_embedding_type != "standard":
-        return torch.zeros(receivers.numel(), n_pos)
-    batch = n_pos + 1
+        return torch.zeros(receivers.numel(), n_pos)  # nothing to take off
+    batch, device = n_pos + 1, clean.embeddings.device
     embeddings = clean.embeddings.expand(batch, -1, -1).clone()
-    embeddings[torch.arange(1, batch), torch.arange(n_pos)] -= rm.model.W_pos[:n_pos].detach()
+    embeddings[torch.arange(1, batch, device=device), torch.arange(n_pos, device=device)] -= \
+        rm.model.W_pos[:n_pos].detach().to(embeddings.dtype)
     with torch.no_grad():
         out = rm.run(clean.tokens, clean=clean, embeddings=embeddings, batch_size=batch, return_acts=True,
                      compute_logits=False)
-    values = torch.zeros(batch, receivers.numel())
+    values = torch.zeros(batch, receivers.numel(), device=device)
     r_keys = keys[receivers]
     for column, (kind, site, pos, index) in enumerate(r_keys.tolist()):
         if kind == FEATURE:
             values[:, column] = out.pre_acts[graph.sites[site]][:, pos, index]
         else:
             target = graph.targets[index]
-            values[:, column] = out.final[:, pos] @ target.vector + target.bias
-    return -(values[1:] - values[:1]).T  # [receivers, n_pos]
+            values[:, column] = out.final[:, pos].float() @ target.vector.float() + target.bias
+    return -(values[1:] - values[:1]).T.cpu()  # [receivers, n_pos]
 
 
 def circuit_tracer_side(work: Path, n_pos: int, n_keep: int, batch: int) -> None:
@@ -345,6 +346,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short prompts and small caps")
     parser.add_argument("--gemma64", action="store_true", help="also the 64-token Gemma-2-2B-shaped run")
     parser.add_argument("--gemma64-seconds", type=float, default=600)
+    parser.add_argument("--gemma64-nodes", type=int, default=8192,
+                        help="its max_feature_nodes (a smaller one where 8,192 does not fit this machine: the peak at "
+                             "8,192 is then printed as the measured peak plus the rows it adds, 4 bytes a column each)")
     parser.add_argument("--gemma64-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the 64-token run's model and transcoder dtype (attribution is fp32)")
     parser.add_argument("--gemma-d-mlp", type=int, default=2304)
@@ -377,7 +381,7 @@ def main() -> None:
           f"dtype={args.dtype} per_token={args.per_token}")
     speedups, diffs, ratios = [], [], []
     if args.gemma64:  # featcircuits alone, model and transcoders made in the child (no files)
-        n_pos, n_keep, batch = 64, 8192, 128
+        n_pos, n_keep, batch = 64, args.gemma64_nodes, 128
         fc = run_child(["fc64", "--shape", "gemma", "--threads", str(args.threads), "--gemma-d-mlp",
                         str(args.gemma_d_mlp), "--n-pos", str(n_pos), "--n-keep", str(n_keep), "--batch", str(batch),
                         "--per-token", str(args.per_token), "--dtype", args.gemma64_dtype,
@@ -394,6 +398,12 @@ def main() -> None:
                   f"{fc['rss_before_gb']:.2f} GB), estimate {fc['estimate_gb']:.2f} GB of which the final adjacency "
                   f"{fc['adjacency_gb']:.2f} GB comes after the rows; whole run ~{fc['first_row_s'] + per_row * (n_keep + 10):.0f}s "
                   f"extrapolated ({fc['first_row_s']:.0f}s to the first row); uptime {os.popen('uptime').read().strip()}")
+        if n_keep < 8192:  # the rows of the features it left out: n_cols fp32 each, the only part growing with N
+            n_cols = fc["n_active"] + (SHAPES["gemma"]["n_layers"] + 1) * n_pos  # one site per layer
+            extra = (8192 - n_keep) * n_cols * 4 / 2**30
+            print(f"gemma at max_feature_nodes=8192: peak RSS ~{fc['peak_rss_gb'] + extra:.2f} GB (measured "
+                  f"{fc['peak_rss_gb']:.2f} GB at {n_keep} + {extra:.2f} GB of rows); time ~"
+                  f"{fc['first_row_s'] + per_row * (8192 + 10):.0f}s at the measured time per row")
     plan = [(shape, *(QUICK if args.quick else RUNS)[shape]) for shape in args.shapes.split(",") if shape]
     for shape, n_pos, n_keep, batch in plan:
         work = Path(tempfile.mkdtemp(prefix=f"featcircuits-scale-{shape}-", dir=args.work))
