@@ -123,7 +123,7 @@ def prepare(work: Path, shape: str, n_pos: int, per_token: int, seed: int, devic
     (work / "tokens.json").write_text(json.dumps(tokens.tolist()))
     for layer, dictionary in enumerate(setup):
         save_dictionary(dictionary.cpu(), work / "native" / f"layer_{layer}")
-    del model  # before the conversion, which reads every transcoder
+    del model, setup  # before the conversion, which reads every transcoder (the generator holds the model)
     if cli(["convert", str(work / "native"), str(work / "ct"), "--to", "circuit-tracer"]) != 0:
         sys.exit("featcircuits convert --to circuit-tracer failed")
 
