@@ -4,7 +4,7 @@ The estimate follows the builder's layout: rows of the kept features and targets
 (``[n_targets + N, n_active + (n_sites + 1) * n_pos]`` fp32, only when features are capped), the final
 adjacency over the kept nodes (``[n_final, n_final]``), the decoder layout (every active feature's decoder
 vector times its activation, zero-padded per site to its busiest position; on the CPU with ``offload``),
-the gradients of one batch (with the linear engine's fp32 copies of the attention maps), and the chunk that
+the gradients of one batch (with the linear engine's fp32 copies of a bf16 model's attention maps), and the chunk that
 influence ranking works on. Not counted: the model, the dictionaries and the clean run (per site, the
 ``[pos, d_sae]`` pre-activations and activations), which exist before build_graph allocates anything. The decoder layout and the
 gradients are freed before the final adjacency is gathered, so the peak is the larger of the two phases.
@@ -46,8 +46,10 @@ def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_fea
     else:  # fp32 gradients: a few [batch, pos, width] tensors alive at once, and one site's contraction
         width = max(cfg.d_model, cfg.n_heads * cfg.d_head)
         forward = 8 * batch_size * n_pos * width * 4
-        # the engine's fp32 copies of the transposed value / output maps and of the clean patterns
-        forward += cfg.n_layers * (2 * cfg.d_model * cfg.n_heads * cfg.d_head + cfg.n_heads * n_pos * n_pos) * 4
+        # the engine's transposed clean patterns, and fp32 copies of the value / output maps of a model in
+        # another dtype (an fp32 model's are used in place)
+        copies = 2 * cfg.d_model * cfg.n_heads * cfg.d_head if cfg.dtype != torch.float32 else 0
+        forward += cfg.n_layers * (copies + cfg.n_heads * n_pos * n_pos) * 4
         layout_itemsize = 4
     busiest_site = -(-layout_vectors // max(1, n_sites))  # the contraction's [pos, batch, slots] and its copy
     forward += 2 * batch_size * busiest_site * 4

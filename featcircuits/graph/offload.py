@@ -1,11 +1,12 @@
 """Offloading while attribution rows are computed: weights the gradients no longer need go to the CPU.
 
-With the linear engine the gradients need only the clean run and copies made from the weights before the
-rows start (transposed attention maps, norm weights, the decoder layout); the HookedTransformer's own
-parameters (embeddings, MLPs, unembedding) and the dictionaries' (whose encoder columns are gathered per
-batch from wherever they are) can leave the accelerator for that time, as circuit-tracer's ``offload="cpu"``
-does. The tensors are moved in place (``param.data``), so module configs and references are untouched,
-and moved back when the block ends, also on error.
+With the linear engine the gradients need only the clean run and what was taken from the weights before
+the rows start (the attention value / output maps, norm weights, the decoder layout); the rest of the
+HookedTransformer's parameters (embeddings, MLPs, unembedding) and the dictionaries' (whose encoder columns
+are gathered per batch from wherever they are) can leave the accelerator for that time, as circuit-tracer's
+``offload="cpu"`` does. The tensors are moved in place (``param.data``), so module configs and references
+are untouched, and moved back when the block ends, also on error. (The attention maps the engine holds keep
+their device copy alive meanwhile: they are a small part of a model.)
 """
 
 from __future__ import annotations

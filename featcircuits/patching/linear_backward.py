@@ -115,9 +115,8 @@ class LinearBackward:
     Args:
         rm: the replacement model (see :func:`unsupported_reason` for what it may contain).
         clean: its :class:`CleanRun` on the prompt (patterns ``[1, n_heads, pos, pos]``, scales ``[1, pos, 1]``).
-        dtype: the gradients' dtype (default: the model's); e.g. float32 for a bf16 model. The transposed
-            weights are copies in this dtype, so the model's own weights are not needed afterwards (they
-            may be offloaded while gradients are taken).
+        dtype: the gradients' dtype (default: the model's); e.g. float32 for a bf16 model. The attention
+            weights are used as transposed views when the dtype matches (no copy), as copies otherwise.
     """
 
     def __init__(self, rm: ReplacementModel, clean: CleanRun, dtype: torch.dtype | None = None) -> None:
@@ -134,9 +133,9 @@ class LinearBackward:
             n_heads, d_model, d_head = attn.W_V.shape
             self.layers.append({
                 # [d_model, n_heads * d_head] and [n_heads * d_head, d_model], transposed for the backward
-                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.to(dtype, copy=True).contiguous(),
-                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.to(
-                    dtype, copy=True).contiguous(),
+                # transposed views (matmul reads them as they are); copies only to change the dtype
+                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.to(dtype),
+                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.to(dtype),
                 # pattern[h, q, k] transposed to [h, k, q]: the value gradient sums over queries
                 "pattern_T": clean.patterns[f"blocks.{layer}.attn.hook_pattern"][0].transpose(1, 2).to(
                     dtype, copy=True).contiguous(),
