@@ -152,12 +152,15 @@ def test_a_graph_over_budget_names_the_largest_setting_that_fits(stories_graph):
     import re
 
     from featcircuits.graph import estimate_graph_memory
+    from featcircuits.graph.rows import layout_entries
 
     rm = stories_graph.replacement
     n_active, n_pos, n_targets = stories_graph.n_features, stories_graph.clean.n_pos, len(stories_graph.targets)
     third = n_active // 3  # a budget that holds a third of the rows, built as build_graph sizes its batches
+    features = stories_graph.node_keys[stories_graph.mask(FEATURE)]  # every active feature: the graph is full
+    layout = layout_entries(features[:, 1], features[:, 2], len(rm.sites), n_pos)  # as build_graph lays them out
     budget = estimate_graph_memory(rm, n_pos, n_active, third, n_targets, min(128, max(third, n_targets)),
-                                   "linear")["total"] / 2**30
+                                   "linear", layout_vectors=layout)["total"] / 2**30
     with pytest.raises(GraphTooLargeError, match=r"max_feature_nodes=\d+ fits") as error:
         build_graph(rm, prompt=PROMPT, memory_budget_gb=budget, progress=False)
     suggested = int(re.search(r"max_feature_nodes=(\d+) fits", str(error.value)).group(1))

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-feature-nodes", type=positive_int, default=None, help="cap on feature nodes")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="targets per backward pass")
     parser.add_argument("--memory-budget-gb", type=positive_float, default=4.0, help="refuse larger graphs")
+    parser.add_argument("--offload", choices=["cpu"], default=None,
+                        help="keep the model's and dictionaries' weights and the decoder layout in CPU memory "
+                             "while attribution rows are computed on --device (an accelerator short of memory)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slug", default=None, help="graph slug in the JSON metadata (default: file name)")
 
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     replacement = ReplacementModel(model, dictionaries)  # raises on widths that do not fit
     check_dictionaries_match_model(model, dictionaries)  # warns when they record another model's name
     graph = build_graph(replacement, prompt=args.prompt, targets=args.target, max_feature_nodes=args.max_feature_nodes,
-                        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb)
+                        batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb, offload=args.offload)
     built = time.perf_counter()
     print(f"graph: {graph.n_nodes} nodes ({graph.n_features} features of {graph.n_active_features} active, "
           f"{graph.count(1)} errors, {graph.count(2)} embeddings, {graph.count(3)} targets), {graph.n_edges} edges "

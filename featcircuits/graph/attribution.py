@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 from ..patching.linear_backward import unsupported_reason
 from ..patching.replacement import ReplacementModel
 from .attribution_graph import EMBEDDING, ERROR, FEATURE, TARGET, AttributionGraph
-from .influence import normalize_adjacency
-from .rows import RowComputer
+from .influence import partial_influence
+from .memory import INFLUENCE_CHUNK_ENTRIES, estimate_graph_memory, largest_that_fits
+from .offload import OFFLOAD_CHOICES, offloaded
+from .rows import RowComputer, layout_entries
 from .targets import Target, resolve_targets
 
 if TYPE_CHECKING:
@@ -36,34 +38,12 @@ if TYPE_CHECKING:
 
     from ..dictionaries import Dictionary
 
-__all__ = ["build_graph", "estimate_graph_memory", "GraphTooLargeError"]
+__all__ = ["build_graph", "estimate_graph_memory", "GraphTooLargeError"]  # the estimate lives in .memory
 
 
 
 class GraphTooLargeError(ValueError):
     """The requested graph would need more memory than the budget allows."""
-
-
-def estimate_graph_memory(rm: ReplacementModel, n_pos: int, n_active: int, n_feature_rows: int,
-                          n_targets: int, batch_size: int, engine: str = "autograd") -> dict[str, int]:
-    """Bytes needed by :func:`build_graph`: the gradients of one batch (with ``engine="autograd"``, the
-    batched forward's autograd graph), the row buffer (only when ``n_feature_rows < n_active``: otherwise
-    rows are written straight into the adjacency) and the dense adjacency."""
-    cfg = rm.cfg
-    itemsize = torch.finfo(cfg.dtype).bits // 8
-    if engine == "autograd":
-        d_mlp = cfg.d_mlp or 0  # None: an attention-only model, no MLP activations
-        per_token = cfg.n_layers * (16 * cfg.d_model + 4 * d_mlp + 4 * cfg.n_heads * cfg.d_head + 2 * cfg.n_heads * n_pos)
-        per_token += len(rm.sites) * 2 * cfg.d_model  # deltas and their gradients
-        forward = 2 * batch_size * n_pos * per_token * itemsize
-    else:  # a few [batch, pos, d_model] gradients per site, and the seeds
-        forward = (len(rm.sites) + 4) * 2 * batch_size * n_pos * cfg.d_model * itemsize
-    n_cols = n_active + (len(rm.sites) + 1) * n_pos
-    rows = (n_feature_rows + n_targets) * n_cols * 4 if n_feature_rows < n_active else 0
-    n_final = n_feature_rows + (len(rm.sites) + 1) * n_pos + n_targets
-    adjacency = n_final * n_final * 4
-    total = forward + rows + adjacency
-    return {"forward_backward": forward, "row_buffer": rows, "adjacency": adjacency, "total": total}
 
 
 def _as_replacement(model: HookedTransformer | ReplacementModel,
@@ -80,23 +60,6 @@ def _as_replacement(model: HookedTransformer | ReplacementModel,
     return ReplacementModel(model, dictionaries)
 
 
-def _partial_influence(rows: torch.Tensor, row_col: torch.Tensor, weights: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Influence on the targets of every column, from the rows computed so far (targets first)."""
-    normalized = normalize_adjacency(rows)
-    current = torch.zeros(rows.shape[0], device=rows.device)
-    current[: weights.numel()] = weights
-    influence = torch.zeros(n_cols, device=rows.device)
-    has_row = row_col >= 0
-    for _ in range(rows.shape[0] + 1):
-        column_values = current @ normalized
-        if not column_values.any():
-            break
-        influence += column_values
-        current = torch.zeros_like(current)
-        current[has_row] = column_values[row_col[has_row]]
-    return influence
-
-
 def build_graph(
     model: HookedTransformer | ReplacementModel,
     dictionaries: Sequence[Dictionary] | None = None,
@@ -110,8 +73,17 @@ def build_graph(
     memory_budget_gb: float = 4.0,
     progress: bool = True,
     engine: str = "auto",
+    offload: str | None = None,
+    update_interval: int = 4,
 ) -> AttributionGraph:
     """Attribution graph of one prompt.
+
+    Memory scales with what is kept: with ``max_feature_nodes=N`` only the rows of the targets and of the
+    N most influential features are computed (``[n_targets + N, n_columns]`` over every active feature,
+    error and embedding), and the adjacency is over the kept nodes alone; the full active set is never
+    held as ``[n_active, n_active]``. Features are chosen as circuit-tracer chooses them: target rows
+    first, then feature rows in batches, in order of their influence on the targets estimated from the
+    rows computed so far (re-ranked every ``update_interval`` batches).
 
     Args:
         model: a ``HookedTransformer`` (with ``dictionaries``) or a :class:`ReplacementModel`.
@@ -120,16 +92,24 @@ def build_graph(
         targets: None for the most probable next tokens (up to ``desired_logit_prob`` cumulative
             probability, at most ``max_n_logits``); token ids; or :class:`Target` objects such as
             ``logit_diff_target(model, answer, distractor)``.
-        max_feature_nodes: keep at most this many feature nodes, the most influential first.
+        max_feature_nodes: keep at most this many feature nodes (at least 1), the most influential first;
+            more than the prompt activates keeps them all; None keeps all.
         batch_size: targets seeded per backward pass.
-        memory_budget_gb: refuse (before allocating) graphs whose estimated memory exceeds this.
-        progress: show a progress bar over attribution rows.
-        engine: how gradients are taken: ``"linear"`` (the frozen model's transpose written out; fast),
-            ``"autograd"`` (through the HookedTransformer; any architecture), or ``"auto"``: linear where
-            the model allows it (see :func:`featcircuits.patching.linear_backward.unsupported_reason`).
+        memory_budget_gb: refuse (before allocating) graphs whose estimated memory exceeds this, naming the
+            largest ``max_feature_nodes`` that fits (:func:`estimate_graph_memory`).
+        progress: show a progress bar over attribution rows (rows done, estimated memory).
+        engine: how gradients are taken: ``"linear"`` (the frozen model's transpose written out; fast,
+            fp32 whatever the model's dtype), ``"autograd"`` (through the HookedTransformer; any
+            architecture), or ``"auto"``: linear where the model allows it (see
+            :func:`featcircuits.patching.linear_backward.unsupported_reason`).
+        offload: ``"cpu"`` (linear engine): while rows are computed the model's and dictionaries' weights and
+            the decoder layout stay in CPU memory, and each site's decoder slice is moved to the model's
+            device per batch (for an accelerator short of memory); None keeps everything on the device.
+        update_interval: batches between re-rankings of the features by estimated influence.
     """
     rm = _as_replacement(model, dictionaries)
     engine = _choose_engine(rm, engine)
+    _check_caps(max_feature_nodes, batch_size, update_interval, offload, engine)
     clean = rm.clean_run(prompt)
     n_pos = clean.n_pos
     resolved = resolve_targets(rm.model, clean.logits[-1], targets, max_n_logits, desired_logit_prob)
@@ -138,99 +118,44 @@ def build_graph(
             raise ValueError(f"Target {target.name!r} is at position {target.pos}, outside the {n_pos}-token prompt.")
     target_pos = torch.tensor([t.pos % n_pos for t in resolved], device=clean.tokens.device)
     n_targets = len(resolved)
-
-    # active features in (site, pos, feature) order
-    site_parts, pos_parts, id_parts, act_parts = [], [], [], []
-    for index, site in enumerate(rm.sites):
-        if site.dictionary is None:
-            continue
-        acts = clean.feature_acts[site.name]
-        pos, feat = acts.nonzero(as_tuple=True)
-        site_parts.append(torch.full_like(pos, index))
-        pos_parts.append(pos)
-        id_parts.append(feat)
-        act_parts.append(acts[pos, feat])
-    device = clean.tokens.device
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-    feature_site = torch.cat(site_parts) if site_parts else empty
-    feature_pos = torch.cat(pos_parts) if pos_parts else empty
-    feature_id = torch.cat(id_parts) if id_parts else empty
-    feature_act = torch.cat(act_parts) if act_parts else torch.zeros(0, device=device)
+    feature_site, feature_pos, feature_id, feature_act = _active_features(rm, clean)
     n_active = int(feature_site.numel())
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise ValueError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}.")
+    if n_active == 0:
+        raise ValueError(
+            f"The prompt activates no feature of the {len(rm.dictionaries)} dictionaries ({n_pos} tokens), so "
+            "there is nothing to attribute: check that the dictionaries belong to this model and hook, or use "
+            "a longer prompt.")
     n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     batch = max(1, min(batch_size, max(n_keep, n_targets)))
-
-    memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine)
+    layout = layout_entries(feature_site, feature_pos, len(rm.sites), n_pos)
+    memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine, layout_vectors=layout,
+                                   offload=offload is not None)
     if memory["total"] > memory_budget_gb * 2**30:
+        fits = largest_that_fits(rm, n_pos, n_active, n_targets, batch_size, engine, memory_budget_gb, layout,
+                                 offload is not None)
         raise GraphTooLargeError(
-            f"This graph needs about {memory['total'] / 2**30:.2f} GiB ({n_active} active features, {n_pos} tokens; "
-            f"adjacency {memory['adjacency'] / 2**30:.2f} GiB, row buffer {memory['row_buffer'] / 2**30:.2f} GiB, "
-            f"forward/backward {memory['forward_backward'] / 2**30:.2f} GiB) but memory_budget_gb={memory_budget_gb}. "
-            + _largest_that_fits(rm, n_pos, n_active, n_targets, batch_size, engine, memory_budget_gb)
+            f"This graph needs about {memory['total'] / 2**30:.2f} GiB ({n_active} active features, {n_keep} kept, "
+            f"{n_pos} tokens; rows {memory['row_buffer'] / 2**30:.2f} GiB, adjacency "
+            f"{memory['adjacency'] / 2**30:.2f} GiB, decoder layout {memory['decoder_layout'] / 2**30:.2f} GiB, "
+            f"gradients {memory['forward_backward'] / 2**30:.2f} GiB) but memory_budget_gb={memory_budget_gb}. "
+            + (f"max_feature_nodes={fits} fits. " if fits is not None else "Not even one feature node fits. ")
             + "Lower max_feature_nodes or batch_size, shorten the prompt, or raise memory_budget_gb."
         )
 
-    computer = RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act, engine)
-    n_cols = computer.n_cols
-    n_sites = len(rm.sites)
-    # With every feature kept, rows land straight in the adjacency (features first, targets last);
-    # otherwise in a buffer, ranked by influence as they arrive, and the kept ones are gathered after.
-    full = n_keep == n_active
-    if full:
-        adjacency = torch.zeros(n_cols + n_targets, n_cols + n_targets, device=device)
-        row_buffer = None
-        target_rows, feature_rows_out = adjacency[n_cols:, :n_cols], adjacency[:n_active, :n_cols]
-    else:
-        row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
-        target_rows, feature_rows_out = row_buffer[:n_targets], row_buffer[n_targets:]
-    row_col = torch.full((n_targets + n_keep,), -1, dtype=torch.long, device=device)
-    bar = tqdm(total=n_targets + n_keep, desc=f"attribution rows (~{memory['total'] / 2**30:.2f} GiB)",
-               disable=not progress)
-
-    for start in range(0, n_targets, batch):  # target rows
-        chunk = resolved[start:start + batch]
-        chunk_pos = target_pos[start:start + len(chunk)]
-        seed = torch.zeros(len(chunk), n_pos, rm.cfg.d_model, device=device, dtype=rm.cfg.dtype)
-        seed[torch.arange(len(chunk), device=device), chunk_pos] = torch.stack([t.vector for t in chunk]).to(seed.dtype)
-        computer.rows({}, seed, int(chunk_pos.max()) + 1, target_rows[start:start + len(chunk)])
-        bar.update(len(chunk))
-
-    weights = torch.tensor([t.weight for t in resolved], device=device, dtype=torch.float32)
-    visited = torch.zeros(n_active, dtype=torch.bool, device=device)
-    filled = n_targets
-    while filled < n_targets + n_keep:
-        if row_buffer is None:  # full
-            order = torch.arange(n_active, device=device)[filled - n_targets:]
-        else:  # most influential unvisited features first, re-ranked every few batches
-            influence = _partial_influence(row_buffer[:filled], row_col[:filled], weights, n_cols)[:n_active]
-            ranked = influence.argsort(descending=True)
-            order = ranked[~visited[ranked]][: min(4 * batch, n_targets + n_keep - filled)]
-        for lo in range(0, order.numel(), batch):
-            features = order[lo:lo + batch]
-            k = features.numel()
-            seeds, seeded_pos = computer.feature_seeds(features)
-            row = filled - n_targets
-            computer.rows(seeds, None, seeded_pos, feature_rows_out[row:row + k])
-            row_col[filled:filled + k] = features
-            visited[features] = True
-            filled += k
-            bar.update(k)
-    bar.close()
-    del computer
-
+    device = clean.tokens.device
+    with offloaded(rm, offload):
+        computer = RowComputer(rm, clean, batch, feature_site, feature_pos, feature_id, feature_act, engine,
+                               offload=offload is not None)
+        adjacency, visited, row_node, row_buffer = _compute_rows(
+            computer, resolved, target_pos, n_keep, batch, update_interval, memory, progress)
+        del computer
     selected = visited.nonzero().squeeze(1)  # ascending: keeps (site, pos, feature) order
-    n_final = selected.numel() + (n_sites + 1) * n_pos + n_targets
-    if row_buffer is not None:  # not full
-        keep_cols = torch.cat([selected, torch.arange(n_active, n_cols, device=device)])
-        adjacency = torch.zeros(n_final, n_final, device=device)
-        feature_rows = torch.full((n_active,), -1, dtype=torch.long, device=device)
-        feature_rows[row_col[n_targets:filled]] = torch.arange(n_targets, filled, device=device)
-        adjacency[: selected.numel(), : keep_cols.numel()] = row_buffer[feature_rows[selected]][:, keep_cols]
-        adjacency[n_final - n_targets:, : keep_cols.numel()] = row_buffer[:n_targets][:, keep_cols]
+    if row_buffer is not None:  # capped: gather the kept columns of the kept rows, chunk by chunk
+        adjacency = _gather_kept(row_buffer, row_node, selected, n_targets, n_active)
         del row_buffer
+    assert adjacency is not None  # either the rows were the adjacency or it was gathered from them
 
+    n_sites = len(rm.sites)
     positions = torch.arange(n_pos, device=device)
     minus = torch.full((n_pos,), -1, dtype=torch.long, device=device)
     node_keys = torch.cat([
@@ -245,11 +170,12 @@ def build_graph(
     ])
     with torch.no_grad():
         final = clean.final
-        target_values = torch.stack([final[p] @ t.vector + t.bias for t, p in zip(resolved, target_pos.tolist(), strict=True)])
+        target_values = torch.stack([final[p].float() @ t.vector.float() + t.bias
+                                     for t, p in zip(resolved, target_pos.tolist(), strict=True)])
     activations = torch.cat([
         feature_act[selected].float(),
-        torch.stack([clean.errors[site.name] for site in rm.sites]).norm(dim=-1).reshape(-1).float(),
-        clean.embeddings.norm(dim=-1).float(),
+        torch.stack([clean.errors[site.name] for site in rm.sites]).float().norm(dim=-1).reshape(-1),
+        clean.embeddings.float().norm(dim=-1),
         target_values.float(),
     ])
     prompt_text = prompt if isinstance(prompt, str) else ""
@@ -265,22 +191,123 @@ def build_graph(
     return graph
 
 
-def _largest_that_fits(rm: ReplacementModel, n_pos: int, n_active: int, n_targets: int, batch_size: int,
-                       engine: str, budget_gb: float) -> str:
-    """``"max_feature_nodes=N fits. "`` for the largest N whose estimate is within the budget (bisection: the
-    estimate grows with N), or an empty string when not even N=0 fits."""
-    def fits(n_keep: int) -> bool:
-        batch = max(1, min(batch_size, max(n_keep, n_targets)))  # as build_graph sizes it
-        total = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine)["total"]
-        return total <= budget_gb * 2**30
+def _check_caps(max_feature_nodes: int | None, batch_size: int, update_interval: int, offload: str | None,
+                engine: str) -> None:
+    for name, value in (("max_feature_nodes", max_feature_nodes), ("batch_size", batch_size),
+                        ("update_interval", update_interval)):
+        if value is None and name == "max_feature_nodes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = " (or None to keep every active feature)" if name == "max_feature_nodes" else ""
+            raise ValueError(f"{name} must be a whole number of at least 1{what}, got {value!r}.")
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload must be None or 'cpu', got {offload!r}.")
+    if offload is not None and engine != "linear":
+        raise ValueError("offload='cpu' needs the linear engine (the autograd engine runs the model itself on its "
+                         "device); use engine='linear' or offload=None.")
 
-    if not fits(0):
-        return ""
-    low, high = 0, n_active  # fits(low), not fits(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return f"max_feature_nodes={low} fits. "
+
+def _active_features(rm: ReplacementModel, clean) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Active features in (site, pos, feature) order: site index, pos, feature id (each ``[n]``) and activation."""
+    site_parts, pos_parts, id_parts, act_parts = [], [], [], []
+    for index, site in enumerate(rm.sites):
+        if site.dictionary is None:
+            continue
+        acts = clean.feature_acts[site.name]
+        pos, feat = acts.nonzero(as_tuple=True)
+        site_parts.append(torch.full_like(pos, index))
+        pos_parts.append(pos)
+        id_parts.append(feat)
+        act_parts.append(acts[pos, feat])
+    device = clean.tokens.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    if not site_parts:
+        return empty, empty, empty, torch.zeros(0, device=device)
+    return torch.cat(site_parts), torch.cat(pos_parts), torch.cat(id_parts), torch.cat(act_parts)
+
+
+def _compute_rows(computer: RowComputer, resolved: list[Target], target_pos: torch.Tensor, n_keep: int, batch: int,
+                  update_interval: int, memory: dict[str, int], progress: bool):
+    """Target rows, then feature rows in order of estimated influence. Returns ``(adjacency, visited [n_active],
+    row_node, row_buffer)``: with every feature kept the rows land straight in the adjacency (features first,
+    targets last) and ``row_buffer`` is None; otherwise ``adjacency`` is None and ``row_buffer``
+    ``[n_targets + n_keep, n_cols]`` holds the rows, ``row_node`` the active feature of each (-1: target)."""
+    n_active, n_cols, n_targets = computer.n_active, computer.n_cols, len(resolved)
+    device = target_pos.device
+    if n_keep == n_active:
+        adjacency = torch.zeros(n_cols + n_targets, n_cols + n_targets, device=device)
+        row_buffer = None
+        target_rows, feature_rows_out = adjacency[n_cols:, :n_cols], adjacency[:n_active, :n_cols]
+    else:
+        adjacency = None
+        row_buffer = torch.zeros(n_targets + n_keep, n_cols, device=device)
+        target_rows, feature_rows_out = row_buffer[:n_targets], row_buffer[n_targets:]
+    row_node = torch.full((n_targets + n_keep,), -1, dtype=torch.long, device=device)
+    bar = tqdm(total=n_targets + n_keep, unit="row", disable=not progress,
+               desc=f"attribution rows ({n_keep} of {n_active} features, est. {memory['total'] / 2**30:.2f} GiB)")
+    d_model = computer.rm.cfg.d_model
+    for start in range(0, n_targets, batch):  # target rows
+        chunk = resolved[start:start + batch]
+        chunk_pos = target_pos[start:start + len(chunk)]
+        seed = torch.zeros(len(chunk), computer.clean.n_pos, d_model, device=device, dtype=computer.dtype)
+        seed[torch.arange(len(chunk), device=device), chunk_pos] = torch.stack(
+            [t.vector.to(device) for t in chunk]).to(seed.dtype)
+        computer.rows({}, seed, int(chunk_pos.max()) + 1, target_rows[start:start + len(chunk)])
+        bar.update(len(chunk))
+
+    weights = torch.tensor([t.weight for t in resolved], device=device, dtype=torch.float32)
+    visited = torch.zeros(n_active, dtype=torch.bool, device=device)
+    filled = n_targets
+    while filled < n_targets + n_keep:
+        if row_buffer is None:  # every feature is kept: in column order
+            order = torch.arange(n_active, device=device)[filled - n_targets:]
+        else:  # most influential unvisited features first, re-ranked every few batches
+            row_level = torch.where(row_node[:filled] >= 0, computer.feature_site[row_node[:filled].clamp(min=0)],
+                                    len(computer.rm.sites))  # targets above every site
+            influence = partial_influence(row_buffer[:filled], row_node[:filled], weights,
+                                          INFLUENCE_CHUNK_ENTRIES, row_level)[:n_active]
+            ranked = influence.argsort(descending=True)
+            order = ranked[~visited[ranked]][: min(update_interval * batch, n_targets + n_keep - filled)]
+            # Which features a queue holds is the ranking's choice; their order within it is free (rows are
+            # put in node order at the end). By position, each batch spans fewer positions: the backward
+            # pass only runs up to a batch's last seeded position.
+            order = order[torch.argsort(computer.feature_pos[order], stable=True)]
+        for lo in range(0, order.numel(), batch):
+            features = order[lo:lo + batch]
+            if row_buffer is not None:  # (full graphs: rows land in node order, and a batch spans a site or two)
+                # highest site first: the backward walk then carries only the rows seeded so far
+                features = features[torch.argsort(computer.feature_site[features], descending=True, stable=True)]
+            k = features.numel()
+            seeds, seeded_pos = computer.feature_seeds(features)
+            row = filled - n_targets
+            computer.rows(seeds, None, seeded_pos, feature_rows_out[row:row + k])
+            row_node[filled:filled + k] = features
+            visited[features] = True
+            filled += k
+            bar.update(k)
+    bar.close()
+    return adjacency, visited, row_node, row_buffer
+
+
+def _gather_kept(row_buffer: torch.Tensor, row_node: torch.Tensor, selected: torch.Tensor, n_targets: int,
+                 n_active: int) -> torch.Tensor:
+    """The adjacency ``[n_final, n_final]`` over the kept features (``selected``, ascending), every error and
+    embedding and the targets, from the rows: kept rows in node order, kept columns only, a chunk at a time
+    (no second copy of the rows)."""
+    device = row_buffer.device
+    keep_cols = torch.cat([selected, torch.arange(n_active, row_buffer.shape[1], device=device)])
+    n_final = keep_cols.numel() + n_targets
+    adjacency = torch.zeros(n_final, n_final, device=device)
+    row_of = torch.full((n_active,), -1, dtype=torch.long, device=device)
+    row_of[row_node[n_targets:]] = torch.arange(n_targets, row_node.numel(), device=device)
+    source_rows = torch.cat([row_of[selected], torch.arange(n_targets, device=device)])
+    dest_rows = torch.cat([torch.arange(selected.numel(), device=device),
+                           torch.arange(n_final - n_targets, n_final, device=device)])
+    step = max(1, INFLUENCE_CHUNK_ENTRIES // max(1, row_buffer.shape[1]))
+    for lo in range(0, source_rows.numel(), step):
+        chunk = row_buffer.index_select(0, source_rows[lo:lo + step])
+        adjacency[dest_rows[lo:lo + step], : keep_cols.numel()] = chunk.index_select(1, keep_cols)
+    return adjacency
 
 
 def _choose_engine(rm: ReplacementModel, engine: str) -> str:

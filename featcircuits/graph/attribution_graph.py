@@ -78,6 +78,14 @@ class AttributionGraph:
         adjacency: ``[n_nodes, n_nodes]`` dense; ``adjacency[t, s]`` is the direct effect of source ``s``
             on target ``t`` (activation times gradient through the frozen replacement model). Rows of
             embeddings and errors are zero (they have no inputs).
+            An embedding node is the whole input of block 0 at its position (``blocks.0.hook_resid_pre``:
+            the token embedding plus, on learned-position models such as GPT-2, the position embedding
+            ``W_pos[pos]``), so its edge is the exact effect of that vector on the target and every target's
+            incoming edges sum to its value minus its value with all sources zeroed (a run with no features,
+            errors or embeddings). circuit-tracer's embedding node is the token embedding ``W_E[token]``
+            alone; on learned-position models its edges therefore lack the position part
+            ``(d target / d resid_pre_0) . W_pos[pos]``, which no node of its graph carries. The two agree
+            on models without learned positions (rotary, as in Llama and Gemma).
         activations: ``[n_nodes]`` feature activation, error / embedding vector norm, or target value.
         sites: site names, indexed by ``node_keys[:, 1]``.
         targets: the targets, indexed by ``node_keys[:, 3]`` of target nodes.
@@ -187,14 +195,25 @@ class AttributionGraph:
 
     # ---- files ---------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
+    def save(self, path: str | Path, sparse: bool = False) -> tuple[Path, Path]:
         """Write the graph losslessly to ``NAME.safetensors`` and ``NAME.json`` (``path`` is either file or
         ``NAME``); both are written atomically. Returns their paths. The model and clean run are not saved:
-        :meth:`load` attaches them again when given the ReplacementModel."""
+        :meth:`load` attaches them again when given the ReplacementModel.
+
+        ``sparse``: store only the non-zero edges (``adjacency.indices [2, m]`` int64 row/column and
+        ``adjacency.values [m]``), 16 bytes per edge instead of 4 per entry: smaller once fewer than a quarter
+        of the entries are non-zero (a pruned graph, or embedding and error rows, which are always empty).
+        :meth:`load` reads either layout back into the same dense adjacency."""
         from .._version import __version__
 
         tensors_path, json_path = _graph_paths(path)
-        tensors = {"node_keys": self.node_keys, "adjacency": self.adjacency, "activations": self.activations}
+        tensors = {"node_keys": self.node_keys, "activations": self.activations}
+        if sparse:
+            rows, cols = self.adjacency.nonzero(as_tuple=True)
+            tensors["adjacency.indices"] = torch.stack([rows, cols])
+            tensors["adjacency.values"] = self.adjacency[rows, cols]
+        else:
+            tensors["adjacency"] = self.adjacency
         if self.tokens is not None:
             tensors["tokens"] = self.tokens
         for index, target in enumerate(self.targets):
@@ -207,6 +226,7 @@ class AttributionGraph:
             "has_tokens": self.tokens is not None, "prompt": self.prompt,
             "n_active_features": self.n_active_features, "n_prompts": self.n_prompts,
             "provenance": self.provenance, "node_effects": self.node_effects,
+            "adjacency_layout": "coo" if sparse else "dense",
         }
         try:
             json.dumps(meta)
@@ -253,11 +273,19 @@ class AttributionGraph:
             model.cfg.device if model is not None else "cpu")
         n_nodes, n_targets = int(meta["n_nodes"]), len(meta["targets"])
         expected: dict[str, tuple[int, ...] | None] = {
-            "node_keys": (n_nodes, 4), "adjacency": (n_nodes, n_nodes), "activations": (n_nodes,),
+            "node_keys": (n_nodes, 4), "activations": (n_nodes,),
             **{f"targets.{i}.vector": None for i in range(n_targets)}}
+        sparse = meta.get("adjacency_layout", "dense") == "coo"  # files from before the option are dense
+        if sparse:
+            expected.update({"adjacency.indices": None, "adjacency.values": None})
+        else:
+            expected["adjacency"] = (n_nodes, n_nodes)
         if meta["has_tokens"]:
             expected["tokens"] = None
         tensors = read_tensors(tensors_path, expected, device=where)
+        if sparse:
+            tensors["adjacency"] = _dense_adjacency(tensors.pop("adjacency.indices"), tensors.pop("adjacency.values"),
+                                                    n_nodes, tensors_path)
         targets = [Target(vector=tensors[f"targets.{i}.vector"], **fields) for i, fields in enumerate(meta["targets"])]
         graph = cls(node_keys=tensors["node_keys"], adjacency=tensors["adjacency"], activations=tensors["activations"],
                     sites=list(meta["sites"]), targets=targets, tokens=tensors.get("tokens"), prompt=meta["prompt"],
@@ -313,6 +341,17 @@ class AttributionGraph:
     def __repr__(self) -> str:
         return (f"AttributionGraph({self.n_nodes} nodes: {self.n_features} features, {self.count(ERROR)} errors, "
                 f"{self.count(EMBEDDING)} embeddings, {self.count(TARGET)} targets; {self.n_edges} edges)")
+
+
+def _dense_adjacency(indices: torch.Tensor, values: torch.Tensor, n_nodes: int, where: Path) -> torch.Tensor:
+    """The ``[n_nodes, n_nodes]`` adjacency from a sparse save, its indices checked first."""
+    if indices.dim() != 2 or indices.shape[0] != 2 or values.shape != (indices.shape[1],) or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_nodes)):
+        raise ValueError(f"The sparse adjacency in {where} does not fit its {n_nodes} nodes (indices "
+                         f"{tuple(indices.shape)}, values {tuple(values.shape)}): the file is corrupt. Save the graph again.")
+    adjacency = torch.zeros(n_nodes, n_nodes, dtype=values.dtype, device=values.device)
+    adjacency[indices[0], indices[1]] = values
+    return adjacency
 
 
 def _graph_paths(path: str | Path) -> tuple[Path, Path]:

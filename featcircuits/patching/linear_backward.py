@@ -22,6 +22,9 @@ inputs are read at ``hook_resid_*``, ``ln1/ln2.hook_normalized``, ``hook_mlp_in`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import torch
 
 # from their defining modules: transformer_lens.components re-exports them without declaring them public
@@ -32,7 +35,39 @@ from transformer_lens.components.rms_norm_pre import RMSNormPre
 
 from .replacement import CleanRun, ReplacementModel
 
-__all__ = ["LinearBackward", "unsupported_reason"]
+__all__ = ["LinearBackward", "SparseSeed", "unsupported_reason"]
+
+# receives (site index, gradient [batch, n_pos, d_model] at the site's output)
+Consumer = Callable[[int, torch.Tensor], None]
+
+
+class SparseSeed(NamedTuple):
+    """A seed that is non-zero at one position per seeded row: ``vectors[i]`` ``[m, d_in]`` goes to batch row
+    ``rows[i]`` at position ``pos[i]`` of a ``[batch, n_pos, d_in]`` gradient (a feature's encoder direction
+    at its own position), so no dense ``[batch, n_pos, d_in]`` tensor per site is built.
+
+    ``extent`` is ``max(rows) + 1``. Rows are live from their seed down: with a batch's rows ordered by seed
+    site, highest first, the walk carries only the prefix of rows seeded so far, and the gradients it hands
+    on (and returns) may have fewer than ``batch`` rows: the missing ones are zero."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    vectors: torch.Tensor
+    batch: int
+    extent: int
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """``a + b`` for gradients whose leading (row) axes may differ: the shorter one is a zero-padded prefix."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.shape[0] < b.shape[0]:
+        a, b = b, a
+    if a.shape[0] == b.shape[0]:
+        return a + b
+    total = a.clone()
+    total[: b.shape[0]] += b
+    return total
 
 _NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
 _READ_HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
@@ -67,19 +102,30 @@ def unsupported_reason(rm: ReplacementModel) -> str | None:
     return None
 
 
+def _full(grad: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A gradient with every one of the ``batch`` rows (the rows not yet live are zero)."""
+    if grad is None or grad.shape[0] >= batch:
+        return grad
+    return torch.cat([grad, grad.new_zeros(batch - grad.shape[0], *grad.shape[1:])])
+
+
 class LinearBackward:
     """Gradients of seeded targets with respect to every site output of one prompt's frozen model.
 
     Args:
         rm: the replacement model (see :func:`unsupported_reason` for what it may contain).
         clean: its :class:`CleanRun` on the prompt (patterns ``[1, n_heads, pos, pos]``, scales ``[1, pos, 1]``).
+        dtype: the gradients' dtype (default: the model's); e.g. float32 for a bf16 model. The attention
+            weights are used as transposed views when the dtype matches (no copy), as copies otherwise.
     """
 
-    def __init__(self, rm: ReplacementModel, clean: CleanRun) -> None:
+    def __init__(self, rm: ReplacementModel, clean: CleanRun, dtype: torch.dtype | None = None) -> None:
         reason = unsupported_reason(rm)
         if reason is not None:
             raise ValueError(f"LinearBackward cannot run this model: {reason}.")
         self.rm, self.clean = rm, clean
+        self.dtype = dtype = dtype or rm.cfg.dtype
+        self._n_pos = clean.n_pos  # positions of the current grads() call
         self.n_layers = rm.cfg.n_layers
         self.layers = []
         for layer, block in enumerate(rm.model.blocks):
@@ -87,10 +133,12 @@ class LinearBackward:
             n_heads, d_model, d_head = attn.W_V.shape
             self.layers.append({
                 # [d_model, n_heads * d_head] and [n_heads * d_head, d_model], transposed for the backward
-                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.contiguous(),
-                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.contiguous(),
+                # transposed views (matmul reads them as they are); copies only to change the dtype
+                "W_O_T": attn.W_O.detach().reshape(n_heads * d_head, d_model).T.to(dtype),
+                "W_V_T": attn.W_V.detach().permute(1, 0, 2).reshape(d_model, n_heads * d_head).T.to(dtype),
                 # pattern[h, q, k] transposed to [h, k, q]: the value gradient sums over queries
-                "pattern_T": clean.patterns[f"blocks.{layer}.attn.hook_pattern"][0].transpose(1, 2).contiguous(),
+                "pattern_T": clean.patterns[f"blocks.{layer}.attn.hook_pattern"][0].transpose(1, 2).to(
+                    dtype, copy=True).contiguous(),
                 "n_heads": n_heads, "d_head": d_head,
                 "ln1": self._norm(block.ln1, f"blocks.{layer}.ln1.hook_scale"),
                 "ln2": self._norm(block.ln2, f"blocks.{layer}.ln2.hook_scale"),
@@ -104,7 +152,7 @@ class LinearBackward:
             self.events.setdefault(site.hook_in, []).append(("read", index))
             self.events.setdefault(site.hook_out, []).append(("write", index))
         self.skip_T = {
-            index: site.dictionary.W_skip.detach().T for index, site in enumerate(rm.sites)
+            index: site.dictionary.W_skip.detach().T.to(dtype, copy=True) for index, site in enumerate(rm.sites)
             if site.dictionary is not None and site.dictionary.W_skip is not None
         }
 
@@ -114,8 +162,8 @@ class LinearBackward:
             return None
         return {
             "centered": isinstance(module, (LayerNorm, LayerNormPre)),
-            "inv_scale": 1.0 / self.clean.scales[scale_hook][0],
-            "w": module.w.detach() if isinstance(module, (LayerNorm, RMSNorm)) else None,
+            "inv_scale": 1.0 / self.clean.scales[scale_hook][0].to(self.dtype),
+            "w": module.w.detach().to(self.dtype, copy=True) if isinstance(module, (LayerNorm, RMSNorm)) else None,
         }
 
     @staticmethod
@@ -140,34 +188,55 @@ class LinearBackward:
         grad_v = grad_v.view(heads, n_pos, batch, d_head).permute(2, 1, 0, 3)  # [b, k, h, dh]
         return grad_v.reshape(batch, n_pos, heads * d_head) @ layer["W_V_T"]
 
-    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: dict[int, torch.Tensor],
-              out: dict[int, torch.Tensor | None], skip: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """Walk one hook's site events backwards: a write records and cuts, a read adds its seed."""
+    def _hook(self, hook: str, grad: torch.Tensor | None, seeds: Mapping[int, torch.Tensor | SparseSeed],
+              out: dict[int, torch.Tensor | None] | Consumer, skip: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Walk one hook's site events backwards: a write records (or hands on) and cuts, a read adds its seed."""
         for kind, index in reversed(self.events.get(hook, ())):
             if kind == "write":
-                out[index] = grad
+                if isinstance(out, dict):
+                    out[index] = grad
+                elif grad is not None:
+                    out(index, grad)
                 if grad is not None and index in self.skip_T:
                     skip[index] = grad @ self.skip_T[index]  # the skip path reads the site's input
                 grad = None
             else:
                 for extra in (seeds.get(index), skip.pop(index, None)):
-                    if extra is not None:
-                        grad = extra if grad is None else grad + extra
+                    if isinstance(extra, SparseSeed):
+                        live = 0 if grad is None else grad.shape[0]
+                        width = extra.vectors.shape[-1]
+                        if grad is None or live < extra.extent:  # rows seeded here join the walk
+                            grown = extra.vectors.new_zeros(max(live, extra.extent), self._n_pos, width)
+                            if grad is not None:
+                                grown[:live] = grad
+                            grad = grown
+                        else:  # a copy: the consumer or the caller may still hold the tensor
+                            grad = grad.clone()
+                        grad.index_put_((extra.rows, extra.pos), extra.vectors, accumulate=True)
+                    elif extra is not None:
+                        grad = _plus(grad, extra)
         return grad
 
-    def grads(self, seeds: dict[int, torch.Tensor], final_seed: torch.Tensor | None,
-              n_pos: int) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    def grads(self, seeds: Mapping[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
+              n_pos: int, consume: Consumer | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Gradients of the seeded targets at every site output and at the embeddings.
 
         Args:
-            seeds: per site index, ``[batch, n_pos, d_in]``: the gradient placed at the site's input.
+            seeds: per site index, ``[batch, n_pos, d_in]`` (or a :class:`SparseSeed`): the gradient placed
+                at the site's input.
             final_seed: ``[batch, n_pos, d_model]`` at the unembedding input (after ``ln_final``), or None.
             n_pos: positions to keep: every seed lies before ``n_pos`` (later ones get no gradient).
+            consume: called as ``consume(site index, grad)`` the moment a site's gradient is known (top
+                site first), instead of returning them all: only a few ``[batch, n_pos, d_model]`` tensors
+                are then alive at once, not one per site.
 
         Returns:
-            per site ``[batch, n_pos, d_model]`` (None where no seed reaches it) and the same at the embeddings.
+            per site ``[batch, n_pos, d_model]`` (None where no seed reaches it, and every entry None with
+            ``consume``) and the same at the embeddings. With ``consume``, the gradients handed on and the
+            embeddings' may hold only the first rows (see :class:`SparseSeed`); the others are zero.
         """
-        out: dict[int, torch.Tensor | None] = {}
+        out: dict[int, torch.Tensor | None] | Consumer = {} if consume is None else consume
+        self._n_pos = n_pos
         skip: dict[int, torch.Tensor] = {}
         grad = None
         if final_seed is not None:
@@ -180,7 +249,7 @@ class LinearBackward:
             normalized = self._hook(prefix + "ln2.hook_normalized", None, seeds, out, skip)
             if normalized is not None:
                 through = self._through_norm(normalized, params["ln2"], n_pos, weighted=False)
-                grad = through if grad is None else grad + through
+                grad = _plus(grad, through)
             grad = self._hook(prefix + "hook_mlp_in", grad, seeds, out, skip)
             grad = self._hook(prefix + "hook_resid_mid", grad, seeds, out, skip)
             attn_grad = self._hook(prefix + "hook_attn_out", grad, seeds, out, skip)
@@ -190,11 +259,16 @@ class LinearBackward:
                 norm = params["ln1"]
                 normalized = attn_in * norm["w"] if norm is not None and norm["w"] is not None else attn_in
                 if norm is None:  # no normalisation: the attention input is the residual stream
-                    grad = normalized if grad is None else grad + normalized
+                    grad = _plus(grad, normalized)
                     normalized = None
             normalized = self._hook(prefix + "ln1.hook_normalized", normalized, seeds, out, skip)
             if normalized is not None:
                 through = self._through_norm(normalized, params["ln1"], n_pos, weighted=False)
-                grad = through if grad is None else grad + through
+                grad = _plus(grad, through)
             grad = self._hook(prefix + "hook_resid_pre", grad, seeds, out, skip)
-        return [out.get(index) for index in range(len(self.rm.sites))], grad
+        if not isinstance(out, dict):
+            return [None] * len(self.rm.sites), grad
+        batch = max([seed.batch if isinstance(seed, SparseSeed) else seed.shape[0] for seed in seeds.values()]
+                    + ([final_seed.shape[0]] if final_seed is not None else []), default=0)
+        site_grads = [_full(out.get(index), batch) for index in range(len(self.rm.sites))]
+        return site_grads, _full(grad, batch)
