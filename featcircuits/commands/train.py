@@ -49,9 +49,9 @@ _FLAG_FIELDS = {
 
 
 def build_config(args: argparse.Namespace):
-    from ..training.config import TrainConfig, apply_overrides, load_train_config
-
     import math
+
+    from ..training.config import TrainConfig, apply_overrides, load_train_config
 
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         # TrainConfig.lr=0 means "from the dictionary width"; a flag that names a rate must name a usable one.
