@@ -181,9 +181,9 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     dict_cfgs = [_dictionary_config(config, hook_in, hook_out, widths, model_name) for hook_in, hook_out in my_pairs]
     lrs = _dictionary_lrs(config, [dict_cfg.d_sae for dict_cfg in dict_cfgs])
     if not config.lr:
-        # One rate is recorded (config.json, messages): the smallest, that of the widest dictionary.
-        config = dataclasses.replace(config, lr=min(_dictionary_lrs(config, [
-            _dictionary_config(config, h_in, h_out, widths, model_name).d_sae for h_in, h_out in pairs])))
+        # One rate is recorded (config.json, messages) and resumed against: the smallest, that of the widest
+        # dictionary; each dictionary trains at its own (a different width where hooks differ in width).
+        config = dataclasses.replace(config, lr=min(lrs))
     store = ActivationStore(source, widths, config.batch_size, config.buffer_bytes, device=device,
                             seed=config.seed, max_rows=config.batch_size * config.n_steps)
     trainers, names = [], []
