@@ -75,6 +75,8 @@ def test_thresholds_and_what_each_problem_asks_for():
 
 
 def test_fvu_drop_reads_the_second_half_of_the_history():
+    # Each record averages the steps since the previous one: the one at step 50 covers steps 11-50, not the
+    # second half; those at 80 and 100 do.
     history = [{"step": s, "a/fvu": f} for s, f in [(10, 0.9), (50, 0.5), (80, 0.45), (100, 0.4)]]
-    assert abs(fvu_drop(history, "a", 100) - 0.2) < 1e-9
-    assert fvu_drop(history[:2], "a", 100) is None
+    assert abs(fvu_drop(history, "a", 100) - (0.45 - 0.4) / 0.45) < 1e-9
+    assert fvu_drop(history[:3], "a", 100) is None

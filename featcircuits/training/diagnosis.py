@@ -36,9 +36,16 @@ THRESHOLDS = {"fvu_above": POOR_FVU, "ce_loss_recovered_below": POOR_CE_RECOVERE
 
 
 def fvu_drop(history: list[dict[str, Any]], name: str, n_steps: int) -> float | None:
-    """Relative fall of the training FVU of ``name`` over the second half of the run (None: too few logs)."""
-    points = [(record["step"], record[f"{name}/fvu"]) for record in history
-              if f"{name}/fvu" in record and record["step"] >= n_steps / 2]
+    """Relative fall of the training FVU of ``name`` over the second half of the run (None: too few logs).
+
+    A record's FVU is the mean over the steps since the previous record, so only records whose whole
+    interval lies in the second half count.
+    """
+    points, previous = [], 0
+    for record in history:
+        if f"{name}/fvu" in record and previous >= n_steps / 2:
+            points.append((record["step"], record[f"{name}/fvu"]))
+        previous = record["step"]
     if len(points) < 2 or not points[0][1] > 0:
         return None
     return (points[0][1] - points[-1][1]) / points[0][1]
