@@ -119,7 +119,7 @@ def main() -> None:
     for budget in [int(b) for b in args.budgets.split(",")]:
         batch = default_batch_size(budget)
         print(f"budget {budget}: batch {batch}, {budget // batch} steps, warm-up {default_warmup_steps(budget // batch)}"
-              f" steps, default lr {default_lr(args.d_sae):.3g}", flush=True)
+              f" steps, default lr {default_lr(args.d_sae, batch):.3g}", flush=True)
         results = {}
         lrs = [float(lr) for lr in args.lrs.split(",")]
         with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ def test_lr_follows_the_width_law_of_sparsify():
         sparsify = 2e-4 / (n_latents / 2**14) ** 0.5  # sparsify/trainer.py's default for TopK SAEs
         assert math.isclose(default_lr(n_latents), LR_SCALE * sparsify)
     assert math.isclose(default_lr(4096) / default_lr(1024), 0.5)
+    assert math.isclose(default_lr(1024, batch_size=1024) / default_lr(1024, batch_size=256), 2.0)  # sqrt(batch)
 
 
 def test_warmup_is_a_share_of_the_steps():

@@ -126,7 +126,7 @@ def _with_run_defaults(config: TrainConfig) -> TrainConfig:
 
 def _dictionary_lrs(config: TrainConfig, d_saes: list[int]) -> list[float]:
     """Each dictionary's learning rate: ``config.lr``, or from its width when that is 0."""
-    return [config.lr or default_lr(d_sae) for d_sae in d_saes]
+    return [config.lr or default_lr(d_sae, config.batch_size) for d_sae in d_saes]
 
 
 def _train(config: TrainConfig) -> dict[str, Any]:
@@ -211,7 +211,7 @@ def _diagnose(result: dict[str, Any], trainers: list[DictionaryTrainer], names: 
         c = trainer.config
         verdict = diagnose(result["per_dictionary"][name], lr=c.lr, d_sae=trainer.dict_cfg.d_sae, k=c.k,
                            architecture=c.architecture, steps=result["steps"], total_tokens=c.total_tokens,
-                           drop=fvu_drop(result["history"], name, c.n_steps))
+                           drop=fvu_drop(result["history"], name, c.n_steps), batch_size=c.batch_size)
         if verdict is not None:
             found[name] = verdict
     return found

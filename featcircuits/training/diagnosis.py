@@ -57,7 +57,7 @@ def _value(metrics: dict[str, Any], key: str) -> float | None:
 
 
 def diagnose(metrics: dict[str, Any], *, lr: float, d_sae: int, k: int, architecture: str, steps: int,
-             total_tokens: int, drop: float | None) -> dict[str, list[str]] | None:
+             total_tokens: int, drop: float | None, batch_size: int = 256) -> dict[str, list[str]] | None:
     """``{"problems": [...], "advice": [...]}`` for a poor dictionary, None for one that is not.
 
     ``metrics``: its final metrics (``fvu``, ``ce_loss_recovered``, ``dead_fraction``); ``drop``: ``fvu_drop``.
@@ -78,7 +78,7 @@ def diagnose(metrics: dict[str, Any], *, lr: float, d_sae: int, k: int, architec
         why = (f"its training FVU fell {100 * drop:.0f}% over the second half of the run" if improving
                else f"{steps} steps are too few to converge")
         advice.append(f"train on more tokens (e.g. --tokens {4 * total_tokens}): {why}")
-    reference = default_lr(d_sae)
+    reference = default_lr(d_sae, batch_size)
     if dead is not None and dead > POOR_DEAD_FRACTION:
         advice.append(f"revive dead latents: a lower learning rate (e.g. --lr {lr / 2:.2g}), a larger "
                       "auxk_coefficient, or fewer latents")
