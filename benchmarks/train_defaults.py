@@ -101,7 +101,7 @@ def sweep(args, model, budget: int, lrs: list[float], out: Path) -> tuple[list[o
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", default="300000,2000000", help="token budgets, comma-separated")
-    parser.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3,8e-3", help="the sweep's learning rates")
+    parser.add_argument("--lrs", default="5e-4,1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2", help="the sweep's learning rates")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
