@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, help="active latents per token (topk, batchtopk)")
     parser.add_argument("--d-sae", type=int, help="number of latents")
     parser.add_argument("--tokens", type=int, help="training tokens")
-    parser.add_argument("--batch-size", type=int, help="tokens per optimiser step")
-    parser.add_argument("--lr", type=float)
+    parser.add_argument("--batch-size", type=int, help="tokens per optimiser step (default: from --tokens)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: from the number of latents)")
     parser.add_argument("--dataset", help="text file or directory, .jsonl/.parquet/.arrow file, Hugging Face dataset id "
                         "(streamed) or activation cache directory")
     parser.add_argument("--dataset-split", help="Hugging Face dataset split (default train)")
@@ -49,8 +49,14 @@ _FLAG_FIELDS = {
 
 
 def build_config(args: argparse.Namespace):
+    import math
+
     from ..training.config import TrainConfig, apply_overrides, load_train_config
 
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        # TrainConfig.lr=0 means "from the dictionary width"; a flag that names a rate must name a usable one.
+        raise ValueError(f"--lr {args.lr} trains nothing (or diverges): give a positive learning rate, e.g. --lr 1e-3, "
+                         "or leave --lr out to take it from the dictionary width.")
     config = load_train_config(args.config) if args.config else TrainConfig()
     flags = []
     for flag, field in _FLAG_FIELDS.items():
@@ -84,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
     config.validate()
     result = run_training(config)
     if rank() == 0:
-        summary = {name: {key: metrics.get(key) for key in ("fvu", "l0", "ce_loss_recovered")}
+        summary = {name: {key: metrics.get(key) for key in ("fvu", "l0", "ce_loss_recovered", "dead_fraction")}
                    for name, metrics in result["per_dictionary"].items()}
+        # The poor dictionaries, with what to change, were also printed on stderr (see training.diagnosis).
         print(json.dumps({"out": config.out, "steps": result["steps"], "tokens": result["tokens"],
                           "tokens_per_second": round(result["tokens_per_second"], 1),
-                          "dictionaries": summary}))
+                          "dictionaries": summary, "poor": result["diagnosis"]}))
     return 0

@@ -1,7 +1,8 @@
 """Datasets -> streamed, resumable token rows: text files and directories, jsonl/parquet/arrow, HF datasets.
 
 ``open_documents(dataset, ...)`` picks the reader from what ``dataset`` names; ``TokenRows`` packs its
-documents into ``[n, context_size]`` rows on demand (see ``packing``).
+documents into ``[n, context_size]`` rows on demand (see ``packing``); ``ShuffledRows`` shuffles them through a
+bounded, resumable buffer (see ``shuffle``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from pathlib import Path
 
 from .packing import DocumentSource, TokenRows, bos_token_id, special_token_ids
 from .records import RECORD_SUFFIXES, HubDataset, RecordFile
+from .shuffle import ShuffledRows
 from .text import TEXT_SUFFIXES, TextFiles
 
-__all__ = ["open_documents", "TokenRows", "DocumentSource", "special_token_ids", "bos_token_id", "describe_dataset"]
+__all__ = ["open_documents", "TokenRows", "ShuffledRows", "DocumentSource", "special_token_ids", "bos_token_id", "describe_dataset"]
 
 _DATASET_REPO_SUFFIXES = (*RECORD_SUFFIXES, ".json", ".csv")
 

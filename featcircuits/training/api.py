@@ -6,9 +6,11 @@ weights), ``metrics.json``, ``config.json`` and, when enabled, ``checkpoint/``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from ..dictionaries.io.common import write_json
 from . import distributed
 from .cache import CacheSource, is_cache_dir, read_manifest
 from .config import TrainConfig, load_train_config
+from .defaults import default_lr, default_warmup_steps
+from .diagnosis import THRESHOLDS, diagnose, format_diagnosis, fvu_drop
 from .dictionary_trainer import DictionaryTrainer
 from .sources import StreamSource, hook_layer
 from .store import ActivationStore
@@ -112,7 +116,21 @@ def _remove_stale(config: TrainConfig, out: Path, names: list[str]) -> None:
         shutil.rmtree(out / "checkpoint")
 
 
+def _with_run_defaults(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` with the batch size and warm-up it leaves to the run chosen (see ``defaults``)."""
+    batch_size = config.effective_batch_size
+    n_steps = config.total_tokens // batch_size
+    warmup = default_warmup_steps(n_steps) if config.lr_warmup_steps < 0 else config.lr_warmup_steps
+    return dataclasses.replace(config, batch_size=batch_size, lr_warmup_steps=warmup)
+
+
+def _dictionary_lrs(config: TrainConfig, d_saes: list[int]) -> list[float]:
+    """Each dictionary's learning rate: ``config.lr``, or from its width when that is 0."""
+    return [config.lr or default_lr(d_sae, config.batch_size) for d_sae in d_saes]
+
+
 def _train(config: TrainConfig) -> dict[str, Any]:
+    config = _with_run_defaults(config)
     rank, world = distributed.rank(), distributed.world_size()
     device = distributed.local_device(config.device)
     torch.manual_seed(config.seed)
@@ -164,6 +182,12 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         per_rank = config.batch_size // world
         rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
 
+    dict_cfgs = [_dictionary_config(config, hook_in, hook_out, widths, model_name) for hook_in, hook_out in my_pairs]
+    lrs = _dictionary_lrs(config, [dict_cfg.d_sae for dict_cfg in dict_cfgs])
+    if not config.lr:
+        # One rate is recorded (config.json, messages) and resumed against: the smallest, that of the widest
+        # dictionary; each dictionary trains at its own (a different width where hooks differ in width).
+        config = dataclasses.replace(config, lr=min(lrs))
     store = ActivationStore(source, widths, config.batch_size, config.buffer_bytes, device=device,
                             seed=config.seed, max_rows=config.batch_size * config.n_steps)
     if config.kind == "cross_layer_transcoder":  # one dictionary over every layer: see cross_layer.py
@@ -174,9 +198,9 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         _write_outputs(config, result, [CROSS_LAYER_NAME])
         return result
     trainers, names = [], []
-    for hook_in, hook_out in my_pairs:
-        dict_cfg = _dictionary_config(config, hook_in, hook_out, widths, model_name)
-        trainers.append(DictionaryTrainer(config, dict_cfg, device, sync_gradients=sync))
+    for (hook_in, _), dict_cfg, lr in zip(my_pairs, dict_cfgs, lrs, strict=True):
+        trainer_config = config if lr == config.lr else dataclasses.replace(config, lr=lr)
+        trainers.append(DictionaryTrainer(trainer_config, dict_cfg, device, sync_gradients=sync))
         names.append(output_name(hook_in))
     eval_fn = None
     if model is not None and eval_tokens is not None and len(eval_tokens):
@@ -186,8 +210,22 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             return evaluate_spliced(model, dictionaries, eval_tokens, special_ids)
 
     result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn).run()
+    result["diagnosis"] = _diagnose(result, trainers, names)
     _write_outputs(config, result, names)
     return result
+
+
+def _diagnose(result: dict[str, Any], trainers: list[DictionaryTrainer], names: list[str]) -> dict[str, Any]:
+    """``{name: {"problems", "advice"}}`` for every poor dictionary of this rank (see ``diagnosis``)."""
+    found = {}
+    for trainer, name in zip(trainers, names, strict=True):
+        c = trainer.config
+        verdict = diagnose(result["per_dictionary"][name], lr=c.lr, d_sae=trainer.dict_cfg.d_sae, k=c.k,
+                           architecture=c.architecture, steps=result["steps"], total_tokens=c.total_tokens,
+                           drop=fvu_drop(result["history"], name, c.n_steps), batch_size=c.batch_size)
+        if verdict is not None:
+            found[name] = verdict
+    return found
 
 
 def _special_ids(model: Any) -> list[int]:
@@ -201,15 +239,24 @@ def _stream_source(config: TrainConfig, model: Any, hooks: list[str], special_id
     Every rank reads the same stream (data-parallel ranks share each model batch's forward and gather the
     rows, see ModelSource); the first ``n_eval`` rows of every epoch are held out for the evaluation.
     """
-    from ..data import TokenRows, open_documents
+    from ..data import ShuffledRows, TokenRows, open_documents
 
     documents = open_documents(config.dataset, config.dataset_split, config.dataset_config, config.text_column)
     vocab = int(model.cfg.d_vocab)
     eval_tokens = held_out_rows(documents, model.tokenizer, config.context_size, config.eval_sequences, vocab)
-    rows = TokenRows(documents, model.tokenizer, config.context_size, repeat=config.repeat_dataset,
-                     skip_rows=len(eval_tokens), vocab_size=vocab)
+    rows: Any = TokenRows(documents, model.tokenizer, config.context_size, repeat=config.repeat_dataset,
+                          skip_rows=len(eval_tokens), vocab_size=vocab)
+    shuffled = None
+    if config.shuffle_buffer_tokens:
+        shuffled = rows = ShuffledRows(rows, max(1, config.shuffle_buffer_tokens // config.context_size),
+                                       seed=config.seed)
     source = StreamSource(model, rows, hooks, config.model_batch_size, special_ids, config.drop_special_tokens,
                           rank=rank, world_size=world, needed_tokens=config.total_tokens, batch_size=config.batch_size)
+    if shuffled is not None:
+        # The rows the store will ask for (whole model batches): read no more, so a buffer that large
+        # shuffles exactly the rows trained on.
+        forwards = math.ceil(config.batch_size * config.n_steps / (config.model_batch_size * source.tokens_per_row))
+        shuffled.read_limit = forwards * config.model_batch_size
     return source, eval_tokens
 
 
@@ -243,12 +290,16 @@ def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]
     for name, dictionary in zip(names, result["dictionaries"], strict=False):
         dictionary.save(str(out / name))
     gathered = distributed.gather_objects({"per_dictionary": result["per_dictionary"],
-                                           "tokens_per_second": result["tokens_per_second"]})
+                                           "tokens_per_second": result["tokens_per_second"],
+                                           "diagnosis": result["diagnosis"]})
     if distributed.rank() != 0:
         return
     per_dictionary: dict[str, Any] = {}
+    diagnosis: dict[str, Any] = {}
     for part in gathered:
         per_dictionary.update(part["per_dictionary"])  # type: ignore[index]
+        diagnosis.update(part["diagnosis"])  # type: ignore[index]
+    result["diagnosis"] = diagnosis
 
     def mean(key: str) -> float | None:
         values = [m[key] for m in per_dictionary.values() if m.get(key) is not None and not math.isnan(m[key])]
@@ -263,7 +314,11 @@ def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]
         "tokens_per_second": min(part["tokens_per_second"] for part in gathered),  # type: ignore[index]
         "steps": result["steps"], "tokens": result["tokens"], "world_size": distributed.world_size(),
         "dictionaries": per_dictionary,
+        # Every poor dictionary with what is poor and what to change; empty when none is.
+        "diagnosis": diagnosis, "diagnosis_thresholds": THRESHOLDS,
         "history": result["history"],
     }
     write_json(out / "metrics.json", metrics)
     write_json(out / "config.json", config.to_dict())
+    if diagnosis:
+        print(format_diagnosis(diagnosis), file=sys.stderr, flush=True)

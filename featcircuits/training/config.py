@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from .defaults import default_batch_size
+
 __all__ = ["TrainConfig", "load_train_config", "apply_overrides", "coerce_field", "ARCHITECTURES"]
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -48,10 +50,12 @@ class TrainConfig:
     d_sae: int = 0  # 0 -> expansion_factor * d_in
     expansion_factor: int = 8
     total_tokens: int = 1_000_000
-    batch_size: int = 4096  # activation rows (tokens) per optimiser step, across all ranks
-    lr: float = 4e-4
+    # Defaults that scale with the run (featcircuits.training.defaults): batch_size 0 -> from total_tokens,
+    # lr 0 -> from the dictionary width, lr_warmup_steps -1 -> a share of the steps (0: no warm-up).
+    batch_size: int = 0  # activation rows (tokens) per optimiser step, across all ranks
+    lr: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = -1
     lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of steps
     l1_coefficient: float = 5.0  # relu: penalty on sum_i f_i * ||W_dec_i||
     l0_coefficient: float = 1.0  # jumprelu: penalty on the expected number of active features
@@ -73,6 +77,9 @@ class TrainConfig:
     context_size: int = 128
     model_batch_size: int = 32  # sequences per model forward
     buffer_bytes: int = 256 * 2**20  # memory budget of the shuffled activation buffer (all hooks)
+    # Token rows are shuffled through a buffer of this many tokens (4 bytes each) before the model runs on
+    # them, so early steps do not see only the corpus's start; 0 streams rows in dataset order.
+    shuffle_buffer_tokens: int = 2**21
     drop_special_tokens: bool = True  # BOS/EOS/pad/unk positions never reach a dictionary
     seed: int = 0
     device: str = ""  # "" -> cuda when available, else cpu
@@ -119,17 +126,19 @@ class TrainConfig:
         if not self.dataset:
             raise ValueError("TrainConfig.dataset is empty: give a text file or directory, a jsonl/parquet/arrow file, a "
                              "Hugging Face dataset id, or an activation cache directory.")
-        for name in ("batch_size", "total_tokens", "context_size", "model_batch_size", "buffer_bytes", "k",
-                     "expansion_factor"):
+        for name in ("total_tokens", "context_size", "model_batch_size", "buffer_bytes", "k", "expansion_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
-        for name in ("d_sae", "lr_warmup_steps", "sparsity_warmup_steps", "auxk_k", "dead_after_tokens",
+        for name in ("batch_size", "d_sae", "sparsity_warmup_steps", "shuffle_buffer_tokens", "auxk_k", "dead_after_tokens",
                      "batchtopk_calibration_batches", "eval_sequences", "eval_every", "checkpoint_every", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be zero or positive, got {getattr(self, name)}.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr_warmup_steps < -1:
+            raise ValueError(f"TrainConfig.lr_warmup_steps={self.lr_warmup_steps}: give a number of steps, 0 for no "
+                             "warm-up, or -1 for a share of the run's steps.")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"TrainConfig.lr={self.lr} trains nothing (or diverges): give a positive learning rate, "
-                             "e.g. lr=4e-4.")
+                             "e.g. lr=1e-3, or 0 to take it from the dictionary width.")
         for name in ("l1_coefficient", "l0_coefficient", "auxk_coefficient", "jumprelu_bandwidth", "init_scale",
                      "jumprelu_init_threshold"):
             value = getattr(self, name)
@@ -147,14 +156,19 @@ class TrainConfig:
                 f"matryoshka_prefixes={prefixes} must be strictly increasing positive latent counts below d_sae, "
                 "e.g. [128, 512, 2048] for d_sae 4096."
             )
-        if self.total_tokens < self.batch_size:
+        if self.total_tokens < self.effective_batch_size:
             raise ValueError(
-                f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.batch_size})."
+                f"total_tokens={self.total_tokens} is less than one batch (batch_size={self.effective_batch_size})."
             )
 
     @property
+    def effective_batch_size(self) -> int:
+        """``batch_size``, or the one chosen from ``total_tokens`` when it is 0."""
+        return self.batch_size or default_batch_size(self.total_tokens)
+
+    @property
     def n_steps(self) -> int:
-        return self.total_tokens // self.batch_size
+        return self.total_tokens // self.effective_batch_size
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
