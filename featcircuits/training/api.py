@@ -182,7 +182,13 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         per_rank = config.batch_size // world
         rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
 
-    dict_cfgs = [_dictionary_config(config, hook_in, hook_out, widths, model_name) for hook_in, hook_out in my_pairs]
+    if config.kind == "cross_layer_transcoder":  # one dictionary over every layer; its rate from a layer's width
+        from .cross_layer import cross_layer_dictionary_config
+
+        dict_cfgs = [cross_layer_dictionary_config(config, widths, model_name)]
+    else:
+        dict_cfgs = [_dictionary_config(config, hook_in, hook_out, widths, model_name)
+                     for hook_in, hook_out in my_pairs]
     lrs = _dictionary_lrs(config, [dict_cfg.d_sae for dict_cfg in dict_cfgs])
     if not config.lr:
         # One rate is recorded (config.json, messages) and resumed against: the smallest, that of the widest
@@ -195,6 +201,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 
         result = train_cross_layer(config, store, widths, model_name, device, sync, rank_slice, model, eval_tokens,
                                    special_ids)
+        result["diagnosis"] = _diagnose(result, [(config, dict_cfgs[0].d_sae)], [CROSS_LAYER_NAME])
         _write_outputs(config, result, [CROSS_LAYER_NAME])
         return result
     trainers, names = [], []
@@ -210,17 +217,17 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             return evaluate_spliced(model, dictionaries, eval_tokens, special_ids)
 
     result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn).run()
-    result["diagnosis"] = _diagnose(result, trainers, names)
+    result["diagnosis"] = _diagnose(result, [(t.config, t.dict_cfg.d_sae) for t in trainers], names)
     _write_outputs(config, result, names)
     return result
 
 
-def _diagnose(result: dict[str, Any], trainers: list[DictionaryTrainer], names: list[str]) -> dict[str, Any]:
-    """``{name: {"problems", "advice"}}`` for every poor dictionary of this rank (see ``diagnosis``)."""
+def _diagnose(result: dict[str, Any], settings: list[tuple[TrainConfig, int]], names: list[str]) -> dict[str, Any]:
+    """``{name: {"problems", "advice"}}`` for every poor dictionary of this rank (see ``diagnosis``); ``settings``:
+    each dictionary's training config and latent count."""
     found = {}
-    for trainer, name in zip(trainers, names, strict=True):
-        c = trainer.config
-        verdict = diagnose(result["per_dictionary"][name], lr=c.lr, d_sae=trainer.dict_cfg.d_sae, k=c.k,
+    for (c, d_sae), name in zip(settings, names, strict=True):
+        verdict = diagnose(result["per_dictionary"][name], lr=c.lr, d_sae=d_sae, k=c.k,
                            architecture=c.architecture, steps=result["steps"], total_tokens=c.total_tokens,
                            drop=fvu_drop(result["history"], name, c.n_steps), batch_size=c.batch_size)
         if verdict is not None:
