@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from featcircuits.dictionaries import Dictionary, DictionaryConfig
 from featcircuits.dictionaries.io import (
-    circuit_tracer,
+    common,
     load_dictionaries,
     load_dictionary,
     saelens,
@@ -192,7 +192,7 @@ def test_circuit_tracer_set_survives_a_failure_on_its_last_layer(tmp_path, monke
             failing_save_file(tensors, filename)
         save_file(tensors, filename, metadata)
 
-    monkeypatch.setattr(circuit_tracer, "save_file", fail_on_third)
+    monkeypatch.setattr(common, "save_file", fail_on_third)  # circuit-tracer layouts write through common
     with pytest.raises(OSError):
         save_dictionary(transcoder_set(seed=5, n_layers=3), tmp_path, format="circuit-tracer")
     assert len(calls) == 3 and snapshot(tmp_path) == before  # layers 0 and 1 were not swapped in alone

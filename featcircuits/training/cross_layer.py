@@ -22,7 +22,7 @@ from ..dictionaries.config import LAYER_FIELD
 from . import distributed
 from .config import TrainConfig
 from .cross_layer_module import TrainableCrossLayer, cross_layer_loss
-from .dictionary_trainer import learning_rate, sparsity_coefficient
+from .dictionary_trainer import learning_rate, optimizer_step, record_firing, sparsity_coefficient
 from .trainer import Trainer
 
 __all__ = ["CROSS_LAYER_NAME", "check_cross_layer_config", "cross_layer_dictionary_config", "StackedLayers",
@@ -154,15 +154,9 @@ class CrossLayerTrainer:
             fire_counts = distributed.sum_(fire_counts.clone())
         if config.architecture == "batchtopk":
             self._update_threshold(out.smallest_kept)
-        if self.unit_norm_decoder:
-            module.remove_parallel_decoder_grad()
-        self.optimizer.step()
-        if self.unit_norm_decoder:
-            module.normalise_decoder()
+        optimizer_step(self.optimizer, module, self.unit_norm_decoder)
         with torch.no_grad():
-            rows = x_in.shape[0] * (distributed.world_size() if self.sync_gradients else 1)
-            self.tokens_since_fired.add_(rows).masked_fill_(fire_counts > 0, 0)
-            self._fire_counts += fire_counts
+            record_firing(self.tokens_since_fired, self._fire_counts, fire_counts, x_in.shape[0], self.sync_gradients)
             error = (out.reconstruction.float() - target.float()).pow(2).sum((0, 2))  # [n] per output layer
             variance = (target.float() - target.float().mean(0)).pow(2).sum((0, 2))
             self._running += torch.cat([error, variance, out.l0 * x_in.shape[0],

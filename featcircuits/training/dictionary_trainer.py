@@ -43,6 +43,26 @@ def sparsity_coefficient(base: float, config: TrainConfig, step: int) -> float:
     return base * min(1.0, (step + 1) / config.sparsity_warmup_steps)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, module: Any, unit_norm_decoder: bool) -> None:
+    """One optimizer step; a unit-norm decoder loses the gradient along each of its rows first and is
+    renormalised after, so that its rows stay on the sphere."""
+    if unit_norm_decoder:
+        module.remove_parallel_decoder_grad()
+    optimizer.step()
+    if unit_norm_decoder:
+        module.normalise_decoder()
+
+
+@torch.no_grad()
+def record_firing(tokens_since_fired: torch.Tensor, fire_totals: torch.Tensor, fire_counts: torch.Tensor,
+                  local_rows: int, synced: bool) -> None:
+    """Count a step's rows (every rank's when ``synced``) towards each latent's time since it last fired,
+    reset where it fired, and add its ``fire_counts`` (the shape of ``tokens_since_fired``) to the totals."""
+    rows = local_rows * (distributed.world_size() if synced else 1)
+    tokens_since_fired.add_(rows).masked_fill_(fire_counts > 0, 0)
+    fire_totals += fire_counts
+
+
 class DictionaryTrainer:
     """Owns one ``TrainableDictionary``, its optimiser and its running statistics.
 
@@ -147,15 +167,9 @@ class DictionaryTrainer:
             fire_counts = distributed.sum_(fire_counts.clone())
             if self.config.architecture == "batchtopk":
                 distributed.average_(module.threshold)
-        if self.unit_norm_decoder:
-            module.remove_parallel_decoder_grad()
-        self.optimizer.step()
-        if self.unit_norm_decoder:
-            module.normalise_decoder()
+        optimizer_step(self.optimizer, module, self.unit_norm_decoder)
         with torch.no_grad():
-            rows = x_in.shape[0] * (distributed.world_size() if self.sync_gradients else 1)
-            self.tokens_since_fired.add_(rows).masked_fill_(fire_counts > 0, 0)
-            self._fire_counts += fire_counts
+            record_firing(self.tokens_since_fired, self._fire_counts, fire_counts, x_in.shape[0], self.sync_gradients)
             error = (out.reconstruction.float() - target.float()).pow(2).sum()
             variance = (target.float() - target.float().mean(0)).pow(2).sum()
             self._running += torch.stack([error, variance, out.l0 * x_in.shape[0], out.aux_loss,

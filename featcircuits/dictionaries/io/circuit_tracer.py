@@ -33,13 +33,12 @@ from typing import Any
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..base import Dictionary
 from ..config import DictionaryConfig
 from ..cross_layer import CrossLayerTranscoder
 from . import circuit_tracer_clt
-from .common import DICTIONARY_NONFINITE_FIX, atomic_directory, check_finite, read_tensors
+from .common import DICTIONARY_NONFINITE_FIX, read_tensors, write_layer_files
 
 CONFIG_FILE = "config.yaml"
 THRESHOLD = "activation_function.threshold"
@@ -258,11 +257,4 @@ def save(dictionaries: list[Dictionary], path: Path) -> None:
     if activation == "topk":
         config["k"] = first.k
     contents = {files[layer]: layer_tensors(d) for layer, d in enumerate(ordered)}
-    for name, tensors in contents.items():
-        check_finite(tensors, f"{name} of the set for {path}",
-                     "refusing to write the set (anything there is unchanged); retrain with a lower learning rate.")
-    # Every file goes into a fresh directory that replaces ``path`` whole, dropping stale layer files.
-    with atomic_directory(path, owns) as tmp:
-        for name, tensors in contents.items():
-            save_file(tensors, str(tmp / name))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    write_layer_files(path, owns, contents, CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), "the set")

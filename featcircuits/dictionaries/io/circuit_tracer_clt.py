@@ -27,12 +27,11 @@ from typing import Any, cast
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..base import Dictionary
 from ..config import LAYER_FIELD, DictionaryConfig
 from ..cross_layer import CrossLayerTranscoder
-from .common import DICTIONARY_NONFINITE_FIX, atomic_directory, check_finite, read_tensors
+from .common import DICTIONARY_NONFINITE_FIX, read_tensors, write_layer_files
 
 MODEL_KIND = "cross_layer_transcoder"
 CONFIG_FILE = "config.yaml"
@@ -190,13 +189,4 @@ def save(clt: CrossLayerTranscoder, path: Path) -> None:
         "scan": cfg.extra.get("circuit_tracer_scan") or f"{(cfg.model_name or 'model').split('/')[-1]}/featcircuits-clt",
         "activation": "relu" if cfg.activation == "relu" else "jump_relu",
     }
-    files = layer_files(clt)
-    for name, tensors in files.items():
-        check_finite(tensors, f"{name} of the CLT for {path}",
-                     "refusing to write it (anything there is unchanged); retrain with a lower learning rate.")
-    # Every file goes into a fresh directory that replaces ``path`` whole: the layers are from one save, and
-    # stale layer files of a deeper CLT (which circuit-tracer would count) are gone.
-    with atomic_directory(path, owns) as tmp:
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    write_layer_files(path, owns, layer_files(clt), CONFIG_FILE, yaml.safe_dump(config, sort_keys=False), "the CLT")

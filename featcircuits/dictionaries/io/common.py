@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["read_tensors", "write_tensors", "write_json", "read_json", "atomic_path", "atomic_directory",
+__all__ = ["read_tensors", "write_tensors", "write_json", "read_json", "atomic_path", "atomic_directory", "write_layer_files",
            "check_finite", "unfinished_save_of", "DICTIONARY_NONFINITE_FIX"]
 
 
@@ -229,3 +229,18 @@ def read_tensors(
     if nonfinite_fix is not None:
         check_finite(tensors, str(path), nonfinite_fix)
     return tensors
+
+
+def write_layer_files(path: Path, owns: Callable[[str], bool], files: Mapping[str, Mapping[str, torch.Tensor]],
+                      config_name: str, config_text: str, what: str) -> None:
+    """Write circuit-tracer's layout: each of ``files`` (``{file name: tensors}``) and the config, all into a fresh
+    directory that replaces ``path`` whole, so that every layer comes from one save and stale layer files (which
+    circuit-tracer would count) are gone. Non-finite tensors are refused before anything is written; ``what``
+    names the dictionaries in that error (``"the set"``, ``"the CLT"``)."""
+    for name, tensors in files.items():
+        check_finite(tensors, f"{name} of {what} for {path}",
+                     f"refusing to write {what} (anything there is unchanged); retrain with a lower learning rate.")
+    with atomic_directory(path, owns) as tmp:
+        for name, tensors in files.items():
+            save_file(dict(tensors), str(tmp / name))
+        (tmp / config_name).write_text(config_text)
