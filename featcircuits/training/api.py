@@ -202,7 +202,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         result = train_cross_layer(config, store, widths, model_name, device, sync, rank_slice, model, eval_tokens,
                                    special_ids)
         result["diagnosis"] = _diagnose(result, [(config, dict_cfgs[0].d_sae)], [CROSS_LAYER_NAME])
-        _write_outputs(config, result, [CROSS_LAYER_NAME])
+        _write_outputs(config, result, [CROSS_LAYER_NAME], replicated=sync)
         return result
     trainers, names = [], []
     for (hook_in, _), dict_cfg, lr in zip(my_pairs, dict_cfgs, lrs, strict=True):
@@ -218,7 +218,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
 
     result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn).run()
     result["diagnosis"] = _diagnose(result, [(t.config, t.dict_cfg.d_sae) for t in trainers], names)
-    _write_outputs(config, result, names)
+    _write_outputs(config, result, names, replicated=sync)
     return result
 
 
@@ -289,13 +289,16 @@ def _eval_tokens_from_manifest(manifest: dict[str, Any], model: Any, config: Tra
         return None
 
 
-def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str]) -> None:
+def _write_outputs(config: TrainConfig, result: dict[str, Any], names: list[str], replicated: bool) -> None:
+    """Save this rank's dictionaries and, on rank 0, the metrics. ``replicated``: every rank holds the same
+    dictionaries (data parallel), so rank 0 alone saves them: two ranks swapping one directory in at once race."""
     out = Path(config.out)
     if distributed.rank() == 0:
         all_names = [output_name(hook_in) for hook_in, _ in config.pairs]
         _remove_stale(config, out, all_names)
-    for name, dictionary in zip(names, result["dictionaries"], strict=False):
-        dictionary.save(str(out / name))
+    if distributed.rank() == 0 or not replicated:
+        for name, dictionary in zip(names, result["dictionaries"], strict=False):
+            dictionary.save(str(out / name))
     gathered = distributed.gather_objects({"per_dictionary": result["per_dictionary"],
                                            "tokens_per_second": result["tokens_per_second"],
                                            "diagnosis": result["diagnosis"]})
