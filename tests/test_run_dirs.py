@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 from conftest import STORIES260K, TINYSTORIES, unprivileged
 
 from featcircuits._paths import LOCK_NAME, RunLock
@@ -26,12 +25,7 @@ def text(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _train(text, out, hook=HOOK_A, *extra: str) -> list[str]:
