@@ -16,7 +16,9 @@ which builds circuit-tracer's ``ReplacementModel`` from them and loads the trans
 ``load_transcoders``. Each side builds the full graph (all active features, the top logits) once to
 warm up and then ``--repeats`` times; the best wall time counts. Both sides run with the same torch
 thread count (``--threads``, default 1) and, by default, the same batch of 128 targets per backward
-pass. circuit-tracer zeroes the BOS position's features and errors, so the adjacencies are compared on
+pass. ``--clt``: one random cross-layer transcoder in circuit-tracer's CLT layout (written by
+``save_dictionary(..., format="circuit-tracer")``, read by circuit-tracer's cache loader and ``load_clt``)
+in place of the per-layer transcoders. circuit-tracer zeroes the BOS position's features and errors, so the adjacencies are compared on
 circuit-tracer's nodes, leaving out the BOS error columns. Last line: ``speedup_vs_circuit_tracer=<x> max_abs_diff=<y>``.
 """
 
@@ -54,8 +56,14 @@ def circuit_tracer_side(work: Path, repeats: int, batch_size: int) -> None:
     model = TransformerLensReplacementModel(cfg, tokenizer=AutoTokenizer.from_pretrained(str(STORIES)))
     model.load_state_dict(load_file(str(work / "model.safetensors")), strict=False)
     config = yaml.safe_load((work / "ct" / "config.yaml").read_text())
-    config["transcoders"] = [str(work / "ct" / f) for f in config["transcoders"]]
-    transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+    if config.get("model_kind") == "cross_layer_transcoder":  # read by its own cache loader (calls load_clt)
+        from circuit_tracer.utils.caching import load_transcoders_from_cache
+
+        transcoders, _ = load_transcoders_from_cache("ct", cache_dir=work, device=torch.device("cpu"),
+                                                     lazy_encoder=False, lazy_decoder=False)
+    else:
+        config["transcoders"] = [str(work / "ct" / f) for f in config["transcoders"]]
+        transcoders = load_transcoders(config, device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
     model._configure_replacement_model(transcoders)
     tokens = torch.tensor(json.loads((work / "tokens.json").read_text()))
     attribute(tokens[:8], model, batch_size=batch_size)  # warm-up
@@ -75,19 +83,20 @@ def circuit_tracer_side(work: Path, repeats: int, batch_size: int) -> None:
                       "n_features": int(selected.shape[0])}))
 
 
-def featcircuits_side(work: Path, repeats: int, batch_size: int, d_sae: int, bias: float):
+def featcircuits_side(work: Path, repeats: int, batch_size: int, d_sae: int, bias: float, clt: bool = False):
     import torch
     from safetensors.torch import save_file
 
-    from featcircuits import Dictionary, DictionaryConfig, load_model, save_dictionary
+    from featcircuits import Dictionary, DictionaryConfig, load_model
     from featcircuits.cli import main as cli
+    from featcircuits.dictionaries import save_dictionary
     from featcircuits.graph import ReplacementModel, build_graph
     from featcircuits.models import hf_config_to_hooked_config
 
     torch.manual_seed(0)
     model = load_model(STORIES)
     dictionaries = []
-    for layer in range(model.cfg.n_layers):
+    for layer in range(0 if clt else model.cfg.n_layers):
         cfg = DictionaryConfig(d_in=64, d_sae=d_sae, kind="transcoder", layer=layer, model_name="stories260k",
                                hook_in=f"blocks.{layer}.ln2.hook_normalized", hook_out=f"blocks.{layer}.hook_mlp_out")
         dictionary = Dictionary.from_config(cfg)
@@ -96,7 +105,17 @@ def featcircuits_side(work: Path, repeats: int, batch_size: int, d_sae: int, bia
             dictionary.b_dec.normal_(0, 0.05)
         save_dictionary(dictionary, work / "native" / f"layer_{layer}")
         dictionaries.append(dictionary)
-    if cli(["convert", str(work / "native"), str(work / "ct"), "--to", "circuit-tracer"]) != 0:
+    if clt:  # one ReLU CLT over every layer, d_sae latents per layer, in circuit-tracer's CLT layout
+        cfg = DictionaryConfig(d_in=64, d_sae=d_sae, kind="cross_layer_transcoder", n_layers=model.cfg.n_layers,
+                               model_name="stories260k", hook_in="blocks.{layer}.ln2.hook_normalized",
+                               hook_out="blocks.{layer}.hook_mlp_out")
+        dictionary = Dictionary.from_config(cfg)
+        with torch.no_grad():
+            dictionary.b_enc.fill_(bias)
+            dictionary.b_dec.normal_(0, 0.05)
+        save_dictionary(dictionary, work / "ct", format="circuit-tracer")
+        dictionaries.append(dictionary)
+    elif cli(["convert", str(work / "native"), str(work / "ct"), "--to", "circuit-tracer"]) != 0:
         sys.exit("featcircuits convert --to circuit-tracer failed")
     hf_config = json.loads((STORIES / "config.json").read_text())
     fields = {key: value for key, value in hf_config_to_hooked_config(hf_config).to_dict().items()
@@ -163,6 +182,9 @@ def main() -> None:
                              "on a shared 2-core machine)")
     parser.add_argument("--d-sae", type=int, default=512)
     parser.add_argument("--bias", type=float, default=-2.0, help="encoder bias of the random transcoders")
+    parser.add_argument("--clt", action="store_true",
+                        help="one random cross-layer transcoder (--d-sae latents per layer) instead of per-layer "
+                             "transcoders; circuit-tracer reads it with its own CLT loader")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -172,7 +194,7 @@ def main() -> None:
         circuit_tracer_side(args.work, args.repeats, args.batch_size)
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="featcircuits-graph-bench-"))
-    graph, ours, ours_cpu = featcircuits_side(work, args.repeats, args.batch_size, args.d_sae, args.bias)
+    graph, ours, ours_cpu = featcircuits_side(work, args.repeats, args.batch_size, args.d_sae, args.bias, args.clt)
     print(f"featcircuits: {graph} in {ours:.2f}s wall, {ours_cpu:.2f}s CPU (best of {args.repeats})")
     result = subprocess.run([args.ct_python, __file__, "ct", "--work", str(work), "--repeats", str(args.repeats),
                              "--batch-size", str(args.ct_batch_size), "--threads", str(args.threads)], capture_output=True, text=True)

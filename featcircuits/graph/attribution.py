@@ -127,7 +127,8 @@ def build_graph(
             "a longer prompt.")
     n_keep = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     batch = max(1, min(batch_size, max(n_keep, n_targets)))
-    layout = layout_entries(feature_site, feature_pos, len(rm.sites), n_pos)
+    layout = layout_entries(feature_site, feature_pos, len(rm.sites), n_pos,
+                            [len(rm.outputs_of(index)) for index in range(len(rm.sites))])
     memory = estimate_graph_memory(rm, n_pos, n_active, n_keep, n_targets, batch, engine, layout_vectors=layout,
                                    offload=offload is not None)
     if memory["total"] > memory_budget_gb * 2**30:

@@ -11,13 +11,18 @@ from ..patching.replacement import ReplacementModel
 __all__ = ["RowComputer", "layout_entries"]
 
 
-def layout_entries(feature_site: torch.Tensor, feature_pos: torch.Tensor, n_sites: int, n_pos: int) -> int:
+def layout_entries(feature_site: torch.Tensor, feature_pos: torch.Tensor, n_sites: int, n_pos: int,
+                   fanout: list[int] | None = None) -> int:
     """Decoder vectors the row computer lays out (the active ones, zero-padded per site to its busiest
-    position): its decoder layout holds this many ``[d_model]`` vectors."""
+    position, once per output the site writes: ``fanout[site]``, 1 by default, ``n - L`` for a CLT's layer
+    ``L``): its decoder layout holds this many ``[d_model]`` vectors."""
     if feature_site.numel() == 0:
         return 0
     counts = torch.bincount(feature_site * n_pos + feature_pos, minlength=n_sites * n_pos).reshape(n_sites, n_pos)
-    return int(counts.amax(dim=1).sum()) * n_pos
+    busiest = counts.amax(dim=1)
+    if fanout is not None:
+        busiest = busiest * torch.tensor(fanout, device=busiest.device)
+    return int(busiest.sum()) * n_pos
 
 
 class RowComputer:
@@ -57,11 +62,13 @@ class RowComputer:
         self.n_active = int(feature_site.numel())
         store = torch.device("cpu") if offload else device
         pin = offload and device.type == "cuda"
-        # Per site, what its active features write (decoder rows times activations) laid out [pos, d_model,
-        # slot] (zero-padded to the busiest position) so that one batched matmul over positions contracts a
-        # site's gradient with all its features at once; ``flat_index`` maps each feature (in column order)
-        # to its (pos, slot). Built straight into the layout: no second [n_active, d_model] copy.
-        self.site_layouts: dict[int, dict] = {}
+        # Per site, what its active features write into each output (decoder rows times activations; a
+        # CLT's features write into their own MLP output and every later one) laid out [pos, d_model, slot]
+        # (zero-padded to the busiest position) so that one batched matmul over positions contracts an output's
+        # gradient with all the site's features at once; ``flat_index`` maps each feature (in column order)
+        # to its (pos, slot). Built straight into the layout: no second [n_active, d_model] copy. Keyed by
+        # the output site: the layouts whose gradient arrives there.
+        self.site_layouts: dict[int, list[dict]] = {}
         for index, site in enumerate(rm.sites):
             members = (feature_site == index).nonzero().squeeze(1)
             if members.numel() == 0:
@@ -73,23 +80,25 @@ class RowComputer:
             first = torch.cumsum(per_pos, 0) - per_pos  # features at earlier positions
             slot = torch.arange(pos.numel(), device=device) - first[pos]
             slots = int(per_pos.max())
-            padded = torch.zeros(n_pos, rm.cfg.d_model, slots, device=store, dtype=dtype, pin_memory=pin)
-            ids = feature_id[start:end].to(d.W_dec.device)
-            vectors = d.W_dec.detach()[ids].to(store, dtype) * (feature_act[start:end, None].to(store, dtype)
-                                                                 / d.cfg.norm_scale)
-            padded[pos.to(store), :, slot.to(store)] = vectors
-            self.site_layouts[index] = {
-                "start": start, "slots": slots, "padded_T": padded,
-                "flat_index": pos * slots + slot, "before": torch.cat([first, per_pos.sum().reshape(1)]).tolist(),
-            }
-            del vectors
+            outputs = rm.outputs_of(index)
+            scale = feature_act[start:end, None].to(store, dtype) / d.cfg.norm_scale
+            for into in outputs:
+                padded = torch.zeros(n_pos, rm.cfg.d_model, slots, device=store, dtype=dtype, pin_memory=pin)
+                decoder = rm.decoder(index, into).detach()
+                vectors = decoder[feature_id[start:end].to(decoder.device)].to(store, dtype) * scale
+                padded[pos.to(store), :, slot.to(store)] = vectors
+                self.site_layouts.setdefault(into, []).append({
+                    "start": start, "slots": slots, "padded_T": padded, "accumulate": len(outputs) > 1,
+                    "flat_index": pos * slots + slot, "before": torch.cat([first, per_pos.sum().reshape(1)]).tolist(),
+                })
+                del vectors
         self.sources = [clean.errors[site.name].to(dtype) for site in rm.sites] + [clean.embeddings.to(dtype)]
         self.n_cols = self.n_active + (len(rm.sites) + 1) * n_pos
 
     def layout_bytes(self) -> int:
         """Bytes of the decoder layout (on the CPU with ``offload``)."""
         return sum(layout["padded_T"].numel() * layout["padded_T"].element_size()
-                   for layout in self.site_layouts.values())
+                   for layouts in self.site_layouts.values() for layout in layouts)
 
     def _autograd_grads(self, seeds: dict[int, torch.Tensor | SparseSeed], final_seed: torch.Tensor | None,
                         k: int) -> list[torch.Tensor | None]:
@@ -145,18 +154,18 @@ class RowComputer:
         rows = rows[:k]
         start = self.n_active + index * self.clean.n_pos
         rows[:, start:start + n_pos] = torch.einsum("kpd,pd->kp", grad, self.sources[index][:n_pos])
-        layout = self.site_layouts.get(index)
-        if layout is None:
-            return
-        n_features = layout["before"][n_pos]  # features after n_pos receive nothing from the seeds
-        padded = layout["padded_T"][:n_pos].to(self.device, non_blocking=True)
-        by_position = torch.bmm(grad.transpose(0, 1), padded)  # [pos, k, slots]
-        flat = by_position.transpose(0, 1).reshape(k, n_pos * layout["slots"])
-        start, columns = layout["start"], layout["flat_index"][:n_features]
-        if flat.dtype == rows.dtype:  # straight into the rows, no temporary
-            torch.index_select(flat, 1, columns, out=rows[:, start:start + n_features])
-        else:  # the autograd engine on a reduced-precision model
-            rows[:, start:start + n_features] = flat[:, columns]
+        for layout in self.site_layouts.get(index, ()):
+            n_features = layout["before"][n_pos]  # features after n_pos receive nothing from the seeds
+            padded = layout["padded_T"][:n_pos].to(self.device, non_blocking=True)
+            by_position = torch.bmm(grad.transpose(0, 1), padded)  # [pos, k, slots]
+            flat = by_position.transpose(0, 1).reshape(k, n_pos * layout["slots"])
+            start, columns = layout["start"], layout["flat_index"][:n_features]
+            if layout["accumulate"]:  # a CLT feature: its columns sum what it writes into every output
+                rows[:, start:start + n_features] += flat[:, columns].to(rows.dtype)
+            elif flat.dtype == rows.dtype:  # straight into the rows, no temporary
+                torch.index_select(flat, 1, columns, out=rows[:, start:start + n_features])
+            else:  # the autograd engine on a reduced-precision model
+                rows[:, start:start + n_features] = flat[:, columns]
 
     def feature_seeds(self, features: torch.Tensor) -> tuple[dict[int, torch.Tensor | SparseSeed], int]:
         """Encoder directions of ``features`` (indices into the active list) at their sites' inputs, per

@@ -77,12 +77,18 @@ class DirectEffects:
         site_grads, _ = linear.grads(seeds, final_seed, n_pos)
         out: dict[str, torch.Tensor] = {}
         for site, grad in zip(rm.sites, site_grads, strict=True):
-            if grad is None:
+            if grad is not None:
+                out["error:" + site.name] = grad
+        for index, site in enumerate(rm.sites):
+            d = site.dictionary
+            if d is None:
                 continue
-            out["error:" + site.name] = grad
-            if site.dictionary is not None:  # d site output / d feature activation: the decoder row
-                d = site.dictionary
-                out[site.name] = grad @ d.W_dec.detach().T.to(grad.dtype) / d.cfg.norm_scale
+            # d output / d feature activation: the decoder rows into every output the features write (one
+            # for SAEs and per-layer transcoders; a CLT's layer writes into its MLP output and later ones)
+            parts = [grad @ rm.decoder(index, into).detach().T.to(grad.dtype)
+                     for into in rm.outputs_of(index) if (grad := site_grads[into]) is not None]
+            if parts:
+                out[site.name] = sum(parts[1:], parts[0]) / d.cfg.norm_scale
         return out
 
     def _autograd_grads(self, receivers, final_dims) -> dict[str, torch.Tensor]:

@@ -9,6 +9,11 @@ SAE replaces the activation at its own hook (attention output or residual stream
 so with unpatched features the replaced model reproduces the original output. Every MLP without a
 transcoder is a *bare* site: no features, its whole output is the error term.
 
+A cross-layer transcoder (CLT) becomes one site per MLP, named as per-layer transcoder sites are: site ``L``'s
+features are the CLT's layer-``L`` latents (a :class:`~featcircuits.dictionaries.cross_layer_slice.CrossLayerSlice`)
+and they write into MLP output ``L`` and every later one, so ``decode`` at output ``M`` is the sum of what the
+features of sites ``0..M`` write there (:meth:`ReplacementModel.sources_into`, :meth:`ReplacementModel.decoder`).
+
 Two ways to run (both batched over a leading batch of patch patterns, tokens shared):
 
 * :meth:`ReplacementModel.run` without ``clean``: the live replacement model. Features are computed
@@ -30,11 +35,15 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from ..dictionaries import Dictionary
-from ..models import check_hook_name, mlp_out
+from ..dictionaries.cross_layer import CrossLayerTranscoder, check_cross_layer_set
+from ..dictionaries.cross_layer_slice import CrossLayerSlice, cross_layer_slices
+from ..models import mlp_out
 from ..nodes import hook_order_key, site_name
+from .cross_layer_hooks import frozen_cross_layer_hooks, live_cross_layer_hooks
 from .edge_hooks import FwdHooks
 from .logits import final_norm, unembed
 from .records import CleanRun, Patch, ReplacementOutput, Site, apply_patch
+from .sites import make_site
 
 __all__ = ["Site", "CleanRun", "ReplacementOutput", "ReplacementModel", "Patch"]
 
@@ -44,7 +53,8 @@ class ReplacementModel:
     Args:
         model: the transformer (any TransformerLens ``HookedTransformer``; weights unprocessed).
         dictionaries: transcoders (``hook_out = blocks.L.hook_mlp_out``) for any subset of layers and
-            SAEs on ``hook_attn_out`` / ``hook_resid_*`` hooks. At most one dictionary per ``hook_out``.
+            SAEs on ``hook_attn_out`` / ``hook_resid_*`` hooks, or one cross-layer transcoder over every layer
+            (with SAEs off the MLP outputs). At most one dictionary per ``hook_out``.
 
     Attributes:
         sites: every site in forward order, bare MLP sites included.
@@ -53,9 +63,19 @@ class ReplacementModel:
     def __init__(self, model: HookedTransformer, dictionaries: Sequence[Dictionary]) -> None:
         self.model = model
         self.cfg = model.cfg
-        sites: dict[str, Site] = {}
+        dictionaries = list(dictionaries)
+        check_cross_layer_set(dictionaries, self.cfg.n_layers)
+        self.cross_layer: CrossLayerTranscoder | None = None
+        expanded: list[Dictionary] = []
         for dictionary in dictionaries:
-            site = self._make_site(dictionary)
+            if isinstance(dictionary, CrossLayerTranscoder):
+                self.cross_layer = dictionary.to(self.cfg.device)
+                expanded += cross_layer_slices(dictionary)
+            else:
+                expanded.append(dictionary)
+        sites: dict[str, Site] = {}
+        for dictionary in expanded:
+            site = make_site(self.model, dictionary)
             if site.name in sites:
                 raise ValueError(
                     f"Two dictionaries write {site.hook_out!r}; give at most one dictionary per site."
@@ -67,52 +87,52 @@ class ReplacementModel:
                 sites[name] = Site(name, mlp_out(layer), mlp_out(layer), layer, None)
         self.sites: list[Site] = sorted(sites.values(), key=lambda s: hook_order_key(s.hook_out, self.cfg.n_layers))
         self.site_index = {site.name: index for index, site in enumerate(self.sites)}
-
-    def _make_site(self, dictionary: Dictionary) -> Site:
-        cfg = dictionary.cfg
-        name = site_name(cfg.hook_out)
-        for hook in (cfg.hook_in, cfg.hook_out):
-            check_hook_name(self.model, hook)
-        layer = int(cfg.hook_out.split(".")[1])
-        if layer >= self.cfg.n_layers:
-            raise ValueError(f"Dictionary writes {cfg.hook_out!r} but the model has {self.cfg.n_layers} layers.")
-        if cfg.kind == "sae" and cfg.hook_in != cfg.hook_out:
-            raise ValueError(f"An SAE reads and writes one hook; got hook_in={cfg.hook_in!r}, hook_out={cfg.hook_out!r}.")
-        if cfg.kind != "sae" and hook_order_key(cfg.hook_in, self.cfg.n_layers) >= hook_order_key(
-            cfg.hook_out, self.cfg.n_layers
-        ):
-            raise ValueError(f"Transcoder hook_in {cfg.hook_in!r} must come before its hook_out {cfg.hook_out!r}.")
-        d_in_model = self._hook_width(cfg.hook_in)
-        dictionary.check_input_width(d_in_model, f"hook {cfg.hook_in!r} of {self.cfg.model_name}")
-        if cfg.d_out != self.cfg.d_model:
-            raise ValueError(
-                f"Dictionary for {cfg.hook_out!r} writes width d_out={cfg.d_out} but the model's d_model is "
-                f"{self.cfg.d_model}: it was trained for another model. Load the dictionaries that match."
-            )
-        bad = [n for n, t in dictionary.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
-        if bad:
-            raise ValueError(f"Dictionary for {cfg.hook_out!r} has non-finite values in {bad}: it diverged in training "
-                             "or was damaged. Retrain it (a lower learning rate) or load an intact copy.")
-        return Site(name, cfg.hook_in, cfg.hook_out, layer, dictionary.to(self.cfg.device))
-
-    def _hook_width(self, hook: str) -> int:
-        if hook.endswith(("hook_normalized", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
-                          "hook_attn_out", "hook_mlp_out", "hook_mlp_in")):
-            return self.cfg.d_model
-        with torch.no_grad():
-            cache: dict[str, int] = {}
-            self.model.run_with_hooks(
-                torch.zeros(1, 1, dtype=torch.long, device=self.cfg.device),
-                fwd_hooks=[(hook, lambda x, hook: cache.setdefault("w", x.shape[-1]))],
-                return_type=None,
-            )
-        return cache["w"]
+        # per site index, the sites whose features write into its output (itself, and a CLT's earlier layers)
+        self._sources_into: list[list[int]] = [[] for _ in self.sites]
+        for index, site in enumerate(self.sites):
+            if isinstance(site.dictionary, CrossLayerSlice):
+                for layer, _ in site.dictionary.writes():
+                    self._sources_into[self.site_index[site_name(mlp_out(layer))]].append(index)
+            elif site.dictionary is not None:
+                self._sources_into[index].append(index)
 
     # ---- helpers -------------------------------------------------------------------------------
 
     @property
     def dictionaries(self) -> list[Dictionary]:
-        return [site.dictionary for site in self.sites if site.dictionary is not None]
+        """The dictionaries spliced in, each once (a cross-layer transcoder itself, not its per-site slices)."""
+        owners = [d.source if isinstance(d, CrossLayerSlice) else d for d in (s.dictionary for s in self.sites) if d is not None]
+        return list({id(owner): owner for owner in owners}.values())
+
+    def sources_into(self, index: int) -> list[int]:
+        """Indices of the sites whose features write into site ``index``'s output: the site itself for SAEs and
+        per-layer transcoders, every CLT site up to it for a CLT's MLP output, none for a bare MLP."""
+        return self._sources_into[index]
+
+    def outputs_of(self, index: int) -> list[int]:
+        """Indices of the sites whose outputs site ``index``'s features write into (see :meth:`sources_into`)."""
+        return [into for into, sources in enumerate(self._sources_into) if index in sources]
+
+    def decoder(self, source: int, into: int) -> torch.Tensor:
+        """``[d_sae, d_out]``: what site ``source``'s features write into site ``into``'s output per unit of
+        activation, before the dictionary's ``1 / cfg.norm_scale`` (a view of the decoder weights)."""
+        d = self.sites[source].dictionary
+        if d is None or source not in self._sources_into[into]:
+            raise ValueError(f"Site {self.sites[source].name} does not write into {self.sites[into].name}.")
+        if isinstance(d, CrossLayerSlice):
+            return d.source.decoder(d.layer)[:, self.sites[into].layer - d.layer]
+        return d.W_dec
+
+    def cross_layer_output(self, index: int, acts_of: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """What the CLT's features write into MLP site ``index`` ``[..., d_out]`` (bias included), from each
+        source site's activations ``acts_of(source) [..., d_sae]``."""
+        clt = self.cross_layer
+        assert clt is not None
+        layer = self.sites[index].layer
+        out = clt.b_dec[layer]
+        for source in self._sources_into[index]:
+            out = out + acts_of(source).to(clt.dtype) @ self.decoder(source, index)
+        return out / clt.cfg.norm_scale if clt.cfg.norm_scale != 1.0 else out
 
     def site(self, name: str) -> Site:
         if name not in self.site_index:
@@ -195,6 +215,11 @@ class ReplacementModel:
             run.inputs[site.name] = x_in
             run.pre_acts[site.name] = d.pre_acts(x_in)
             run.feature_acts[site.name] = d.encode(x_in)
+            if isinstance(d, CrossLayerSlice):  # the CLT's earlier layers' features write here too
+                run.recon_features[site.name] = self.cross_layer_output(
+                    self.site_index[site.name], lambda i: run.feature_acts[self.sites[i].name])
+                run.errors[site.name] = original - run.recon_features[site.name]
+                continue
             run.recon_features[site.name] = self._feature_part(d, run.feature_acts[site.name])
             run.errors[site.name] = original - (run.recon_features[site.name] + self._skip_part(d, x_in))
         return run
@@ -280,6 +305,8 @@ class ReplacementModel:
             hooks.append(("blocks.0.hook_resid_pre", lambda x, hook: apply_patch(x, embed_patch)))
         for site in self.sites:
             name, d = site.name, site.dictionary
+            if isinstance(d, CrossLayerSlice):
+                continue  # below: a CLT's MLP outputs sum what several sites' features write
             if d is None:
                 if name in error_patch:
                     hooks.append((site.hook_out, lambda x, hook, p=error_patch[name]: apply_patch(x, p)))
@@ -308,7 +335,7 @@ class ReplacementModel:
 
             hooks.append((site.hook_in, read))
             hooks.append((site.hook_out, write))
-        return hooks
+        return hooks + live_cross_layer_hooks(self, feature_patch, error_patch, out, return_acts, state)
 
     def _frozen_hooks(self, clean, batch, feature_patch, error_patch, embed_patch, deltas, out, return_acts, state,
                       features_from_inputs=None):
@@ -334,6 +361,8 @@ class ReplacementModel:
         hooks.append(("blocks.0.hook_resid_pre", embed))
         for site in self.sites:
             name, d = site.name, site.dictionary
+            if isinstance(d, CrossLayerSlice):
+                continue  # below
 
             def error_of(name=name):
                 return apply_patch(clean.errors[name].expand(batch, -1, -1), error_patch.get(name))
@@ -368,4 +397,5 @@ class ReplacementModel:
 
             hooks.append((site.hook_in, read))
             hooks.append((site.hook_out, write))
-        return hooks
+        return hooks + frozen_cross_layer_hooks(self, clean, batch, feature_patch, error_patch, deltas, out,
+                                                return_acts, state, features_from_inputs)

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from featcircuits.dictionaries.cross_layer import CrossLayerTranscoder
+from featcircuits.dictionaries.cross_layer_slice import cross_layer_slices
 from featcircuits.dictionaries.io.common import atomic_path
 
 from .graph_data import dashboard_key
@@ -90,10 +92,15 @@ def _layer_key(dictionary: Any) -> str:
 
 
 def dictionaries_by_layer(dictionaries: Any) -> dict[str, Any]:
-    """``{layer key: dictionary}`` (the keys dashboard entries are filed under) from a dict, list or one."""
+    """``{layer key: dictionary}`` (the keys dashboard entries are filed under) from a dict, list or one; a
+    cross-layer transcoder counts as one dictionary per layer (its latents of that layer)."""
     if isinstance(dictionaries, Mapping):
         return {str(key): value for key, value in dictionaries.items()}
+    if isinstance(dictionaries, CrossLayerTranscoder):
+        dictionaries = cross_layer_slices(dictionaries)
     if isinstance(dictionaries, Sequence):
+        dictionaries = [part for d in dictionaries
+                        for part in (cross_layer_slices(d) if isinstance(d, CrossLayerTranscoder) else [d])]
         mapping = {}
         for dictionary in dictionaries:
             key = _layer_key(dictionary)
