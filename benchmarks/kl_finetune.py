@@ -17,6 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ N_LAYERS = 5
 HOOKS_IN = [f"blocks.{layer}.ln2.hook_normalized" for layer in range(N_LAYERS)]
 HOOKS_OUT = [f"blocks.{layer}.hook_mlp_out" for layer in range(N_LAYERS)]
 # A small CLT: 256 latents per layer (1280 in all), TopK k 16 per layer.
-CLT_SETTINGS = dict(hooks=HOOKS_IN, hooks_out=HOOKS_OUT, kind="cross_layer_transcoder", architecture="topk", k=16,
+CLT_SETTINGS: dict[str, Any] = dict(hooks=HOOKS_IN, hooks_out=HOOKS_OUT, kind="cross_layer_transcoder", architecture="topk", k=16,
                     d_sae=256, batch_size=2048, lr=3e-3, lr_warmup_steps=20, dead_after_tokens=200_000,
                     context_size=128, model_batch_size=64, buffer_bytes=2**27, eval_sequences=32, seed=0)
 
@@ -51,7 +52,7 @@ def held_out_metrics(model, dictionaries, tokens, special_ids) -> dict[str, floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or '').splitlines()[0])
     parser.add_argument("recipe", nargs="?", help="a train/ YAML recipe (per-layer kinds); omit with --clt")
     parser.add_argument("--clt", action="store_true", help="a small cross-layer transcoder instead of a recipe")
     parser.add_argument("--tokens", type=int, default=300_000)
