@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import STORIES260K, TINYSTORIES
 
+from featcircuits import load_dictionary
 from featcircuits.cli import main as cli_main
 from featcircuits.training import TrainConfig, run_training, write_cache
 from featcircuits.training.api import _dictionary_config
@@ -251,6 +256,38 @@ def test_resume_inside_the_kl_phase_matches_the_uninterrupted_run(tmp_path):
     # Changing the KL settings is a different run: refused on resume.
     with pytest.raises(ValueError, match="different configuration.*kl_coefficient"):
         _fine_tune(tmp_path, "run", 10.0, resume=True, **settings)
+
+
+def test_two_gloo_ranks_with_the_kl_term_match_one_process(tmp_path):
+    """Each rank runs half of every step's KL rows; the averaged gradients are the whole set's, so two ranks
+    train the weights one process does (up to float summation order)."""
+    fields: dict[str, Any] = dict(
+        model=str(STORIES260K), dataset=str(TINYSTORIES / "train_head.txt"), hooks=MLP_IN[1:3],
+        hooks_out=MLP_OUT[1:3], kind="transcoder", architecture="topk", k=8, d_sae=96, total_tokens=512 * 8,
+        batch_size=512, lr=1e-3, context_size=48, model_batch_size=16, buffer_bytes=2**23,
+        shuffle_buffer_tokens=2**14, eval_sequences=4, device="cpu", progress=False, log_every=4,
+        lr_decay_fraction=0.0, kl_coefficient=30.0, kl_fraction=0.5, kl_sequences=8)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({**fields, "out": str(tmp_path / "two")}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "featcircuits.cli", "train",
+               str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_training(TrainConfig(**fields, out=str(tmp_path / "one")))
+    for hook in MLP_IN[1:3]:
+        one, two = load_dictionary(tmp_path / "one" / hook), load_dictionary(tmp_path / "two" / hook)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            assert (getattr(one, name) - getattr(two, name)).abs().max().item() < 1e-4, (hook, name)
+    history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    assert [record["step"] for record in history if "train_kl" in record] == [8]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
