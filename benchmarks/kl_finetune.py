@@ -91,15 +91,16 @@ def main() -> None:
         seconds = time.perf_counter() - started
         metrics = held_out_metrics(model, result["dictionaries"], held_out, special_ids)
         row = {"kind": config.kind, "kl_coefficient": coefficient, "kl_fraction": args.fraction,
-               "tokens": result["tokens"], "seconds": round(seconds, 1), **{k: round(v, 4) for k, v in metrics.items()}}
+               "tokens": result["tokens"], "seconds": round(seconds, 1),
+               "train_tokens_per_second": round(result["tokens_per_second"]), "load": os.getloadavg()[0], **{k: round(v, 4) for k, v in metrics.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     layers = " ".join(f"fvu{m}" for m in range(N_LAYERS))
-    print(f"\n| kl_coefficient | {layers} | set CE recovered | set KL | seconds |")
+    print(f"\n| kl_coefficient | {layers} | set CE recovered | set KL | seconds | training tokens/s |")
     for row in rows:
         fvus = " ".join(f"{row[f'fvu_layer{m}']:.3f}" for m in range(N_LAYERS))
         print(f"| {row['kl_coefficient']:g} | {fvus} | {row['set_ce_loss_recovered']:.3f} | {row['set_kl']:.4f} | "
-              f"{row['seconds']} |")
+              f"{row['seconds']} | {row['train_tokens_per_second']} |")
 
 
 if __name__ == "__main__":
