@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--coefficients", default="0,100", help="kl_coefficient values, comma-separated (0: none)")
     parser.add_argument("--fraction", type=float, default=0.25, help="kl_fraction")
     parser.add_argument("--kl-sequences", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the training seed of every run")
     parser.add_argument("--dataset", default=str(SHARED / "data/tinystories/train_head.txt"))
     parser.add_argument("--held-out", default=str(SHARED / "data/tinystories/valid_head.txt"))
     parser.add_argument("--out", default="runs/kl_finetune")
@@ -85,12 +86,12 @@ def main() -> None:
             **base.to_dict(), "model": str(SHARED / "models/stories260k"), "dataset": args.dataset,
             "total_tokens": args.tokens, "out": f"{args.out}/coef{coefficient:g}", "overwrite": True,
             "checkpoint_every": 0, "progress": False, "device": "cpu", "kl_coefficient": coefficient,
-            "kl_fraction": args.fraction, "kl_sequences": args.kl_sequences})
+            "kl_fraction": args.fraction, "kl_sequences": args.kl_sequences, "seed": args.seed})
         started = time.perf_counter()
         result = run_training(config)
         seconds = time.perf_counter() - started
         metrics = held_out_metrics(model, result["dictionaries"], held_out, special_ids)
-        row = {"kind": config.kind, "kl_coefficient": coefficient, "kl_fraction": args.fraction,
+        row = {"kind": config.kind, "seed": args.seed, "kl_coefficient": coefficient, "kl_fraction": args.fraction,
                "tokens": result["tokens"], "seconds": round(seconds, 1),
                "train_tokens_per_second": round(result["tokens_per_second"]), "load": os.getloadavg()[0], **{k: round(v, 4) for k, v in metrics.items()}}
         rows.append(row)
