@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -258,6 +259,7 @@ def test_resume_inside_the_kl_phase_matches_the_uninterrupted_run(tmp_path):
         _fine_tune(tmp_path, "run", 10.0, resume=True, **settings)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_the_kl_term_match_one_process(tmp_path):
     """Each rank runs half of every step's KL rows; the averaged gradients are the whole set's, so two ranks
     train the weights one process does (up to float summation order)."""
@@ -282,6 +284,33 @@ def test_two_gloo_ranks_with_the_kl_term_match_one_process(tmp_path):
             assert (getattr(one, name) - getattr(two, name)).abs().max().item() < 1e-4, (hook, name)
     history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
     assert [record["step"] for record in history if "train_kl" in record] == [8]
+
+
+def _kl_and_gradients_on(device: torch.device, model, trainers, config, tokens) -> tuple[float, list[torch.Tensor]]:
+    """The KL term and its gradients with ``model`` and copies of ``trainers``' dictionaries on ``device``."""
+    moved = [SimpleNamespace(module=copy.deepcopy(t.module).to(device), extra_gradients=None) for t in trainers]
+    objective = SplicedKL(config, copy.deepcopy(model).to(device), _Rows(tokens), _special(model))
+    objective.prepare(moved, step=0)
+    kl = objective.running_metrics()["train_kl"]
+    return kl, [g.cpu() for t in moved for g in t.extra_gradients]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("kind", ["transcoder", "cross_layer_transcoder"])
+def test_the_kl_term_and_its_gradients_on_cuda_match_the_cpu(stories_model, held_out, kind):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare real fp32
+    try:
+        config = _config(kind)
+        trainers = _trainers(stories_model, config, held_out[4:12])
+        cpu_kl, cpu_grads = _kl_and_gradients_on(torch.device("cpu"), stories_model, trainers, config, held_out[:4])
+        gpu_kl, gpu_grads = _kl_and_gradients_on(torch.device("cuda"), stories_model, trainers, config, held_out[:4])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert gpu_kl == pytest.approx(cpu_kl, rel=1e-4)
+    for cpu_grad, gpu_grad in zip(cpu_grads, gpu_grads, strict=True):
+        assert torch.allclose(gpu_grad, cpu_grad, rtol=1e-3, atol=1e-6 * float(cpu_grad.abs().max()))
 
 
 def _free_port() -> int:
