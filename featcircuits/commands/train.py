@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", help="text column of record datasets (default text; else input_ids/tokens)")
     parser.add_argument("--model-batch-size", type=int, help="sequences per model forward")
     parser.add_argument("--context-size", type=int, help="tokens per sequence, BOS included")
+    parser.add_argument("--kl-coefficient", type=float,
+                        help="end-to-end fine-tuning: weight of the KL from the model's next-token distribution to the "
+                        "one with every dictionary spliced in, added to the reconstruction loss (default 0: off)")
+    parser.add_argument("--kl-fraction", type=float,
+                        help="final share of the steps that add the KL term (default 0.1; 1: the whole run)")
+    parser.add_argument("--kl-sequences", type=int,
+                        help="token rows per KL step (default: batch size / context size)")
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: none)")
@@ -44,7 +51,8 @@ _FLAG_FIELDS = {
     "tokens": "total_tokens", "batch_size": "batch_size", "lr": "lr", "dataset": "dataset", "out": "out",
     "device": "device", "checkpoint_every": "checkpoint_every", "dataset_split": "dataset_split",
     "dataset_config": "dataset_config", "text_column": "text_column", "model_batch_size": "model_batch_size",
-    "context_size": "context_size",
+    "context_size": "context_size", "kl_coefficient": "kl_coefficient", "kl_fraction": "kl_fraction",
+    "kl_sequences": "kl_sequences",
 }
 
 

@@ -138,6 +138,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         from .cross_layer import check_cross_layer_config
 
         check_cross_layer_config(config)
+    if config.kl_coefficient > 0:  # refused before any model or data loads when it cannot run
+        from .kl_objective import check_kl_config
+
+        check_kl_config(config, cached=is_cache_dir(config.dataset), world=world)
     pairs = config.pairs
     if config.distribute_dictionaries and world > 1:
         mine = [i for i in range(len(pairs)) if i % world == rank]
@@ -196,11 +200,18 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         config = dataclasses.replace(config, lr=min(lrs))
     store = ActivationStore(source, widths, config.batch_size, config.buffer_bytes, device=device,
                             seed=config.seed, max_rows=config.batch_size * config.n_steps)
+    kl_objective = None
+    if config.kl_coefficient > 0:  # a text dataset and a model: check_kl_config refused the rest
+        from .kl_objective import SplicedKL, kl_token_rows
+
+        held_out = len(eval_tokens) if eval_tokens is not None else 0
+        kl_objective = SplicedKL(config, model, kl_token_rows(config, model, held_out), special_ids,
+                                 rank if sync else 0, world if sync else 1)
     if config.kind == "cross_layer_transcoder":  # one dictionary over every layer: see cross_layer.py
         from .cross_layer import CROSS_LAYER_NAME, train_cross_layer
 
         result = train_cross_layer(config, store, widths, model_name, device, sync, rank_slice, model, eval_tokens,
-                                   special_ids)
+                                   special_ids, kl_objective=kl_objective)
         result["diagnosis"] = _diagnose(result, [(config, dict_cfgs[0].d_sae)], [CROSS_LAYER_NAME])
         _write_outputs(config, result, [CROSS_LAYER_NAME], replicated=sync)
         return result
@@ -216,7 +227,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         def eval_fn(dictionaries: list[Dictionary]) -> list[dict[str, float]]:
             return evaluate_spliced(model, dictionaries, eval_tokens, special_ids)
 
-    result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn).run()
+    result = Trainer(config, trainers, names, store, rank_slice=rank_slice, eval_fn=eval_fn,
+                     kl_objective=kl_objective).run()
     result["diagnosis"] = _diagnose(result, [(t.config, t.dict_cfg.d_sae) for t in trainers], names)
     _write_outputs(config, result, names, replicated=sync)
     return result

@@ -23,6 +23,8 @@ _RESUME_FREE = frozenset({
     "device", "compile", "compile_backend",
 })
 
+_KL_FIELDS = frozenset({"kl_coefficient", "kl_fraction", "kl_sequences"})
+
 
 @dataclass
 class TrainConfig:
@@ -81,6 +83,12 @@ class TrainConfig:
     # them, so early steps do not see only the corpus's start; 0 streams rows in dataset order.
     shuffle_buffer_tokens: int = 2**21
     drop_special_tokens: bool = True  # BOS/EOS/pad/unk positions never reach a dictionary
+    # End-to-end fine-tuning (training.kl_objective): over the final kl_fraction of the steps each dictionary's
+    # loss adds kl_coefficient * KL(model || model with every dictionary spliced in), in nats per token, on
+    # kl_sequences token rows per step (0 -> batch_size // context_size). 0 turns it off; needs a text dataset.
+    kl_coefficient: float = 0.0
+    kl_fraction: float = 0.1
+    kl_sequences: int = 0
     seed: int = 0
     device: str = ""  # "" -> cuda when available, else cpu
     dtype: str = "float32"
@@ -130,7 +138,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}.")
         for name in ("batch_size", "d_sae", "sparsity_warmup_steps", "shuffle_buffer_tokens", "auxk_k", "dead_after_tokens",
-                     "batchtopk_calibration_batches", "eval_sequences", "eval_every", "checkpoint_every", "seed"):
+                     "batchtopk_calibration_batches", "eval_sequences", "eval_every", "checkpoint_every", "seed",
+                     "kl_sequences"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be zero or positive, got {getattr(self, name)}.")
         if self.lr_warmup_steps < -1:
@@ -144,6 +153,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value}.")
+        if not (math.isfinite(self.kl_coefficient) and self.kl_coefficient >= 0):
+            raise ValueError(f"TrainConfig.kl_coefficient={self.kl_coefficient} must be a finite number >= 0 (the weight "
+                             "of the end-to-end KL term; 0 turns it off), e.g. kl_coefficient=10.")
+        if not 0 < self.kl_fraction <= 1:
+            raise ValueError(f"TrainConfig.kl_fraction={self.kl_fraction} must lie in (0, 1]: the final share of the "
+                             "steps that add the KL term, e.g. 0.1 (1 for the whole run).")
         for name in ("lr_decay_fraction", "batchtopk_threshold_momentum"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -192,7 +207,9 @@ class TrainConfig:
 
     def resume_fingerprint(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpointed one."""
-        return {name: value for name, value in self.to_dict().items() if name not in _RESUME_FREE}
+        # With the KL term off its settings change nothing (and checkpoints from before them still resume).
+        free = _RESUME_FREE | (_KL_FIELDS if self.kl_coefficient == 0 else frozenset())
+        return {name: value for name, value in self.to_dict().items() if name not in free}
 
 
 def _expected(annotation: Any) -> str:

@@ -22,7 +22,13 @@ from ..dictionaries.config import LAYER_FIELD
 from . import distributed
 from .config import TrainConfig
 from .cross_layer_module import TrainableCrossLayer, cross_layer_loss
-from .dictionary_trainer import learning_rate, optimizer_step, record_firing, sparsity_coefficient
+from .dictionary_trainer import (
+    add_extra_gradients,
+    learning_rate,
+    optimizer_step,
+    record_firing,
+    sparsity_coefficient,
+)
 from .trainer import Trainer
 
 __all__ = ["CROSS_LAYER_NAME", "check_cross_layer_config", "cross_layer_dictionary_config", "StackedLayers",
@@ -113,6 +119,7 @@ class CrossLayerTrainer:
         n, d_sae = self.module.n_layers, dict_cfg.d_sae
         self.tokens_since_fired = torch.zeros(n, d_sae, dtype=torch.long, device=device)
         self.k_aux = config.auxk_k or max(1, dict_cfg.d_in // 2)
+        self.extra_gradients: list[torch.Tensor | None] | None = None  # set for one step by kl_objective
         self.reset_running()
 
     @torch.no_grad()
@@ -148,6 +155,7 @@ class CrossLayerTrainer:
                                    config.jumprelu_bandwidth, dead, self.k_aux, config.auxk_coefficient)
         self.optimizer.zero_grad(set_to_none=not self.sync_gradients)
         out.loss.backward()
+        add_extra_gradients(self)
         fire_counts = out.fire_counts
         if self.sync_gradients:
             distributed.average_gradients(module.parameters())
@@ -319,9 +327,9 @@ def evaluate_cross_layer(model: Any, clt: CrossLayerTranscoder, tokens: torch.Te
 
 def train_cross_layer(config: TrainConfig, store: Any, widths: dict[str, int], model_name: str, device: torch.device,
                       sync: bool, rank_slice: slice | None, model: Any = None, eval_tokens: torch.Tensor | None = None,
-                      special_ids: list[int] | None = None) -> dict[str, Any]:
+                      special_ids: list[int] | None = None, kl_objective: Any = None) -> dict[str, Any]:
     """Train the one CLT ``config`` describes from ``store`` (an ActivationStore over every layer's hooks); returns
-    what ``Trainer.run`` returns, the CLT under :data:`CROSS_LAYER_NAME`."""
+    what ``Trainer.run`` returns, the CLT under :data:`CROSS_LAYER_NAME`. ``kl_objective``: see ``Trainer``."""
     check_cross_layer_config(config, int(model.cfg.n_layers) if model is not None else None)
     dict_cfg = cross_layer_dictionary_config(config, widths, model_name)
     trainer = CrossLayerTrainer(config, dict_cfg, device, sync_gradients=sync)
@@ -336,5 +344,6 @@ def train_cross_layer(config: TrainConfig, store: Any, widths: dict[str, int], m
         eval_fn = evaluate
     # Trainer drives any trainer with DictionaryTrainer's interface, and any store with next_batch/state_dict.
     run = CrossLayerRun(config, cast(list[Any], [trainer]), [CROSS_LAYER_NAME],
-                        cast(Any, StackedLayers(store, dict_cfg)), rank_slice=rank_slice, eval_fn=eval_fn)
+                        cast(Any, StackedLayers(store, dict_cfg)), rank_slice=rank_slice, eval_fn=eval_fn,
+                        kl_objective=kl_objective)
     return run.run()

@@ -22,7 +22,7 @@ from .objectives import (
     topk_loss,
 )
 
-__all__ = ["DictionaryTrainer", "learning_rate", "sparsity_coefficient"]
+__all__ = ["DictionaryTrainer", "learning_rate", "sparsity_coefficient", "add_extra_gradients"]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -51,6 +51,22 @@ def optimizer_step(optimizer: torch.optim.Optimizer, module: Any, unit_norm_deco
     optimizer.step()
     if unit_norm_decoder:
         module.normalise_decoder()
+
+
+@torch.no_grad()
+def add_extra_gradients(trainer: Any) -> None:
+    """Add (then drop) ``trainer.extra_gradients``, one per parameter in ``module.parameters()`` order (the
+    end-to-end KL term, see ``kl_objective``), to the gradients of the step's own loss."""
+    extra, trainer.extra_gradients = trainer.extra_gradients, None
+    if extra is None:
+        return
+    for parameter, grad in zip(trainer.module.parameters(), extra, strict=True):
+        if grad is None:
+            continue
+        if parameter.grad is None:
+            parameter.grad = grad.clone()
+        else:
+            parameter.grad += grad
 
 
 @torch.no_grad()
@@ -90,6 +106,7 @@ class DictionaryTrainer:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.k_aux = config.auxk_k or max(1, dict_cfg.d_in // 2)
         self._loss_fn = self._make_loss()
+        self.extra_gradients: list[torch.Tensor | None] | None = None  # set for one step by kl_objective
         self.reset_running()
 
     def _make_loss(self):
@@ -161,6 +178,7 @@ class DictionaryTrainer:
             # into them; the data-parallel all-reduce needs every rank to hold the same gradient tensors.
             self.optimizer.zero_grad(set_to_none=not self.sync_gradients)
             out.loss.backward()
+        add_extra_gradients(self)
         fire_counts = out.fire_counts
         if self.sync_gradients:
             distributed.average_gradients(module.parameters())

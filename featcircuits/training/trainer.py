@@ -42,12 +42,15 @@ class Trainer:
         store: serves batches; with ``rank_slice`` it serves the global batch and this rank keeps its slice
             (cheap sources such as the disk cache), otherwise it serves this rank's own rows.
         eval_fn: dictionaries -> per-dictionary metrics with the model (CE, KL, ...); None without a model.
+        kl_objective: the end-to-end KL term (``kl_objective.SplicedKL``): before each step it may hand every
+            trainer extra gradients; its stream is checkpointed and its training KL logged as ``train_kl``.
     """
 
     def __init__(self, config: TrainConfig, trainers: list[DictionaryTrainer], names: list[str],
-                 store: ActivationStore, rank_slice: slice | None = None, eval_fn: EvalFn | None = None) -> None:
+                 store: ActivationStore, rank_slice: slice | None = None, eval_fn: EvalFn | None = None,
+                 kl_objective: Any = None) -> None:
         self.config, self.trainers, self.names, self.store = config, trainers, names, store
-        self.rank_slice, self.eval_fn = rank_slice, eval_fn
+        self.rank_slice, self.eval_fn, self.kl_objective = rank_slice, eval_fn, kl_objective
         self.rank = distributed.rank()
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -76,6 +79,7 @@ class Trainer:
             "store": self.store.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            **({"kl": self.kl_objective.state_dict()} if self.kl_objective is not None else {}),
         }
 
     def _restore(self) -> int:
@@ -88,6 +92,8 @@ class Trainer:
         for trainer, trainer_state in zip(self.trainers, state["trainers"], strict=False):
             trainer.load_state_dict(trainer_state)
         self.store.load_state_dict(state["store"])
+        if self.kl_objective is not None:
+            self.kl_objective.load_state_dict(state["kl"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
@@ -117,6 +123,8 @@ class Trainer:
                 batch = first_batch if first_batch is not None else self.store.next_batch()
                 first_batch = None
                 batch = self._local(batch)
+                if self.kl_objective is not None:
+                    self.kl_objective.prepare(self.trainers, self.step)
                 for trainer in self.trainers:
                     dict_cfg = trainer.dict_cfg
                     trainer.train_step(batch[dict_cfg.hook_in], batch[dict_cfg.hook_out], self.step)
@@ -230,6 +238,8 @@ class Trainer:
         for trainer, name in zip(self.trainers, self.names, strict=False):
             for key, value in trainer.running_metrics().items():
                 record[f"{name}/{key}"] = value
+        if self.kl_objective is not None:
+            record.update(self.kl_objective.running_metrics())
         return record
 
     def _evaluate(self, dictionaries: list[Dictionary] | None = None) -> dict[str, dict[str, float]]:
