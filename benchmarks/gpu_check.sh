@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks on one GPU, in under 8 minutes (each part has its own time limit, which is printed):
-#   1. tests marked `cuda` (tests/test_cuda.py): bf16-autocast training step, graph verify, ACDC against CPU fp32
+#   1. tests marked `cuda` (tests/test_cuda.py, tests/test_training_kl.py): bf16-autocast training step, graph verify, ACDC against CPU fp32
 #   2. benchmarks/gpu_throughput.py: matmul and SAE training-step TFLOP/s as fractions of the device's peak
 #   3. benchmarks/train_end_to_end.py --device cuda --quick: tokens/s beside sparsify and sae-lens
 #   4. benchmarks/graph_scale.py --device cuda --quick: attribution graphs at real shapes
@@ -40,7 +40,7 @@ has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available:', torch.cuda.is_available())"
 
 # 1. The cuda tests run (or report their skip reason) either way.
-part "cuda tests" 140 "$PY" -m pytest -q -m cuda tests/test_cuda.py -rs -p no:cacheprovider
+part "cuda tests" 140 "$PY" -m pytest -q -m cuda tests/test_cuda.py tests/test_training_kl.py -rs -p no:cacheprovider
 
 if [ "$has_cuda" != 1 ]; then
     echo
