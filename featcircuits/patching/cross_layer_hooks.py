@@ -17,6 +17,7 @@ import torch
 
 from ..dictionaries.cross_layer_slice import CrossLayerSlice
 from .edge_hooks import FwdHooks
+from .frozen_sites import frozen_feature_acts, input_recorder
 from .records import CleanRun, Patch, ReplacementOutput, Site, apply_patch
 
 
@@ -92,19 +93,9 @@ def frozen_cross_layer_hooks(rm: ReplacementModel, clean: CleanRun, batch: int, 
         recompute = features_from_inputs is not None or any(
             names[source] in feature_patch for source in rm.sources_into(index))
 
-        def read(x, hook, name=name, d=d):
-            out.inputs[name] = x
-            if return_acts:
-                out.pre_acts[name] = d.pre_acts(x)
-            return x
-
         def write(value, hook, index=index, name=name, recompute=recompute):
-            if features_from_inputs is not None:
-                acts = apply_patch(features_from_inputs(name, out.inputs[name]), feature_patch.get(name))
-            elif name in feature_patch:
-                acts = apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
-            else:
-                acts = clean.feature_acts[name]
+            acts = frozen_feature_acts(clean, batch, name, out, feature_patch, features_from_inputs)
+            acts = clean.feature_acts[name] if acts is None else acts
             state["clt:" + name] = acts
             if return_acts:
                 out.feature_acts[name] = acts.expand(batch, -1, -1)
@@ -116,6 +107,6 @@ def frozen_cross_layer_hooks(rm: ReplacementModel, clean: CleanRun, batch: int, 
                                                                error_patch.get(name))
             return result + deltas[name] if name in deltas else result
 
-        hooks.append((site.hook_in, read))
+        hooks.append((site.hook_in, input_recorder(out, name, d, return_acts)))
         hooks.append((site.hook_out, write))
     return hooks

@@ -41,6 +41,7 @@ from ..models import mlp_out
 from ..nodes import hook_order_key, site_name
 from .cross_layer_hooks import frozen_cross_layer_hooks, live_cross_layer_hooks
 from .edge_hooks import FwdHooks
+from .frozen_sites import frozen_feature_acts, input_recorder
 from .logits import final_norm, unembed
 from .records import CleanRun, Patch, ReplacementOutput, Site, apply_patch
 from .sites import make_site
@@ -375,18 +376,9 @@ class ReplacementModel:
                 hooks.append((site.hook_out, write_bare))
                 continue
 
-            def read(x, hook, name=name, d=d):
-                out.inputs[name] = x
-                if return_acts:
-                    out.pre_acts[name] = d.pre_acts(x)
-                return x
-
             def write(value, hook, name=name, d=d, error_of=error_of):
-                if features_from_inputs is not None:
-                    acts = apply_patch(features_from_inputs(name, out.inputs[name]), feature_patch.get(name))
-                    recon = self._feature_part(d, acts)
-                elif name in feature_patch:
-                    acts = apply_patch(clean.feature_acts[name].expand(batch, -1, -1), feature_patch[name])
+                acts = frozen_feature_acts(clean, batch, name, out, feature_patch, features_from_inputs)
+                if acts is not None:
                     recon = self._feature_part(d, acts)
                 else:
                     acts, recon = clean.feature_acts[name], clean.recon_features[name].expand(batch, -1, -1)
@@ -395,7 +387,7 @@ class ReplacementModel:
                 result = recon + self._skip_part(d, out.inputs[name]) + error_of()
                 return result + deltas[name] if name in deltas else result
 
-            hooks.append((site.hook_in, read))
+            hooks.append((site.hook_in, input_recorder(out, name, d, return_acts)))
             hooks.append((site.hook_out, write))
         return hooks + frozen_cross_layer_hooks(self, clean, batch, feature_patch, error_patch, deltas, out,
                                                 return_acts, state, features_from_inputs)
